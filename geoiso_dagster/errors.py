@@ -1,0 +1,53 @@
+"""The project's exception hierarchy: one type per kind of failure in DESIGN.md.
+
+Importable everywhere (orchestration, pool, worker): it imports no geo library.
+"""
+
+
+class GeoisoError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+    retryable = False
+
+
+class BadInputError(GeoisoError):
+    """The input (file, key, setting) cannot give a correct output. Never retried."""
+
+    def __init__(self, path: str, cause: str) -> None:
+        super().__init__(f"{path}: {cause}")
+        self.path = path
+        self.cause = cause
+
+
+class UnsafeNameError(BadInputError):
+    """A partition key or file name that could escape the data root."""
+
+
+class TransientIOError(GeoisoError):
+    """An operating-system I/O error that may pass (disk full, NFS hiccup). Retried."""
+
+    retryable = True
+
+
+class WorkerError(GeoisoError):
+    """A worker process did not return a result."""
+
+
+class WorkerTimeoutError(WorkerError):
+    """The task ran past its timeout; the worker was killed. Retried."""
+
+    retryable = True
+
+
+class WorkerCrashedError(WorkerError):
+    """The worker died (signal, segfault, OOM-kill). Retried."""
+
+    retryable = True
+
+
+class MemoryLimitError(WorkerError):
+    """The worker went over its memory ceiling. Not retried: same input, same result."""
+
+
+class TaskError(GeoisoError):
+    """The task raised an exception nobody classified: a bug. Not retried."""

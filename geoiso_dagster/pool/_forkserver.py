@@ -1,0 +1,73 @@
+"""Start multiprocessing's forkserver with the worker environment and the geo stack.
+
+The forkserver is one per process (a multiprocessing global). Workers fork from it,
+so they inherit its environment and its already-imported libraries: GDAL and PROJ
+are loaded once, after the environment is set and before any data is opened, and no
+native state from the run process can cross a fork because the run process never
+loads them. Pools in one process share it; the last pool to close stops it.
+"""
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import threading
+from collections.abc import Iterator
+
+_PRELOAD = ["geoiso_dagster.pool._preload"]
+_lock = threading.Lock()
+_users = 0
+_env_started_with: dict[str, str] | None = None
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def acquire(env: dict[str, str]) -> multiprocessing.context.BaseContext:
+    """A forkserver context whose server runs with `env`; pair with `release()`."""
+    global _users, _env_started_with
+    ctx = multiprocessing.get_context("forkserver")
+    with _lock:
+        if _users == 0:
+            _stop_unlocked()
+        elif env != _env_started_with:
+            # Another pool in this process started it with other settings; workers
+            # still apply their own environment in their initializer.
+            log.warning("forkserver already running with another worker environment")
+        if _users == 0 or _env_started_with is None:
+            ctx.set_forkserver_preload(_PRELOAD)
+            with _environ(env):
+                multiprocessing.forkserver.ensure_running()
+            _env_started_with = dict(env)
+        _users += 1
+    return ctx
+
+
+def release() -> None:
+    """Stop the forkserver once no pool in this process uses it: no process left behind."""
+    global _users
+    with _lock:
+        _users = max(0, _users - 1)
+        if _users == 0:
+            _stop_unlocked()
+
+
+def _stop_unlocked() -> None:
+    global _env_started_with
+    # multiprocessing has no public way to stop its forkserver; _stop() is what its own
+    # test-suite uses, and it is present from Python 3.8 on.
+    multiprocessing.forkserver._forkserver._stop()
+    _env_started_with = None

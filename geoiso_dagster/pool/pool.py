@@ -1,0 +1,289 @@
+"""WorkerPool: runs named worker-layer tasks in isolated, supervised processes.
+
+Built on pebble's ProcessPool, which kills the worker of a task that times out and
+replaces workers that die. On top of it: the worker environment, a memory ceiling
+the worker enforces on itself, errors mapped to the project's types, progress events,
+awaitable tasks, and a teardown that leaves no process behind.
+"""
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pebble
+import psutil
+
+from geoiso_dagster.errors import (
+    BadInputError,
+    GeoisoError,
+    MemoryLimitError,
+    TaskError,
+    TransientIOError,
+    WorkerCrashedError,
+    WorkerTimeoutError,
+)
+from geoiso_dagster.pool import _forkserver
+from geoiso_dagster.pool._events import EventListener
+from geoiso_dagster.pool.env import worker_env
+from geoiso_dagster.pool.worker import MEMORY_EXIT_CODE, WorkerSettings, initialize, run_task
+
+log = logging.getLogger(__name__)
+TASK_MODULE = "geoiso_dagster.spatial.tasks"
+START_METHODS = ("forkserver", "spawn")
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    max_workers: int = 2
+    memory_limit_mb: int = 4096
+    task_timeout_s: float = 900.0
+    start_method: str = "forkserver"
+    # 1: a fresh process for every task (strongest isolation); N: recycle after N
+    # tasks; 0: keep workers for the pool's life.
+    max_tasks_per_worker: int = 1
+    gdal_cachemax_mb: int = 256
+    # Virtual-memory headroom (RLIMIT_AS) above what a fresh worker maps, as a backstop
+    # to the RSS watchdog; None: twice the memory limit; 0: no rlimit.
+    address_space_headroom_mb: int | None = None
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    # The module whose functions tasks name; tests point it at their own module.
+    task_module: str = TASK_MODULE
+
+    def __post_init__(self) -> None:
+        if self.start_method not in START_METHODS:
+            raise ValueError(f"start_method must be one of {START_METHODS}: {self.start_method!r}")
+        if self.max_workers < 1 or self.memory_limit_mb < 64 or self.task_timeout_s <= 0:
+            raise ValueError(f"pool settings out of range: {self}")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return worker_env(self.gdal_cachemax_mb, self.env_overrides)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What a task returned, plus how the worker that ran it behaved."""
+
+    facts: dict[str, Any]
+    pid: int
+    peak_rss_mb: float
+    duration_s: float
+    tasks_run: int
+
+
+ProgressCallback = Callable[[dict], None]
+
+
+class WorkerPool:
+    def __init__(self, settings: PoolSettings | None = None) -> None:
+        self.settings = settings or PoolSettings()
+        self._pool: pebble.ProcessPool | None = None
+        self._events: EventListener | None = None
+        self._uses_forkserver = False
+        self._ids = itertools.count(1)
+        self._progress: dict[str, ProgressCallback] = {}
+        self._memory_events: dict[int, dict] = {}
+        self._workers: dict[int, psutil.Process] = {}
+        self._cond = threading.Condition()
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> "WorkerPool":
+        if self._pool is not None:
+            return self
+        s = self.settings
+        self._events = EventListener(self._on_event)
+        me = psutil.Process()
+        headroom = s.address_space_headroom_mb
+        if headroom is None:
+            headroom = 2 * s.memory_limit_mb
+        worker_settings = WorkerSettings(
+            env=s.env,
+            memory_limit_bytes=s.memory_limit_mb * 2**20,
+            address_space_limit_bytes=headroom * 2**20 if headroom else None,
+            owner_pid=me.pid,
+            owner_create_time=me.create_time(),
+            events_address=self._events.address,
+            task_module=s.task_module,
+        )
+        if s.start_method == "forkserver":
+            context = _forkserver.acquire(s.env)
+            self._uses_forkserver = True
+        else:
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")
+        self._pool = pebble.ProcessPool(
+            max_workers=s.max_workers,
+            max_tasks=s.max_tasks_per_worker,
+            initializer=initialize,
+            initargs=(worker_settings,),
+            context=context,
+        )
+        return self
+
+    def close(self) -> None:
+        """Kill every worker, running or idle, and wait until they are gone."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+            try:
+                pool.join(timeout=10)
+            except TimeoutError:
+                log.warning("pebble pool did not stop in 10 s; killing its workers")
+            _kill_and_reap(list(self._workers.values()))
+            self._workers.clear()
+        if self._uses_forkserver:
+            self._uses_forkserver = False
+            _forkserver.release()
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+    def __enter__(self) -> "WorkerPool":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- running tasks -----------------------------------------------------------
+    def submit(
+        self, function: str, *, on_progress: ProgressCallback | None = None, **kwargs: Any
+    ) -> "concurrent.futures.Future[TaskResult]":
+        """Schedule `function` from the worker task module; the future holds a TaskResult
+        or one of the project's errors (BadInputError, WorkerTimeoutError, ...)."""
+        if self._pool is None:
+            self.start()
+        assert self._pool is not None
+        task_id = f"{os.getpid()}-{next(self._ids)}"
+        if on_progress is not None:
+            self._progress[task_id] = on_progress
+        inner = self._pool.schedule(
+            run_task, args=(task_id, function, kwargs), timeout=self.settings.task_timeout_s
+        )
+        outer: concurrent.futures.Future[TaskResult] = concurrent.futures.Future()
+
+        def _settle(done: concurrent.futures.Future) -> None:
+            self._progress.pop(task_id, None)
+            if outer.cancelled():
+                return
+            try:
+                outer.set_result(self._result(function, kwargs, done))
+            except BaseException as exc:  # noqa: BLE001 - every outcome goes to the caller
+                outer.set_exception(exc)
+
+        inner.add_done_callback(_settle)
+        outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
+        return outer
+
+    def run(self, function: str, *, on_progress: ProgressCallback | None = None, **kwargs: Any):
+        """Run a task and wait for it: TaskResult, or raise the project's error."""
+        return self.submit(function, on_progress=on_progress, **kwargs).result()
+
+    async def run_async(
+        self, function: str, *, on_progress: ProgressCallback | None = None, **kwargs: Any
+    ) -> TaskResult:
+        """Awaitable `run`; cancelling the await kills the task's worker."""
+        return await asyncio.wrap_future(self.submit(function, on_progress=on_progress, **kwargs))
+
+    # -- outcomes ----------------------------------------------------------------
+    def _result(self, function: str, kwargs: dict, done: concurrent.futures.Future) -> TaskResult:
+        what = f"task {function}({_describe(kwargs)})"
+        try:
+            envelope = done.result()
+        except concurrent.futures.TimeoutError:
+            raise WorkerTimeoutError(
+                f"{what} ran past task_timeout_s={self.settings.task_timeout_s:g} s; "
+                "its worker was killed"
+            ) from None
+        except pebble.ProcessExpired as exc:
+            raise self._expired(what, exc) from None
+        except concurrent.futures.CancelledError:
+            raise
+        except Exception as exc:  # pebble could not send the task or its result
+            raise WorkerCrashedError(f"{what}: worker failed: {exc!r}") from exc
+        worker = envelope["worker"]
+        if envelope["ok"]:
+            return TaskResult(
+                facts=envelope["facts"],
+                pid=worker["pid"],
+                peak_rss_mb=worker["peak_rss_mb"],
+                duration_s=worker["duration_s"],
+                tasks_run=worker["tasks_run"],
+            )
+        kind, message = envelope["kind"], envelope["message"]
+        if kind == "bad_input":
+            raise BadInputError(envelope["path"], message)
+        if kind == "transient_io":
+            raise TransientIOError(f"{what}: {message}")
+        if kind == "memory":
+            raise MemoryLimitError(
+                f"{what}: {message}: the address-space backstop stopped an allocation; "
+                f"memory_limit_mb={self.settings.memory_limit_mb}"
+            )
+        raise TaskError(f"{what} failed: {message}\n{envelope.get('traceback', '')}")
+
+    def _expired(self, what: str, exc: pebble.ProcessExpired) -> GeoisoError:
+        code = exc.exitcode
+        if code == MEMORY_EXIT_CODE:
+            event = self._wait_memory_event(exc.pid)
+            limit = self.settings.memory_limit_mb
+            peak = f"{event['peak_mb']:g} MB" if event else f"over {limit} MB"
+            return MemoryLimitError(
+                f"{what}: worker {exc.pid} used {peak} of memory, over its ceiling "
+                f"memory_limit_mb={limit}; it was stopped"
+            )
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return WorkerCrashedError(f"{what}: worker {exc.pid} was killed by {name}")
+        return WorkerCrashedError(f"{what}: worker {exc.pid} exited with code {code}")
+
+    def _on_event(self, event: dict) -> None:
+        if event.get("type") == "worker_started":
+            try:
+                process = psutil.Process(int(event["pid"]))
+            except psutil.Error:
+                return
+            if process.create_time() == event["create_time"]:
+                self._workers = {pid: p for pid, p in self._workers.items() if p.is_running()} | {
+                    process.pid: process
+                }
+        elif event.get("type") == "memory_exceeded":
+            with self._cond:
+                self._memory_events[int(event["pid"])] = event
+                self._cond.notify_all()
+        elif event.get("type") == "progress":
+            callback = self._progress.get(str(event.get("task")))
+            if callback is not None:
+                callback(event)
+
+    def _wait_memory_event(self, pid: int | None, timeout: float = 1.0) -> dict | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while pid not in self._memory_events and time.monotonic() < deadline:
+                self._cond.wait(timeout=0.05)
+            return self._memory_events.pop(pid, None) if pid is not None else None
+
+
+def _describe(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _kill_and_reap(processes: list[psutil.Process]) -> None:
+    alive = [p for p in processes if p.is_running()]
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)

@@ -1,0 +1,182 @@
+"""Code that runs inside a worker process: its set-up, its watchdog, its task runner.
+
+Nothing at module level imports a geo library: the parent imports this module to
+name the functions it sends, and the orchestration layer must stay geo-free.
+"""
+
+import importlib
+import os
+import resource
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import psutil
+
+from geoiso_dagster.errors import BadInputError, TransientIOError
+from geoiso_dagster.pool._events import EventSender
+from geoiso_dagster.pool.env import gdal_config_options
+
+# Exit code of a worker that the watchdog stopped for going over its memory ceiling.
+MEMORY_EXIT_CODE = 86
+_WATCH_INTERVAL_S = 0.02
+_OWNER_CHECK_EVERY = 10  # watchdog ticks between checks that the pool's owner lives
+
+
+@dataclass
+class WorkerSettings:
+    env: dict[str, str]
+    memory_limit_bytes: int
+    address_space_limit_bytes: int | None
+    owner_pid: int
+    owner_create_time: float
+    events_address: str
+    task_module: str
+
+
+class _WorkerState:
+    """Per-process state shared by the task runner and the watchdog thread."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.events = EventSender(settings.events_address)
+        self.process = psutil.Process()
+        self.task_peak_rss = 0
+        self.current_task: str | None = None
+        self.tasks_run = 0
+        self.lock = threading.Lock()
+
+    def begin_task(self, task_id: str) -> None:
+        with self.lock:
+            self.current_task = task_id
+            self.task_peak_rss = self.process.memory_info().rss
+
+    def end_task(self) -> int:
+        with self.lock:
+            self.current_task = None
+            self.tasks_run += 1
+            return max(self.task_peak_rss, self.process.memory_info().rss)
+
+
+_state: _WorkerState | None = None
+
+
+def initialize(settings: WorkerSettings) -> None:
+    """Pool initializer: environment, GDAL/PROJ config, limits, watchdog."""
+    global _state
+    # The pool kills a worker only when it must (timeout, teardown): die at once,
+    # even inside a C call, instead of pebble's graceful SystemExit.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.environ.update(settings.env)
+    _apply_geo_config(settings.env)
+    if settings.address_space_limit_bytes:
+        # Backstop for a spike faster than the watchdog's poll: allocation fails with
+        # MemoryError instead of the machine swapping or the OOM killer choosing.
+        limit = psutil.Process().memory_info().vms + settings.address_space_limit_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    _state = _WorkerState(settings)
+    # Tell the pool who we are, so its teardown can kill us even if pebble lost track.
+    _state.events.send(
+        {"type": "worker_started", "pid": os.getpid(), "create_time": _state.process.create_time()}
+    )
+    threading.Thread(target=_watchdog, args=(_state,), name="geoiso-watchdog", daemon=True).start()
+
+
+def _apply_geo_config(env: dict[str, str]) -> None:
+    import pyogrio
+    import pyproj.network
+
+    options = gdal_config_options(env)
+    pyogrio.set_gdal_config_options(options)
+    pyproj.network.set_network_enabled(env.get("PROJ_NETWORK", "OFF").upper() == "ON")
+    try:
+        from osgeo import gdal
+    except ImportError:
+        return  # the osgeo bindings are optional: pyogrio does the I/O
+    gdal.UseExceptions()
+    for key, value in options.items():
+        gdal.SetConfigOption(key, value)
+
+
+def _owner_alive(settings: WorkerSettings) -> bool:
+    try:
+        return psutil.Process(settings.owner_pid).create_time() == settings.owner_create_time
+    except psutil.Error:
+        return False
+
+
+def _watchdog(state: _WorkerState) -> None:
+    """Enforce the memory ceiling on this process and die with the pool's owner."""
+    limit = state.settings.memory_limit_bytes
+    tick = 0
+    while True:
+        rss = state.process.memory_info().rss
+        with state.lock:
+            state.task_peak_rss = max(state.task_peak_rss, rss)
+            task = state.current_task
+        if rss > limit:
+            state.events.send(
+                {
+                    "type": "memory_exceeded",
+                    "pid": os.getpid(),
+                    "task": task,
+                    "peak_mb": round(rss / 2**20, 1),
+                    "limit_mb": round(limit / 2**20, 1),
+                }
+            )
+            os._exit(MEMORY_EXIT_CODE)
+        tick += 1
+        if tick % _OWNER_CHECK_EVERY == 0 and not _owner_alive(state.settings):
+            # The run process is gone (killed, crashed): nobody will read our result.
+            os._exit(0)
+        time.sleep(_WATCH_INTERVAL_S)
+
+
+def progress(message: str, **facts: object) -> None:
+    """Report what the current task is doing; the pool forwards it to its listener."""
+    if _state is None:
+        return
+    _state.events.send(
+        {"type": "progress", "pid": os.getpid(), "task": _state.current_task, "message": message}
+        | {k: v for k, v in facts.items() if isinstance(v, (int, float, str, bool))}
+    )
+
+
+def run_task(task_id: str, function: str, kwargs: dict) -> dict:
+    """Run `function` (a name in the task module) and wrap its outcome in an envelope.
+
+    Exceptions become data here, not pickled objects: the parent rebuilds the right
+    error type from `kind`, whatever the worker's exception classes look like.
+    """
+    state = _state
+    if state is None:
+        raise RuntimeError("worker used before initialize()")
+    fn = getattr(importlib.import_module(state.settings.task_module), function)
+    state.begin_task(task_id)
+    started = time.perf_counter()
+    envelope: dict
+    try:
+        envelope = {"ok": True, "facts": fn(**kwargs)}
+    except BadInputError as exc:
+        envelope = {"ok": False, "kind": "bad_input", "path": exc.path, "message": exc.cause}
+    except TransientIOError as exc:
+        envelope = {"ok": False, "kind": "transient_io", "message": str(exc)}
+    except MemoryError:
+        envelope = {"ok": False, "kind": "memory", "message": "allocation failed (MemoryError)"}
+    except Exception as exc:
+        envelope = {
+            "ok": False,
+            "kind": "error",
+            "message": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
+    peak = state.end_task()
+    envelope["worker"] = {
+        "pid": os.getpid(),
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "duration_s": round(time.perf_counter() - started, 4),
+        "tasks_run": state.tasks_run,
+    }
+    return envelope

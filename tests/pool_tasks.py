@@ -1,0 +1,58 @@
+"""Tasks that misbehave on purpose, run by real workers in the pool tests.
+
+The pool runs functions from one module (PoolSettings.task_module); tests point it
+here. The real tasks are re-exported so one pool can run both.
+"""
+
+import ctypes
+import os
+import signal
+import time
+
+from geoiso_dagster.spatial.tasks import *  # noqa: F403 - the real tasks, too
+
+
+def sleep(seconds: float) -> dict:
+    time.sleep(seconds)
+    return {"slept": seconds, "pid": os.getpid()}
+
+
+def hang_in_c(seconds: float) -> dict:
+    """Block inside a C call with the GIL released, as a stuck GDAL read would."""
+    libc = ctypes.CDLL(None)
+    libc.sleep(int(seconds))
+    return {"pid": os.getpid()}
+
+
+def allocate(megabytes: int, hold_s: float = 5.0) -> dict:
+    """Touch `megabytes` of memory page by page and hold it."""
+    block = bytearray(megabytes * 2**20)
+    for offset in range(0, len(block), 4096):
+        block[offset] = 1
+    time.sleep(hold_s)
+    return {"allocated_mb": megabytes}
+
+
+def abort() -> dict:
+    os.abort()
+
+
+def segfault() -> dict:
+    ctypes.string_at(0)
+    return {}
+
+
+def kill_self(signum: int) -> dict:
+    os.kill(os.getpid(), signum)
+    time.sleep(5)
+    return {}
+
+
+def report_pid() -> dict:
+    return {"pid": os.getpid(), "ppid": os.getppid()}
+
+
+def ignore_sigterm_and_sleep(seconds: float) -> dict:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(seconds)
+    return {}
