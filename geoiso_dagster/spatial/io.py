@@ -1,0 +1,153 @@
+"""Reading inputs and writing GeoParquet, with every failure named by file and cause."""
+
+import errno
+import json
+from pathlib import Path
+
+import geopandas
+import pyarrow.parquet as pq
+import pyogrio
+import pyproj
+import shapely
+
+from geoiso_dagster.errors import BadInputError, TransientIOError
+from geoiso_dagster.fsutil import atomic_path
+
+# Tens of thousands of rows per row group: small enough that a bbox filter skips most
+# of a file, large enough that per-group overhead stays negligible.
+ROW_GROUP_ROWS = 50_000
+PARQUET_SUFFIXES = (".parquet", ".geoparquet")
+# OS errors that can pass on their own; everything else about an input is the input's.
+TRANSIENT_ERRNOS = {
+    errno.EIO,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ESTALE,
+    errno.ETIMEDOUT,
+    errno.EINTR,
+    errno.ENOMEM,
+}
+
+
+def _os_error(path: Path, exc: OSError, doing: str) -> Exception:
+    if exc.errno in TRANSIENT_ERRNOS:
+        return TransientIOError(f"{path}: {doing} failed: {exc.strerror} (errno {exc.errno})")
+    return BadInputError(str(path), f"{doing} failed: {exc.strerror or exc}")
+
+
+def read_source(path: str | Path) -> geopandas.GeoDataFrame:
+    """Read any vector file GDAL reads, or GeoParquet; refuse what cannot be used."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise BadInputError(str(path), "file does not exist") from None
+    except OSError as exc:
+        raise _os_error(path, exc, "stat") from exc
+    if size == 0:
+        raise BadInputError(str(path), "file is empty (0 bytes)")
+    try:
+        if path.suffix.lower() in PARQUET_SUFFIXES:
+            frame = geopandas.read_parquet(path)
+        else:
+            frame = geopandas.read_file(path, engine="pyogrio", use_arrow=True)
+    except OSError as exc:
+        raise _os_error(path, exc, "reading") from exc
+    except Exception as exc:  # pyogrio, pyarrow and geopandas each have their own types
+        raise BadInputError(str(path), f"cannot be read as vector data: {_one_line(exc)}") from exc
+    return _usable(frame, path)
+
+
+def read_geoparquet(path: str | Path) -> geopandas.GeoDataFrame:
+    """Read a GeoParquet file written by an upstream asset."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(str(path), "upstream output does not exist; materialize it first")
+    try:
+        frame = geopandas.read_parquet(path)
+    except OSError as exc:
+        raise _os_error(path, exc, "reading") from exc
+    except Exception as exc:
+        raise BadInputError(str(path), f"is not readable GeoParquet: {_one_line(exc)}") from exc
+    return _usable(frame, path)
+
+
+def _usable(frame: object, path: Path) -> geopandas.GeoDataFrame:
+    if not isinstance(frame, geopandas.GeoDataFrame) or frame._geometry_column_name is None:
+        raise BadInputError(str(path), "has no geometry column")
+    if len(frame) == 0:
+        raise BadInputError(str(path), "has no features (0 rows)")
+    if frame.crs is None:
+        raise BadInputError(
+            str(path),
+            "has no coordinate reference system (for a shapefile: its .prj file is missing); "
+            "set the CRS at the source, this pipeline never guesses one",
+        )
+    return frame
+
+
+def write_geoparquet(frame: geopandas.GeoDataFrame, target: str | Path) -> dict:
+    """Write GeoParquet 1.1 (zstd, bbox covering, bounded row groups) atomically and
+    return the facts of the file as written."""
+    target = Path(target)
+    try:
+        with atomic_path(target) as tmp:
+            frame.to_parquet(
+                tmp,
+                index=False,
+                compression="zstd",
+                schema_version="1.1.0",
+                write_covering_bbox=True,
+                row_group_size=ROW_GROUP_ROWS,
+            )
+    except OSError as exc:
+        raise _os_error(target, exc, "writing") from exc
+    return describe(frame, target)
+
+
+def describe(frame: geopandas.GeoDataFrame, path: Path) -> dict:
+    """The facts the catalog shows about an output file."""
+    parquet = pq.ParquetFile(path)
+    schema = parquet.schema_arrow
+    bounds = [float(v) for v in frame.total_bounds]
+    return {
+        "path": str(path),
+        "rows": int(parquet.metadata.num_rows),
+        "row_groups": int(parquet.metadata.num_row_groups),
+        "bytes": path.stat().st_size,
+        "crs": crs_label(frame.crs),
+        "crs_name": frame.crs.name,
+        "bbox": bounds,
+        "geometry_types": sorted(str(t) for t in frame.geom_type.dropna().unique()),
+        "columns": [{"name": f.name, "type": str(f.type)} for f in schema],
+        "versions": versions(),
+    }
+
+
+def crs_label(crs: pyproj.CRS) -> str:
+    """EPSG:xxxx when the CRS has an authority code, else its name."""
+    authority = crs.to_authority()
+    return f"{authority[0]}:{authority[1]}" if authority else crs.name
+
+
+def versions() -> dict[str, str]:
+    return {
+        "gdal": pyogrio.__gdal_version_string__,
+        "geos": shapely.geos_version_string,
+        "proj": pyproj.proj_version_str,
+    }
+
+
+def geo_metadata(path: Path) -> dict:
+    """The `geo` key of a GeoParquet file's metadata."""
+    raw = pq.read_schema(path).metadata or {}
+    if b"geo" not in raw:
+        raise BadInputError(str(path), "is Parquet without GeoParquet 'geo' metadata")
+    return json.loads(raw[b"geo"])
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

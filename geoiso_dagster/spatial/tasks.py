@@ -1,0 +1,237 @@
+"""The tasks the pool runs, by name: path in, GeoParquet path out, facts returned."""
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyproj
+import shapely
+
+from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.pool.worker import progress
+from geoiso_dagster.spatial import io
+from geoiso_dagster.spatial.io import read_geoparquet, read_source, write_geoparquet
+
+FEATURE_COUNT_COLUMN = "feature_count"
+_POLYGONAL = {"Polygon", "MultiPolygon"}
+
+
+def ingest(source: str, output: str) -> dict:
+    """raw_features: any vector file or GeoParquet -> GeoParquet, unchanged."""
+    started = time.perf_counter()
+    frame = read_source(source)
+    progress(f"read {len(frame)} features from {Path(source).name}", features=len(frame))
+    facts = write_geoparquet(frame, output)
+    progress(f"wrote {facts['rows']} rows in {time.perf_counter() - started:.2f} s")
+    return facts
+
+
+def _parse_crs(value: str, path: str) -> pyproj.CRS:
+    try:
+        return pyproj.CRS.from_user_input(value)
+    except pyproj.exceptions.CRSError as exc:
+        raise BadInputError(path, f"target_crs {value!r} is not a CRS PROJ knows: {exc}") from exc
+
+
+def reproject(source: str, output: str, target_crs: str) -> dict:
+    """reprojected_features: to `target_crs`; no transform when the CRS already equals it."""
+    target = _parse_crs(target_crs, source)
+    frame = read_geoparquet(source)
+    if frame.crs.equals(target):
+        transformed = False
+        progress(f"{len(frame)} features already in {io.crs_label(target)}; no transform")
+    else:
+        started = time.perf_counter()
+        frame = frame.to_crs(target)
+        transformed = True
+        progress(
+            f"reprojected {len(frame)} features to {io.crs_label(target)} "
+            f"in {time.perf_counter() - started:.2f} s"
+        )
+        _refuse_non_finite(frame, source, target)
+    facts = write_geoparquet(frame, output)
+    facts["transformed"] = transformed
+    return facts
+
+
+def _refuse_non_finite(frame, source: str, target: pyproj.CRS) -> None:
+    bounds = shapely.bounds(frame.geometry.values)
+    present = ~shapely.is_missing(frame.geometry.values) & ~shapely.is_empty(frame.geometry.values)
+    bad = present & ~np.isfinite(bounds).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise BadInputError(
+            source,
+            f"{len(rows)} feature(s) cannot be represented in {io.crs_label(target)} "
+            f"(non-finite coordinates after the transform), e.g. rows {rows[:5].tolist()}",
+        )
+
+
+def polygonal_parts(geometries: np.ndarray) -> np.ndarray:
+    """Keep only the polygonal part of each geometry (None where there is none).
+
+    make_valid may return GeometryCollections holding lines and points beside the
+    polygons; a dissolve of regions must only union areas.
+    """
+    out = np.array(geometries, dtype=object, copy=True)
+    types = shapely.get_type_id(out)
+    polygon_ids = {3, 6}  # Polygon, MultiPolygon
+    for i in np.flatnonzero(~np.isin(types, list(polygon_ids))):
+        geom = out[i]
+        if geom is None:
+            continue
+        parts = shapely.get_parts(shapely.get_parts(geom))  # flatten collections, multis
+        polys = [p for p in parts if shapely.get_type_id(p) == 3 and not p.is_empty]
+        out[i] = shapely.multipolygons(polys) if polys else None
+    return out
+
+
+def repair(geometries: np.ndarray) -> tuple[np.ndarray, int]:
+    """make_valid only the rows is_valid flags (buffer(0) would drop a bowtie's lobe)."""
+    invalid = ~shapely.is_valid(geometries) & ~shapely.is_missing(geometries)
+    repaired = np.array(geometries, dtype=object, copy=True)
+    if invalid.any():
+        repaired[invalid] = shapely.make_valid(repaired[invalid])
+    return repaired, int(invalid.sum())
+
+
+def dissolve(
+    source: str,
+    output: str,
+    dissolve_by: str,
+    aggfunc: str = "first",
+    aggregations: dict[str, str] | None = None,
+) -> dict:
+    """dissolved_regions: repair, keep polygons, union per key, aggregate the rest."""
+    frame = read_geoparquet(source)
+    geometry_name = frame.geometry.name
+    columns = [c for c in frame.columns if c != geometry_name]
+    if dissolve_by not in columns:
+        raise BadInputError(
+            source, f"dissolve_by column {dissolve_by!r} is not in the data; columns: {columns}"
+        )
+    aggregations = dict(aggregations or {})
+    unknown = sorted(set(aggregations) - set(columns))
+    if unknown:
+        raise BadInputError(source, f"aggregations name columns not in the data: {unknown}")
+    keys = frame[dissolve_by]
+    if keys.isna().all():
+        raise BadInputError(source, f"dissolve_by column {dissolve_by!r} is null in every row")
+
+    started = time.perf_counter()
+    repaired, repaired_count = repair(frame.geometry.values)
+    polygonal = polygonal_parts(repaired)
+    keep = ~shapely.is_missing(polygonal) & ~shapely.is_empty(polygonal)
+    if not keep.any():
+        kinds = sorted(str(t) for t in frame.geom_type.dropna().unique())
+        raise BadInputError(source, f"has no polygonal geometries to dissolve (types: {kinds})")
+    null_keys = int(keys.isna().sum())
+    frame = frame.set_geometry(polygonal)
+    frame = frame[keep & keys.notna().to_numpy()]
+    progress(
+        f"repaired {repaired_count} invalid geometries; dissolving {len(frame)} features "
+        f"by {dissolve_by!r}",
+        repaired=repaired_count,
+    )
+
+    agg = {c: aggregations.get(c, aggfunc) for c in columns if c != dissolve_by}
+    try:
+        attributes = (
+            frame.drop(columns=geometry_name).groupby(dissolve_by, sort=True).agg(agg)
+            if agg
+            else pd.DataFrame(index=pd.Index(sorted(frame[dissolve_by].unique()), name=dissolve_by))
+        )
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise BadInputError(
+            source, f"aggregation failed ({aggfunc=}, {aggregations=}): {exc}"
+        ) from exc
+    dissolved = frame[[dissolve_by, geometry_name]].dissolve(by=dissolve_by, sort=True)
+    result = dissolved.join(attributes)
+    result[FEATURE_COUNT_COLUMN] = frame.groupby(dissolve_by, sort=True).size()
+    result = result.reset_index()
+    progress(
+        f"dissolved into {len(result)} groups in {time.perf_counter() - started:.2f} s",
+        groups=len(result),
+    )
+    facts = write_geoparquet(result, output)
+    facts.update(
+        repaired_geometries=repaired_count,
+        dropped_null_keys=null_keys,
+        dropped_non_polygonal=int((~keep).sum()),
+        dissolve_by=dissolve_by,
+    )
+    return facts
+
+
+def inspect(
+    path: str,
+    expected_crs: str | None = None,
+    expected_crs_of: str | None = None,
+    unique_key: str | None = None,
+) -> dict:
+    """Independent facts about a published file, for the asset checks.
+
+    Reads the file back from disk; trusts nothing the writer said.
+    """
+    target = Path(path)
+    facts: dict = {"path": path, "readable": False}
+    try:
+        geo = io.geo_metadata(target)
+        frame = read_geoparquet(target)
+    except BadInputError as exc:
+        facts["error"] = exc.cause
+        return facts
+    primary = geo["primary_column"]
+    covering = geo["columns"][primary].get("covering", {})
+    geometries = frame.geometry.values
+    missing = shapely.is_missing(geometries)
+    facts.update(
+        readable=True,
+        geo_version=geo.get("version"),
+        bbox_covering="bbox" in covering,
+        rows=len(frame),
+        crs=io.crs_label(frame.crs),
+        missing_geometries=int(missing.sum()),
+        empty_geometries=int(shapely.is_empty(geometries).sum()),
+        invalid_geometries=int((~shapely.is_valid(geometries) & ~missing).sum()),
+    )
+    if expected_crs_of is not None:
+        expected_crs = read_geoparquet(expected_crs_of).crs.to_wkt()
+    if expected_crs is not None:
+        facts["expected_crs"] = io.crs_label(_parse_crs(expected_crs, path))
+        facts["crs_matches"] = bool(frame.crs.equals(_parse_crs(expected_crs, path)))
+    if unique_key is not None:
+        if unique_key in frame.columns:
+            facts["duplicate_keys"] = int(frame[unique_key].duplicated().sum())
+        else:
+            facts["duplicate_keys"] = None
+    return facts
+
+
+def environment() -> dict:
+    """What a worker sees: its environment, GDAL config, library versions. For `geoiso
+    doctor` and the tests that check the environment reached GDAL before it loaded."""
+    import pyogrio
+
+    keys = ("GDAL_NUM_THREADS", "GDAL_CACHEMAX", "PROJ_NETWORK", "OGR_ENABLE_PARTIAL_REPROJECTION")
+    facts = {
+        "pid": os.getpid(),
+        "env": {k: os.environ.get(k) for k in (*keys, "OMP_NUM_THREADS", "MALLOC_ARENA_MAX")},
+        "gdal_config": {k: pyogrio.get_gdal_config_option(k) for k in keys},
+        "proj_network": pyproj.network.is_network_enabled(),
+        "versions": io.versions(),
+    }
+    try:
+        from osgeo import gdal
+    except ImportError:
+        facts["osgeo"] = None
+    else:
+        facts["osgeo"] = {
+            "version": gdal.__version__,
+            "use_exceptions": bool(gdal.GetUseExceptions()),
+            "cache_max_bytes": int(gdal.GetCacheMax()),
+            "num_threads": gdal.GetConfigOption("GDAL_NUM_THREADS"),
+        }
+    return facts
