@@ -1,0 +1,135 @@
+"""`geoiso`: register source files and look at outputs from a shell. No geo imports.
+
+geoiso add FILE...   copy each file (and its sidecars) into the inbox, register its
+                     partition in the Dagster instance ($DAGSTER_HOME), print its key
+geoiso show KEY...   rows, CRS and path of each asset's output for those partitions
+geoiso doctor        what a worker sees: environment, GDAL config, library versions
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from geoiso_dagster import inbox, paths
+from geoiso_dagster.errors import GeoisoError
+from geoiso_dagster.fsutil import atomic_path
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    with atomic_path(target) as tmp:
+        shutil.copy2(source, tmp)
+
+
+def add(files: list[str]) -> list[str]:
+    if not os.environ.get("DAGSTER_HOME"):
+        raise GeoisoError(
+            "DAGSTER_HOME is not set: set it to the instance folder the dagster CLI and "
+            "`dagster dev` use, so the partition is registered where they look"
+        )
+    from dagster import DagsterInstance
+
+    from geoiso_dagster.defs.partitions import source_files
+
+    root = paths.data_root()
+    keys = []
+    for name in files:
+        source = Path(name)
+        if not source.is_file():
+            raise GeoisoError(f"{source}: no such file")
+        key = paths.check_partition_key(source.name)
+        target = paths.source_path(key, root)
+        if source.resolve() != target.resolve():
+            # Sidecars first, the main file last: a watcher never sees a .shp whose
+            # .shx or .dbf has not arrived yet.
+            for part in inbox.companions(source):
+                _copy_atomic(part, target.with_name(part.name))
+            _copy_atomic(source, target)
+        keys.append(key)
+    with DagsterInstance.get() as instance:
+        new = [k for k in keys if not instance.has_dynamic_partition(source_files.name, k)]
+        if new:
+            instance.add_dynamic_partitions(source_files.name, new)
+    return keys
+
+
+def _crs_label(geo: dict) -> str:
+    crs = geo["columns"][geo["primary_column"]].get("crs", "OGC:CRS84")
+    if isinstance(crs, dict):
+        ident = crs.get("id") or {}
+        return f"{ident['authority']}:{ident['code']}" if ident else crs.get("name", "?")
+    return str(crs)
+
+
+def show(keys: list[str]) -> list[dict]:
+    rows = []
+    for key in keys:
+        for asset in paths.ASSET_NAMES:
+            path = paths.output_path(asset, key)
+            if not path.exists():
+                rows.append(
+                    {
+                        "partition": key,
+                        "asset": asset,
+                        "rows": None,
+                        "crs": None,
+                        "path": f"{path} (missing)",
+                    }
+                )
+                continue
+            parquet = pq.ParquetFile(path)
+            geo = json.loads(parquet.schema_arrow.metadata[b"geo"])
+            rows.append(
+                {
+                    "partition": key,
+                    "asset": asset,
+                    "rows": parquet.metadata.num_rows,
+                    "crs": _crs_label(geo),
+                    "path": str(path),
+                }
+            )
+    return rows
+
+
+def doctor() -> dict:
+    from geoiso_dagster.defs.resources import SpatialWorkerPool
+    from geoiso_dagster.pool import WorkerPool
+
+    with WorkerPool(SpatialWorkerPool.from_env().settings()) as pool:
+        return pool.run("environment").facts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="geoiso", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_add = sub.add_parser("add", help="copy files into the inbox and register partitions")
+    p_add.add_argument("files", nargs="+")
+    p_show = sub.add_parser("show", help="rows, CRS and path of each output")
+    p_show.add_argument("keys", nargs="+")
+    sub.add_parser("doctor", help="what a worker process sees")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "add":
+            for key in add(args.files):
+                sys.stdout.write(f"{key}\n")
+        elif args.command == "show":
+            for row in show(args.keys):
+                rows = "-" if row["rows"] is None else row["rows"]
+                sys.stdout.write(
+                    f"{row['partition']}  {row['asset']:<21} rows={rows:<6} "
+                    f"crs={row['crs'] or '-':<10} {row['path']}\n"
+                )
+        else:
+            sys.stdout.write(json.dumps(doctor(), indent=2) + "\n")
+    except GeoisoError as exc:
+        sys.stderr.write(f"geoiso: {exc}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""raw_features -> reprojected_features -> dissolved_regions, one GeoParquet file per
+source file. The steps here only orchestrate: the work runs in the worker pool."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from dagster import (
+    AssetCheckResult,
+    AssetExecutionContext,
+    AutomationCondition,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    TableColumn,
+    TableSchema,
+    asset,
+)
+from pydantic import Field
+
+from geoiso_dagster import paths
+from geoiso_dagster.defs.checks import check_results, check_specs
+from geoiso_dagster.defs.partitions import source_files
+from geoiso_dagster.defs.resources import SpatialWorkerPool
+from geoiso_dagster.defs.retries import run_task
+from geoiso_dagster.errors import UnsafeNameError
+from geoiso_dagster.fsutil import publish, sweep_stale_temps, temp_path_for
+from geoiso_dagster.pool import TaskResult
+
+GROUP = "geo"
+# Step-specific facts that go to the catalog as they are.
+_STEP_FACTS = ("transformed", "repaired_geometries", "dropped_null_keys", "dropped_non_polygonal")
+# Downstream waits until its upstream's blocking checks passed (or pass in this run).
+_AFTER_CHECKS = AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
+
+
+class ReprojectConfig(Config):
+    target_crs: str = Field(
+        default="EPSG:4326", description="Any CRS PROJ understands: 'EPSG:6933', WKT, PROJJSON."
+    )
+
+
+class DissolveConfig(Config):
+    dissolve_by: str = Field(default="region_id", description="Column whose values name a region.")
+    aggfunc: str = Field(
+        default="first", description="pandas aggregation for the other columns (first, sum, ...)."
+    )
+    aggregations: dict[str, str] = Field(
+        default_factory=dict, description="Per-column aggregation, overriding aggfunc."
+    )
+
+
+def _paths(context: AssetExecutionContext, asset_name: str, upstream: str | None):
+    """(source, final output) of this step's partition, both inside the data root."""
+    try:
+        key = context.partition_key
+        output = paths.output_path(asset_name, key)
+        source = paths.output_path(upstream, key) if upstream else paths.source_path(key)
+    except UnsafeNameError as exc:
+        raise Failure(description=f"Bad input: {exc}", allow_retries=False) from None
+    return str(source), output
+
+
+def _metadata(result: TaskResult, path: Path) -> dict:
+    facts = result.facts
+    metadata = {
+        "dagster/row_count": MetadataValue.int(facts["rows"]),
+        "dagster/column_schema": TableSchema(
+            columns=[TableColumn(name=c["name"], type=c["type"]) for c in facts["columns"]]
+        ),
+        "dagster/uri": MetadataValue.text(path.as_uri()),
+        "path": MetadataValue.path(str(path)),
+        "crs": MetadataValue.text(facts["crs"]),
+        "crs_name": MetadataValue.text(facts["crs_name"]),
+        "bbox": MetadataValue.json({"minx_miny_maxx_maxy": facts["bbox"]}),
+        "geometry_types": MetadataValue.text(", ".join(facts["geometry_types"])),
+        "bytes": MetadataValue.int(facts["bytes"]),
+        "row_groups": MetadataValue.int(facts["row_groups"]),
+        "duration_s": MetadataValue.float(result.duration_s),
+        "worker_peak_rss_mb": MetadataValue.float(result.peak_rss_mb),
+        "worker_pid": MetadataValue.int(result.pid),
+    }
+    for library, version in facts["versions"].items():
+        metadata[f"{library}_version"] = MetadataValue.text(version)
+    for extra in (
+        "transformed",
+        "repaired_geometries",
+        "dropped_null_keys",
+        "dropped_non_polygonal",
+    ):
+        if extra in facts:
+            metadata[extra] = facts[extra]
+    return metadata
+
+
+def _produce(
+    context: AssetExecutionContext,
+    pool: SpatialWorkerPool,
+    asset_name: str,
+    output: Path,
+    function: str,
+    inspect_kwargs: dict | None = None,
+    **task_kwargs,
+) -> Iterator[MaterializeResult | AssetCheckResult]:
+    """Run the task into a staged file, read it back in a worker and judge it; publish it
+    under its final name only when every check passed. A failed check leaves the previous
+    good output in place and fails the step (the checks are blocking), so nothing
+    downstream runs on it."""
+    sweep_stale_temps(output)
+    staged = temp_path_for(output)
+    try:
+        result = run_task(context, pool, function, output=str(staged), **task_kwargs)
+        seen = run_task(context, pool, "inspect", path=str(staged), **(inspect_kwargs or {}))
+        checks = check_results(asset_name, result.facts, seen.facts)
+        if all(check.passed for check in checks):
+            publish(staged, output)
+            yield MaterializeResult(metadata=_metadata(result, output), check_results=checks)
+        else:
+            yield from checks
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+@asset(
+    partitions_def=source_files,
+    group_name=GROUP,
+    output_required=False,
+    check_specs=check_specs("raw_features"),
+    kinds={"geoparquet", "gdal"},
+)
+def raw_features(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool):
+    """The source file as GDAL reads it (any vector format, or GeoParquet), stored as
+    GeoParquet 1.1. Refused with a clear error when it has no CRS or no features."""
+    source, output = _paths(context, "raw_features", None)
+    yield from _produce(context, spatial_pool, "raw_features", output, "ingest", source=source)
+
+
+@asset(
+    partitions_def=source_files,
+    group_name=GROUP,
+    deps=[raw_features],
+    output_required=False,
+    check_specs=check_specs("reprojected_features"),
+    automation_condition=_AFTER_CHECKS,
+    kinds={"geoparquet", "proj"},
+)
+def reprojected_features(
+    context: AssetExecutionContext, config: ReprojectConfig, spatial_pool: SpatialWorkerPool
+):
+    """raw_features in the target CRS (config target_crs, default EPSG:4326). When the
+    source is already in that CRS the geometries are copied untouched."""
+    source, output = _paths(context, "reprojected_features", "raw_features")
+    yield from _produce(
+        context,
+        spatial_pool,
+        "reprojected_features",
+        output,
+        "reproject",
+        inspect_kwargs={"expected_crs": config.target_crs},
+        source=source,
+        target_crs=config.target_crs,
+    )
+
+
+@asset(
+    partitions_def=source_files,
+    group_name=GROUP,
+    deps=[reprojected_features],
+    output_required=False,
+    check_specs=check_specs("dissolved_regions"),
+    automation_condition=_AFTER_CHECKS,
+    kinds={"geoparquet", "geos"},
+)
+def dissolved_regions(
+    context: AssetExecutionContext, config: DissolveConfig, spatial_pool: SpatialWorkerPool
+):
+    """One valid (multi)polygon per value of config dissolve_by: invalid geometries
+    repaired with make_valid, only polygonal parts kept, other columns aggregated, plus
+    a feature_count column."""
+    source, output = _paths(context, "dissolved_regions", "reprojected_features")
+    yield from _produce(
+        context,
+        spatial_pool,
+        "dissolved_regions",
+        output,
+        "dissolve",
+        inspect_kwargs={"expected_crs_of": source, "unique_key": config.dissolve_by},
+        source=source,
+        dissolve_by=config.dissolve_by,
+        aggfunc=config.aggfunc,
+        aggregations=dict(config.aggregations),
+    )
+
+
+geo_assets = [raw_features, reprojected_features, dissolved_regions]

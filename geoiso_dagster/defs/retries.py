@@ -1,0 +1,72 @@
+"""From pool outcomes to Dagster: Failure for bad input, RetryRequested for transient
+faults, with exponential backoff and jitter kept inside 5-60 s."""
+
+import queue
+import random
+
+from dagster import Failure, MetadataValue, OpExecutionContext, RetryRequested
+
+from geoiso_dagster.defs.resources import SpatialWorkerPool
+from geoiso_dagster.errors import BadInputError, GeoisoError, MemoryLimitError
+from geoiso_dagster.pool import TaskResult
+
+MAX_ATTEMPTS = 3
+MIN_WAIT_S = 5.0
+MAX_WAIT_S = 60.0
+
+
+def backoff_seconds(retry_number: int, rng: random.Random | None = None) -> float:
+    """Wait before attempt `retry_number + 2`: 5 s doubling, +/-25 % jitter, in [5, 60].
+
+    Dagster's own Backoff.EXPONENTIAL ((2**n - 1) x delay) has no cap and its jitter can
+    go below the delay, so the wait is computed here and given to RetryRequested.
+    """
+    rng = rng or random.Random()
+    base = MIN_WAIT_S * 2**retry_number
+    return min(MAX_WAIT_S, max(MIN_WAIT_S, base * rng.uniform(0.75, 1.25)))
+
+
+def run_task(context: OpExecutionContext, pool: SpatialWorkerPool, function: str, **kwargs):
+    """Run a worker task for a step; progress goes to the run's log as it happens."""
+    messages: queue.Queue[dict] = queue.Queue()
+    future = pool.pool.submit(function, on_progress=messages.put, **kwargs)
+    while True:
+        try:
+            result: TaskResult = future.result(timeout=0.25)
+            break
+        except TimeoutError:
+            _drain(context, messages)
+        except BadInputError as exc:
+            raise Failure(
+                description=f"Bad input: {exc}",
+                metadata={"file": MetadataValue.path(exc.path), "cause": exc.cause},
+                allow_retries=False,
+            ) from None
+        except MemoryLimitError as exc:
+            raise Failure(description=str(exc), allow_retries=False) from None
+        except GeoisoError as exc:
+            if not exc.retryable:
+                raise Failure(description=str(exc), allow_retries=False) from None
+            attempt = context.retry_number + 1
+            if attempt >= MAX_ATTEMPTS:
+                raise Failure(
+                    description=f"{exc} (attempt {attempt} of {MAX_ATTEMPTS}; giving up)",
+                    allow_retries=False,
+                ) from None
+            wait = backoff_seconds(context.retry_number)
+            context.log.warning(
+                f"{type(exc).__name__}: {exc}; attempt {attempt} of {MAX_ATTEMPTS}, "
+                f"retrying in {wait:.1f} s"
+            )
+            raise RetryRequested(max_retries=MAX_ATTEMPTS - 1, seconds_to_wait=wait) from exc
+    _drain(context, messages)
+    return result
+
+
+def _drain(context: OpExecutionContext, messages: "queue.Queue[dict]") -> None:
+    while True:
+        try:
+            event = messages.get_nowait()
+        except queue.Empty:
+            return
+        context.log.info(event.get("message", ""))
