@@ -1,0 +1,18 @@
+# The two commands the README opens with; both set everything up from nothing.
+.PHONY: demo test setup lint bench
+
+demo:            ## set up, then run the main job on the shipped sample data
+	scripts/setup.sh
+	scripts/demo.sh
+
+test:            ## set up (with the osgeo bindings), then run the whole test suite
+	scripts/setup.sh --osgeo
+	.venv/bin/ruff check geoiso_dagster tests
+	.venv/bin/python -m pytest
+
+setup:
+	scripts/setup.sh --osgeo
+
+lint:
+	.venv/bin/ruff check geoiso_dagster tests
+	.venv/bin/ruff format --check geoiso_dagster tests

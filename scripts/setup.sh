@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up everything the project needs on a fresh machine, idempotently.
+#   scripts/setup.sh          the package and its dev tools in .venv
+#   scripts/setup.sh --osgeo  also Debian's libgdal-dev and the matching GDAL bindings
+#                             (the optional osgeo path; the tests exercise it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if [ "${1:-}" = "--osgeo" ] && ! command -v gdal-config >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing Debian's libgdal-dev (for the osgeo bindings)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgdal-dev >/dev/null
+    else
+        echo "setup: libgdal-dev missing and cannot apt-get it here; osgeo bindings not installed" >&2
+    fi
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+pip install --upgrade pip
+pip install -e ".[dev]"
+.venv/bin/python -c "import dagster, geopandas, pebble" # fail here, not later, if the install did
+
+if [ "${1:-}" = "--osgeo" ] && command -v gdal-config >/dev/null 2>&1; then
+    version=$(gdal-config --version)
+    if ! .venv/bin/python -c "from osgeo import gdal; assert gdal.__version__ == '$version'" 2>/dev/null; then
+        echo "setup: building the GDAL $version bindings against the system libgdal"
+        pip install "GDAL==$version"
+    fi
+    .venv/bin/python -c "from osgeo import gdal; print('setup: osgeo', gdal.__version__)"
+fi

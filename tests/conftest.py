@@ -1,0 +1,57 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from geoiso_dagster.pool import PoolSettings, WorkerPool
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def naturalearth_shp() -> Path:
+    """The Natural Earth countries shapefile shipped in the pyogrio wheel (public domain)."""
+    import pyogrio
+
+    path = Path(pyogrio.__file__).parent / "tests/fixtures/naturalearth_lowres/naturalearth_lowres.shp"
+    assert path.exists(), path
+    return path
+
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "data"
+    (root / "inbox").mkdir(parents=True)
+    monkeypatch.setenv("GEOISO_DATA_ROOT", str(root))
+    return root
+
+
+@pytest.fixture
+def copy_shapefile():
+    """Copy a shapefile and its parts to `folder` (optionally leaving some suffixes out)."""
+
+    def _copy(shp: Path, folder: Path, skip: tuple[str, ...] = (), name: str | None = None):
+        stem = name or shp.stem
+        for part in shp.parent.glob(shp.stem + ".*"):
+            if part.suffix not in skip:
+                shutil.copy(part, folder / f"{stem}{part.suffix}")
+        return folder / f"{stem}.shp"
+
+    return _copy
+
+
+@pytest.fixture(scope="module")
+def test_pool():
+    """A real pool whose task module adds misbehaving tasks to the real ones."""
+    settings = PoolSettings(
+        max_workers=2, task_timeout_s=3, memory_limit_mb=500, task_module="tests.pool_tasks"
+    )
+    with WorkerPool(settings) as pool:
+        yield pool
+
+
+def require_osgeo() -> bool:
+    """CI installs the osgeo bindings and sets GEOISO_REQUIRE_OSGEO=1: there a missing
+    install fails the test instead of skipping it."""
+    return os.environ.get("GEOISO_REQUIRE_OSGEO") == "1"

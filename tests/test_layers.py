@@ -1,0 +1,24 @@
+import subprocess
+import sys
+
+GEO_MODULES = ("geopandas", "shapely", "pyogrio", "pyproj", "osgeo")
+
+
+def test_definitions_import_no_geo_library():
+    """The orchestration layer (and the CLI) must not load GDAL, GEOS or PROJ."""
+    code = (
+        "import sys, geoiso_dagster.definitions, geoiso_dagster.cli;"
+        f"print(','.join(m for m in {GEO_MODULES!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"geo modules loaded by the orchestration layer: {out.stdout}"
+
+
+def test_the_guard_can_fail():
+    """The same probe does see a geo import when there is one."""
+    code = (
+        "import sys, geoiso_dagster.spatial.tasks;"
+        f"print(','.join(m for m in {GEO_MODULES!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "geopandas" in out.stdout

@@ -1,0 +1,212 @@
+"""The pool with real worker processes: timeouts, memory ceiling, crashes, teardown."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from geoiso_dagster.errors import (
+    BadInputError,
+    MemoryLimitError,
+    WorkerCrashedError,
+    WorkerTimeoutError,
+)
+from geoiso_dagster.pool import PoolSettings, WorkerPool
+from tests.conftest import require_osgeo
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_worker_environment_reaches_gdal_and_proj(test_pool):
+    facts = test_pool.run("environment").facts
+    assert facts["pid"] != os.getpid()
+    assert facts["env"]["GDAL_NUM_THREADS"] == "1"
+    assert facts["env"]["PROJ_NETWORK"] == "OFF"
+    assert facts["env"]["MALLOC_ARENA_MAX"] == "2"
+    assert facts["gdal_config"]["GDAL_NUM_THREADS"] == 1
+    assert facts["gdal_config"]["GDAL_CACHEMAX"] == 256
+    assert facts["proj_network"] is False
+    # The run process itself never got these: only the workers did.
+    assert "GDAL_NUM_THREADS" not in os.environ
+
+
+def test_osgeo_bindings_get_exceptions_and_config(test_pool):
+    facts = test_pool.run("environment").facts
+    if facts["osgeo"] is None:
+        if require_osgeo():
+            pytest.fail("GEOISO_REQUIRE_OSGEO=1 but the osgeo bindings are not importable")
+        pytest.skip("osgeo bindings not installed (make test installs them)")
+    assert facts["osgeo"]["use_exceptions"] is True
+    assert facts["osgeo"]["cache_max_bytes"] == 256 * 2**20
+    assert facts["osgeo"]["num_threads"] == "1"
+
+
+def test_env_overrides_are_applied():
+    settings = PoolSettings(max_workers=1, gdal_cachemax_mb=64, env_overrides={"CPL_DEBUG": "ON"})
+    with WorkerPool(settings) as pool:
+        facts = pool.run("environment").facts
+    assert facts["gdal_config"]["GDAL_CACHEMAX"] == 64
+
+
+def test_timeout_kills_the_worker_and_the_next_task_runs(test_pool):
+    started = time.monotonic()
+    with pytest.raises(WorkerTimeoutError, match="task_timeout_s=3"):
+        test_pool.run("hang_in_c", seconds=60)
+    elapsed = time.monotonic() - started
+    assert elapsed < 3 + 2, f"hung worker took {elapsed:.1f} s to be killed"
+    assert test_pool.run("sleep", seconds=0).facts["slept"] == 0
+
+
+def test_timed_out_worker_process_is_gone():
+    settings = PoolSettings(max_workers=1, task_timeout_s=1, task_module="tests.pool_tasks")
+    with WorkerPool(settings) as pool:
+        future = pool.submit("hang_in_c", seconds=60)
+        time.sleep(0.5)
+        (busy,) = pool._workers  # the one worker registered itself when it started
+        with pytest.raises(WorkerTimeoutError):
+            future.result()
+        deadline = time.monotonic() + 2
+        while _alive(busy) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(busy)
+
+
+def test_memory_ceiling_stops_the_worker_and_names_the_limit(test_pool):
+    with pytest.raises(MemoryLimitError) as info:
+        test_pool.run("allocate", megabytes=900, hold_s=10)
+    message = str(info.value)
+    assert "memory_limit_mb=500" in message
+    assert "MB of memory" in message
+    assert test_pool.run("sleep", seconds=0).facts["slept"] == 0
+
+
+def test_task_within_the_ceiling_reports_its_peak(test_pool):
+    result = test_pool.run("allocate", megabytes=200, hold_s=0.2)
+    assert result.peak_rss_mb > 200
+    assert result.peak_rss_mb < 500
+
+
+@pytest.mark.parametrize(("task", "signame"), [("abort", "SIGABRT"), ("segfault", "SIGSEGV")])
+def test_crash_names_the_signal_and_the_pool_recovers(test_pool, task, signame):
+    with pytest.raises(WorkerCrashedError, match=signame):
+        test_pool.run(task)
+    assert test_pool.run("sleep", seconds=0).facts["slept"] == 0
+
+
+def test_oom_kill_is_reported_as_a_crash(test_pool):
+    with pytest.raises(WorkerCrashedError, match="SIGKILL"):
+        test_pool.run("kill_self", signum=signal.SIGKILL)
+
+
+def test_bad_input_comes_back_as_bad_input(test_pool, tmp_path):
+    with pytest.raises(BadInputError) as info:
+        test_pool.run("ingest", source=str(tmp_path / "nope.gpkg"), output=str(tmp_path / "o"))
+    assert info.value.path == str(tmp_path / "nope.gpkg")
+
+
+def test_fresh_worker_per_task_and_recycling():
+    with WorkerPool(PoolSettings(max_workers=1, max_tasks_per_worker=1)) as pool:
+        pids = {pool.run("environment").pid for _ in range(3)}
+    assert len(pids) == 3
+    with WorkerPool(PoolSettings(max_workers=1, max_tasks_per_worker=0)) as pool:
+        pids = {pool.run("environment").pid for _ in range(3)}
+    assert len(pids) == 1
+
+
+def test_spawn_start_method_works():
+    with WorkerPool(PoolSettings(max_workers=1, start_method="spawn")) as pool:
+        facts = pool.run("environment").facts
+    assert facts["gdal_config"]["GDAL_NUM_THREADS"] == 1
+
+
+def test_async_fan_out_runs_tasks_in_parallel(test_pool):
+    async def main():
+        return await asyncio.gather(*(test_pool.run_async("sleep", seconds=1.0) for _ in range(2)))
+
+    started = time.monotonic()
+    results = asyncio.run(main())
+    elapsed = time.monotonic() - started
+    assert {r.facts["slept"] for r in results} == {1.0}
+    assert len({r.pid for r in results}) == 2
+    assert elapsed < 1.9, "two 1 s tasks on two workers should overlap"
+
+
+_TEARDOWN_SCRIPT = """
+import json, time, psutil
+from geoiso_dagster.pool import PoolSettings, WorkerPool
+
+def children():
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            # multiprocessing's resource tracker: one per process, exits with it, runs no task
+            if "multiprocessing.resource_tracker" in " ".join(p.cmdline()):
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        found.append(p.pid)
+    return found
+
+pool = WorkerPool(PoolSettings(max_workers=2, task_module="tests.pool_tasks")).start()
+futures = [pool.submit("hang_in_c", seconds=60) for _ in range(2)]
+time.sleep(2)
+during = children()
+pool.close()
+print(json.dumps({"during": during, "after": children(),
+                  "settled": all(f.done() for f in futures)}))
+"""
+
+
+def test_teardown_during_a_running_task_leaves_no_process():
+    """In a fresh process, so no other pool's workers blur the count."""
+    out = subprocess.run(
+        [sys.executable, "-c", _TEARDOWN_SCRIPT], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(report["during"]) >= 3  # the forkserver and two busy workers
+    assert report["after"] == []
+    assert report["settled"]
+
+
+def test_workers_die_when_the_run_process_is_killed(tmp_path):
+    """SIGKILL gives the run process no chance to tear down: workers must notice."""
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from geoiso_dagster.pool import PoolSettings, WorkerPool
+        pool = WorkerPool(PoolSettings(max_workers=1, task_module="tests.pool_tasks")).start()
+        pool.submit("report_pid")
+        future = pool.submit("hang_in_c", seconds=120)
+        time.sleep(1.5)
+        print(" ".join(str(p) for p in pool._workers), flush=True)
+        time.sleep(120)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    )
+    line = proc.stdout.readline()
+    workers = [int(p) for p in line.split()]
+    assert workers, "the child pool reported no workers"
+    assert any(_alive(p) for p in workers)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers), "orphaned worker outlived its run process"

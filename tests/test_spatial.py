@@ -1,0 +1,176 @@
+"""The worker functions on real data, called directly (they are plain functions)."""
+
+import json
+from pathlib import Path
+
+import geopandas
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import shapely
+from shapely.geometry import Polygon
+
+from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.spatial import tasks
+from geoiso_dagster.spatial.io import ROW_GROUP_ROWS
+
+
+def _chain(source: Path, tmp_path: Path, crs: str, by: str) -> tuple[dict, dict, dict]:
+    raw = tasks.ingest(str(source), str(tmp_path / "raw.parquet"))
+    rep = tasks.reproject(raw["path"], str(tmp_path / "rep.parquet"), crs)
+    dis = tasks.dissolve(rep["path"], str(tmp_path / "dis.parquet"), by)
+    return raw, rep, dis
+
+
+def test_countries_to_equal_area_then_dissolved_by_continent(naturalearth_shp, tmp_path):
+    raw, rep, dis = _chain(naturalearth_shp, tmp_path, "EPSG:6933", "continent")
+    assert raw["rows"] == rep["rows"] == 177
+    assert rep["crs"] == "EPSG:6933" and rep["transformed"] is True
+    out = geopandas.read_parquet(dis["path"])
+    assert len(out) == dis["rows"] == 8
+    assert out.crs.to_epsg() == 6933
+    assert shapely.is_valid(out.geometry.values).all()
+    assert out["feature_count"].sum() == 177
+
+    # Sudan's ring self-intersects once reprojected: make_valid must have repaired it.
+    reprojected = geopandas.read_parquet(rep["path"])
+    sudan = reprojected.loc[reprojected["name"] == "Sudan", "geometry"].iloc[0]
+    assert not sudan.is_valid
+    assert dis["repaired_geometries"] >= 1
+
+    # Independent computation, in shapely directly: repair, union per continent, area.
+    expected = {}
+    for continent, group in reprojected.groupby("continent"):
+        parts = shapely.make_valid(group.geometry.values)
+        polys = [p for g in parts for p in shapely.get_parts(shapely.get_parts(g))
+                 if p.geom_type == "Polygon"]
+        expected[continent] = shapely.union_all(polys).area
+    got = dict(zip(out["continent"], out.geometry.area, strict=True))
+    assert set(got) == set(expected)
+    for continent, area in expected.items():
+        assert got[continent] == pytest.approx(area, rel=1e-9), continent
+
+
+def test_bowtie_keeps_both_lobes(tmp_path):
+    """buffer(0) keeps one lobe of a self-intersecting bowtie; make_valid keeps both."""
+    bowtie = Polygon([(0, 0), (2, 2), (2, 0), (0, 2), (0, 0)])
+    assert not bowtie.is_valid and shapely.buffer(bowtie, 0).area == pytest.approx(1.0)
+    frame = geopandas.GeoDataFrame(
+        {"region_id": ["a", "a"]}, geometry=[bowtie, Polygon([(5, 5), (6, 5), (6, 6)])],
+        crs="EPSG:3857",
+    )
+    source = tmp_path / "bowtie.parquet"
+    frame.to_parquet(source)
+    _, _, dis = _chain(source, tmp_path, "EPSG:3857", "region_id")
+    out = geopandas.read_parquet(dis["path"])
+    assert len(out) == 1
+    assert out.geometry.iloc[0].area == pytest.approx(2.0 + 0.5, rel=1e-12)
+
+
+def test_reproject_skips_when_crs_equal_by_meaning(naturalearth_shp, tmp_path):
+    raw = tasks.ingest(str(naturalearth_shp), str(tmp_path / "raw.parquet"))
+    # OGC:CRS84 and EPSG:4326 differ in axis order; a WKT of EPSG:4326 is the same CRS.
+    import pyproj
+
+    rep = tasks.reproject(raw["path"], str(tmp_path / "rep.parquet"), pyproj.CRS(4326).to_wkt())
+    assert rep["transformed"] is False
+    a = geopandas.read_parquet(raw["path"]).geometry
+    b = geopandas.read_parquet(rep["path"]).geometry
+    assert a.geom_equals_exact(b, tolerance=0).all()
+
+
+def test_geoparquet_is_good_geoparquet(tmp_path):
+    n = 2 * ROW_GROUP_ROWS + 10
+    rng = np.random.default_rng(1)
+    frame = geopandas.GeoDataFrame(
+        {"region_id": rng.integers(0, 5, n)},
+        geometry=geopandas.points_from_xy(rng.uniform(0, 1e5, n), rng.uniform(0, 1e5, n)),
+        crs="EPSG:3035",
+    )
+    source = tmp_path / "points.parquet"
+    frame.to_parquet(source)
+    facts = tasks.ingest(str(source), str(tmp_path / "out.parquet"))
+    meta = pq.ParquetFile(facts["path"])
+    geo = json.loads(meta.schema_arrow.metadata[b"geo"])
+    assert geo["version"] == "1.1.0"
+    assert "bbox" in geo["columns"]["geometry"]["covering"]
+    assert meta.metadata.num_row_groups == 3
+    assert meta.metadata.row_group(0).column(0).compression == "ZSTD"
+    assert facts["rows"] == n and facts["row_groups"] == 3
+
+
+@pytest.mark.parametrize(
+    ("make", "cause"),
+    [
+        ("no_prj", "no coordinate reference system"),
+        ("zero_bytes", "empty (0 bytes)"),
+        ("truncated", "cannot be read"),
+        ("no_features", "no features"),
+        ("missing", "does not exist"),
+    ],
+)
+def test_bad_inputs_name_the_file_and_cause(
+    make, cause, naturalearth_shp, copy_shapefile, tmp_path
+):
+    if make == "no_prj":
+        source = copy_shapefile(naturalearth_shp, tmp_path, skip=(".prj",))
+    elif make == "zero_bytes":
+        source = tmp_path / "empty.gpkg"
+        source.touch()
+    elif make == "truncated":
+        source = tmp_path / "truncated.gpkg"
+        source.write_bytes(Path("data/sample/countries.gpkg").read_bytes()[:3000])
+    elif make == "no_features":
+        source = tmp_path / "nothing.geojson"
+        source.write_text('{"type": "FeatureCollection", "features": []}')
+    else:
+        source = tmp_path / "missing.gpkg"
+    output = tmp_path / "out.parquet"
+    output.write_bytes(b"previous good output")
+    with pytest.raises(BadInputError) as info:
+        tasks.ingest(str(source), str(output))
+    assert info.value.path == str(source)
+    assert cause in info.value.cause
+    assert output.read_bytes() == b"previous good output"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_missing_dissolve_key_lists_the_columns(naturalearth_shp, tmp_path):
+    raw = tasks.ingest(str(naturalearth_shp), str(tmp_path / "raw.parquet"))
+    with pytest.raises(BadInputError) as info:
+        tasks.dissolve(raw["path"], str(tmp_path / "dis.parquet"), "region_id")
+    assert "'region_id' is not in the data" in info.value.cause
+    assert "continent" in info.value.cause
+    assert not (tmp_path / "dis.parquet").exists()
+
+
+def test_bad_target_crs_is_bad_input(naturalearth_shp, tmp_path):
+    raw = tasks.ingest(str(naturalearth_shp), str(tmp_path / "raw.parquet"))
+    with pytest.raises(BadInputError, match="not a CRS PROJ knows"):
+        tasks.reproject(raw["path"], str(tmp_path / "rep.parquet"), "EPSG:999999")
+
+
+def test_lines_only_cannot_be_dissolved(tmp_path):
+    frame = geopandas.GeoDataFrame(
+        {"region_id": [1]}, geometry=[shapely.LineString([(0, 0), (1, 1)])], crs="EPSG:3857"
+    )
+    frame.to_parquet(tmp_path / "lines.parquet")
+    with pytest.raises(BadInputError, match="no polygonal geometries"):
+        tasks.dissolve(str(tmp_path / "lines.parquet"), str(tmp_path / "d.parquet"), "region_id")
+
+
+def test_aggregations_and_null_keys(tmp_path):
+    squares = [shapely.box(i, 0, i + 1, 1) for i in range(4)]
+    frame = geopandas.GeoDataFrame(
+        {"region_id": ["a", "a", "b", None], "pop": [1, 2, 3, 4]}, geometry=squares,
+        crs="EPSG:3857",
+    )
+    frame.to_parquet(tmp_path / "sq.parquet")
+    facts = tasks.dissolve(
+        str(tmp_path / "sq.parquet"), str(tmp_path / "d.parquet"), "region_id",
+        aggregations={"pop": "sum"},
+    )
+    out = geopandas.read_parquet(facts["path"]).set_index("region_id")
+    assert out.loc["a", "pop"] == 3 and out.loc["b", "pop"] == 3
+    assert out.loc["a"].geometry.area == pytest.approx(2.0)
+    assert facts["dropped_null_keys"] == 1
