@@ -56,3 +56,9 @@ def ignore_sigterm_and_sleep(seconds: float) -> dict:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(seconds)
     return {}
+
+
+def loaded_modules(names: list[str]) -> dict:
+    import sys
+
+    return {name: name in sys.modules for name in names}

@@ -210,3 +210,31 @@ def test_workers_die_when_the_run_process_is_killed(tmp_path):
     while time.monotonic() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.1)
     assert not any(_alive(p) for p in workers), "orphaned worker outlived its run process"
+
+
+def test_workers_do_not_rerun_the_parents_main_module(tmp_path):
+    """Under the dagster CLI the run process's __main__ imports Dagster; a worker must not
+    re-run it (multiprocessing would, costing ~750 ms per fresh worker)."""
+    script = tmp_path / "main_with_dagster.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json
+            import dagster  # noqa: F401 - what the dagster CLI's main module does
+            from geoiso_dagster.pool import PoolSettings, WorkerPool
+
+            if __name__ == "__main__":
+                with WorkerPool(PoolSettings(max_workers=1, task_module="tests.pool_tasks")) as p:
+                    print(json.dumps(p.run("loaded_modules", names=["dagster"]).facts))
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"dagster": False}

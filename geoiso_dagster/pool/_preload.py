@@ -4,13 +4,32 @@ Nothing here may touch GDAL or PROJ state beyond loading the libraries: the
 forkserver has no data open and no threads, which is what makes forking from it safe.
 """
 
-import geopandas  # noqa: F401
-import pyarrow.parquet  # noqa: F401
-import pyogrio  # noqa: F401
-import pyproj  # noqa: F401
-import shapely  # noqa: F401
+import importlib.machinery
+import os
+import sys
 
-import geoiso_dagster.spatial.tasks  # noqa: F401
+
+def adopt_parent_main() -> None:
+    """Make the forkserver's __main__ look like the parent's, so that multiprocessing's
+    preparation of each forked worker finds __main__ "already populated" and skips
+    re-running the parent's main module (a script, the dagster CLI) in the worker.
+    Workers never need it: they run functions named by module, never from __main__."""
+    main = sys.modules["__main__"]
+    if spec_name := os.environ.pop("GEOISO_PARENT_MAIN_SPEC", None):
+        main.__spec__ = importlib.machinery.ModuleSpec(spec_name, None)
+    if main_file := os.environ.pop("GEOISO_PARENT_MAIN_FILE", None):
+        main.__file__ = main_file
+
+
+adopt_parent_main()
+
+import geopandas  # noqa: E402, F401
+import pyarrow.parquet  # noqa: E402, F401
+import pyogrio  # noqa: E402, F401
+import pyproj  # noqa: E402, F401
+import shapely  # noqa: E402, F401
+
+import geoiso_dagster.spatial.tasks  # noqa: E402, F401
 
 try:  # the optional GDAL bindings: load them before the fork too, when installed
     from osgeo import gdal  # noqa: F401
