@@ -14,7 +14,8 @@ def naturalearth_shp() -> Path:
     """The Natural Earth countries shapefile shipped in the pyogrio wheel (public domain)."""
     import pyogrio
 
-    path = Path(pyogrio.__file__).parent / "tests/fixtures/naturalearth_lowres/naturalearth_lowres.shp"
+    fixtures = Path(pyogrio.__file__).parent / "tests" / "fixtures"
+    path = fixtures / "naturalearth_lowres" / "naturalearth_lowres.shp"
     assert path.exists(), path
     return path
 

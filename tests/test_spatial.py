@@ -42,8 +42,12 @@ def test_countries_to_equal_area_then_dissolved_by_continent(naturalearth_shp, t
     expected = {}
     for continent, group in reprojected.groupby("continent"):
         parts = shapely.make_valid(group.geometry.values)
-        polys = [p for g in parts for p in shapely.get_parts(shapely.get_parts(g))
-                 if p.geom_type == "Polygon"]
+        polys = [
+            p
+            for g in parts
+            for p in shapely.get_parts(shapely.get_parts(g))
+            if p.geom_type == "Polygon"
+        ]
         expected[continent] = shapely.union_all(polys).area
     got = dict(zip(out["continent"], out.geometry.area, strict=True))
     assert set(got) == set(expected)
@@ -56,7 +60,8 @@ def test_bowtie_keeps_both_lobes(tmp_path):
     bowtie = Polygon([(0, 0), (2, 2), (2, 0), (0, 2), (0, 0)])
     assert not bowtie.is_valid and shapely.buffer(bowtie, 0).area == pytest.approx(1.0)
     frame = geopandas.GeoDataFrame(
-        {"region_id": ["a", "a"]}, geometry=[bowtie, Polygon([(5, 5), (6, 5), (6, 6)])],
+        {"region_id": ["a", "a"]},
+        geometry=[bowtie, Polygon([(5, 5), (6, 5), (6, 6)])],
         crs="EPSG:3857",
     )
     source = tmp_path / "bowtie.parquet"
@@ -162,12 +167,15 @@ def test_lines_only_cannot_be_dissolved(tmp_path):
 def test_aggregations_and_null_keys(tmp_path):
     squares = [shapely.box(i, 0, i + 1, 1) for i in range(4)]
     frame = geopandas.GeoDataFrame(
-        {"region_id": ["a", "a", "b", None], "pop": [1, 2, 3, 4]}, geometry=squares,
+        {"region_id": ["a", "a", "b", None], "pop": [1, 2, 3, 4]},
+        geometry=squares,
         crs="EPSG:3857",
     )
     frame.to_parquet(tmp_path / "sq.parquet")
     facts = tasks.dissolve(
-        str(tmp_path / "sq.parquet"), str(tmp_path / "d.parquet"), "region_id",
+        str(tmp_path / "sq.parquet"),
+        str(tmp_path / "d.parquet"),
+        "region_id",
         aggregations={"pop": "sum"},
     )
     out = geopandas.read_parquet(facts["path"]).set_index("region_id")

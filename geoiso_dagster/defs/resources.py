@@ -7,7 +7,7 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from geoiso_dagster.pool import PoolSettings, TaskResult, WorkerPool
-from geoiso_dagster.pool.pool import ProgressCallback
+from geoiso_dagster.pool.pool import TASK_MODULE, ProgressCallback
 
 
 class SpatialWorkerPool(ConfigurableResource):
@@ -41,6 +41,11 @@ class SpatialWorkerPool(ConfigurableResource):
         default_factory=dict, description="Extra or overriding worker environment variables."
     )
 
+    task_module: str = Field(
+        default=TASK_MODULE,
+        description="Module whose functions the workers run; change only to extend or test.",
+    )
+
     _pool: Optional[WorkerPool] = PrivateAttr(default=None)
 
     @classmethod
@@ -71,6 +76,7 @@ class SpatialWorkerPool(ConfigurableResource):
             gdal_cachemax_mb=self.gdal_cachemax_mb,
             address_space_headroom_mb=self.address_space_headroom_mb,
             env_overrides=dict(self.worker_env),
+            task_module=self.task_module,
         )
 
     def setup_for_execution(self, context: InitResourceContext) -> None:

@@ -1,0 +1,194 @@
+"""The assets in a real Dagster run (materialize, in process) with real worker pools."""
+
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from dagster import (
+    AssetKey,
+    DagsterEventType,
+    DagsterInstance,
+    asset,
+    instance_for_test,
+    materialize,
+)
+
+from geoiso_dagster.defs.assets import geo_assets
+from geoiso_dagster.defs.partitions import source_files
+from geoiso_dagster.defs.resources import SpatialWorkerPool
+from geoiso_dagster.defs.retries import MAX_WAIT_S, MIN_WAIT_S
+from geoiso_dagster.paths import ASSET_NAMES, output_path
+
+CONFIG = {
+    "ops": {
+        "reprojected_features": {"config": {"target_crs": "EPSG:6933"}},
+        "dissolved_regions": {"config": {"dissolve_by": "continent"}},
+    }
+}
+
+
+@pytest.fixture
+def instance():
+    with instance_for_test() as instance:
+        yield instance
+
+
+def _run(instance: DagsterInstance, key: str, config=CONFIG, **pool):
+    if not instance.has_dynamic_partition(source_files.name, key):
+        instance.add_dynamic_partitions(source_files.name, [key])
+    return materialize(
+        geo_assets,
+        instance=instance,
+        partition_key=key,
+        run_config=config,
+        resources={"spatial_pool": SpatialWorkerPool(max_workers=2, **pool)},
+        raise_on_error=False,
+    )
+
+
+def _events(result, event_type: DagsterEventType):
+    return [e for e in result.all_events if e.event_type == event_type]
+
+
+def _failure(result):
+    """(step key, description) of the run's one step failure."""
+    (failure,) = _events(result, DagsterEventType.STEP_FAILURE)
+    return failure.step_key, failure.step_failure_data.user_failure_data.description
+
+
+def _snapshot(root, key):
+    return {a: output_path(a, key, root).read_bytes() for a in ASSET_NAMES}
+
+
+def _leftover_temps(root):
+    return sorted(p.name for p in (root / "warehouse").rglob(".*"))
+
+
+@pytest.fixture
+def countries(data_root):
+    shutil.copy("data/sample/countries.gpkg", data_root / "inbox" / "countries.gpkg")
+    return "countries.gpkg"
+
+
+def test_three_assets_with_metadata_and_passed_checks(instance, data_root, countries):
+    result = _run(instance, countries)
+    assert result.success
+    for name in ASSET_NAMES:
+        (mat,) = result.asset_materializations_for_node(name)
+        md = mat.metadata
+        assert md["path"].value == str(output_path(name, countries, data_root))
+        assert md["dagster/uri"].value.startswith("file://")
+        rows = pq.ParquetFile(md["path"].value).metadata.num_rows
+        assert md["dagster/row_count"].value == rows == (8 if name == "dissolved_regions" else 177)
+        columns = {c.name for c in md["dagster/column_schema"].schema.columns}
+        assert "geometry" in columns and "continent" in columns
+        assert md["crs"].value == ("EPSG:4326" if name == "raw_features" else "EPSG:6933")
+        for key in (
+            "bbox",
+            "geometry_types",
+            "bytes",
+            "duration_s",
+            "worker_peak_rss_mb",
+            "worker_pid",
+            "gdal_version",
+            "geos_version",
+            "proj_version",
+        ):
+            assert key in md, key
+        assert md["worker_peak_rss_mb"].value > 50
+    checks = result.get_asset_check_evaluations()
+    assert len(checks) == 2 + 3 + 5
+    assert all(c.passed for c in checks)
+    assert _leftover_temps(data_root) == []
+
+
+def test_bad_input_fails_once_and_keeps_the_good_output(
+    instance, data_root, countries, naturalearth_shp, copy_shapefile
+):
+    assert _run(instance, countries).success
+    good = _snapshot(data_root, countries)
+    # Same partition key, new content: a GeoPackage that is not one.
+    (data_root / "inbox" / countries).write_bytes(b"SQLite format 3\x00 but truncated")
+    result = _run(instance, countries)
+    assert not result.success
+    _, message = _failure(result)
+    assert str(data_root / "inbox" / countries) in message
+    assert "cannot be read as vector data" in message
+    assert _events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert result.asset_materializations_for_node("reprojected_features") == []
+    assert _snapshot(data_root, countries) == good
+    assert _leftover_temps(data_root) == []
+
+
+def test_no_crs_is_a_clear_failure(instance, data_root, naturalearth_shp, copy_shapefile):
+    shp = copy_shapefile(naturalearth_shp, data_root / "inbox", skip=(".prj",))
+    result = _run(instance, shp.name)
+    assert not result.success
+    assert "no coordinate reference system" in _failure(result)[1]
+    assert not output_path("raw_features", shp.name, data_root).exists()
+
+
+def test_missing_dissolve_key_fails_only_the_dissolve(instance, data_root, countries):
+    assert _run(instance, countries).success
+    good = _snapshot(data_root, countries)
+    config = {"ops": {"dissolved_regions": {"config": {"dissolve_by": "region_id"}}}}
+    result = _run(instance, countries, config=config)
+    assert not result.success
+    assert len(result.asset_materializations_for_node("reprojected_features")) == 1
+    step, message = _failure(result)
+    assert step == "dissolved_regions"
+    assert "'region_id' is not in the data" in message
+    assert _events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert (
+        output_path("dissolved_regions", countries, data_root).read_bytes()
+        == good["dissolved_regions"]
+    )
+
+
+def test_failed_blocking_check_stops_downstream_and_publishes_nothing(
+    instance, data_root, countries
+):
+    assert _run(instance, countries).success
+    good = _snapshot(data_root, countries)
+    result = _run(instance, countries, task_module="tests.tasks_lying_inspect")
+    assert not result.success
+    failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
+    assert [(c.asset_key, c.check_name) for c in failed] == [
+        (AssetKey("raw_features"), "row_count_matches")
+    ]
+    assert result.asset_materializations_for_node("raw_features") == []
+    started = {e.step_key for e in _events(result, DagsterEventType.STEP_START)}
+    assert started == {"raw_features"}  # nothing downstream ran on the failed output
+    assert _snapshot(data_root, countries) == good
+    assert _leftover_temps(data_root) == []
+
+
+@pytest.mark.timeout(120)
+def test_hung_worker_is_retried_with_backoff_then_fails(instance, data_root, countries):
+    result = _run(instance, countries, task_module="tests.tasks_hanging_ingest", task_timeout_s=1.0)
+    assert not result.success
+    retries = _events(result, DagsterEventType.STEP_UP_FOR_RETRY)
+    assert len(retries) == 2
+    for event in retries:
+        wait = event.event_specific_data.seconds_to_wait
+        assert MIN_WAIT_S <= wait <= MAX_WAIT_S
+    _, message = _failure(result)
+    assert "task_timeout_s=1" in message and "attempt 3 of 3" in message
+    assert not output_path("raw_features", countries, data_root).exists()
+
+
+def test_an_async_asset_can_fan_tasks_out(instance, data_root, countries):
+    import asyncio
+
+    @asset
+    async def two_views(spatial_pool: SpatialWorkerPool) -> None:
+        a, b = await asyncio.gather(
+            spatial_pool.run_async("environment"), spatial_pool.run_async("environment")
+        )
+        assert a.pid != b.pid
+        assert a.facts["env"]["GDAL_NUM_THREADS"] == "1"
+
+    result = materialize(
+        [two_views], instance=instance, resources={"spatial_pool": SpatialWorkerPool()}
+    )
+    assert result.success

@@ -1,0 +1,118 @@
+"""The real command line: `geoiso add`, then `dagster asset materialize` in a subprocess
+on a temporary DAGSTER_HOME and data root, then the instance's event log read back."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from dagster import AssetKey, DagsterEventType, DagsterInstance
+
+from geoiso_dagster.paths import ASSET_NAMES, output_path
+
+BIN = Path(sys.executable).parent
+SELECT = ",".join(ASSET_NAMES)
+CONFIG = {
+    "ops": {
+        "reprojected_features": {"config": {"target_crs": "EPSG:6933"}},
+        "dissolved_regions": {"config": {"dissolve_by": "continent"}},
+    }
+}
+
+
+@pytest.fixture
+def cli_env(tmp_path, data_root):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy("dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "GEOISO_DATA_ROOT": str(data_root)}
+    return env
+
+
+def _geoiso(env, *args):
+    return subprocess.run(
+        [BIN / "geoiso", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_add_then_materialize_with_the_dagster_cli(cli_env, data_root, tmp_path):
+    source = tmp_path / "countries.gpkg"
+    shutil.copy("data/sample/countries.gpkg", source)
+    added = _geoiso(cli_env, "add", str(source))
+    assert added.returncode == 0, added.stderr
+    key = added.stdout.strip().splitlines()[-1]
+    assert key == "countries.gpkg"
+    assert (data_root / "inbox" / key).read_bytes() == source.read_bytes()
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    run = subprocess.run(
+        [
+            BIN / "dagster",
+            "asset",
+            "materialize",
+            "-m",
+            "geoiso_dagster.definitions",
+            "--select",
+            SELECT,
+            "--partition",
+            key,
+            "--config-json",
+            json.dumps(CONFIG),
+        ],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    after = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert after == [], "the CLI run left processes behind"
+
+    shown = _geoiso(cli_env, "show", key)
+    assert shown.returncode == 0, shown.stderr
+    assert "dissolved_regions     rows=8      crs=EPSG:6933" in shown.stdout
+
+    os.environ["DAGSTER_HOME"] = cli_env["DAGSTER_HOME"]
+    try:
+        with DagsterInstance.get() as instance:
+            for name in ASSET_NAMES:
+                event = instance.get_latest_materialization_event(AssetKey(name))
+                md = event.asset_materialization.metadata
+                assert event.asset_materialization.partition == key
+                assert md["path"].value == str(output_path(name, key, data_root))
+                assert md["dagster/row_count"].value == (8 if name == "dissolved_regions" else 177)
+                assert md["crs"].value in ("EPSG:4326", "EPSG:6933")
+            (run,) = instance.get_runs()
+            records = instance.get_records_for_run(
+                run.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION
+            ).records
+            evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in records]
+            assert len(evaluations) == 10
+            assert all(e.passed for e in evaluations)
+    finally:
+        os.environ.pop("DAGSTER_HOME")
+
+
+def test_add_refuses_an_unsafe_name_and_needs_dagster_home(cli_env, tmp_path):
+    bad = tmp_path / "a,b.gpkg"
+    bad.write_bytes(b"x")
+    result = _geoiso(cli_env, "add", str(bad))
+    assert result.returncode == 2
+    assert "not usable as a partition key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    no_home = {k: v for k, v in cli_env.items() if k != "DAGSTER_HOME"}
+    result = _geoiso(no_home, "add", "data/sample/countries.gpkg")
+    assert result.returncode == 2 and "DAGSTER_HOME is not set" in result.stderr
+
+
+def test_add_brings_a_shapefile_with_its_parts(cli_env, data_root, naturalearth_shp):
+    result = _geoiso(cli_env, "add", str(naturalearth_shp))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "naturalearth_lowres.shp"
+    names = sorted(p.name for p in (data_root / "inbox").iterdir())
+    assert names == sorted(p.name for p in naturalearth_shp.parent.glob("naturalearth_lowres.*"))
