@@ -92,6 +92,12 @@ def test_memory_ceiling_stops_the_worker_and_names_the_limit(test_pool):
     assert test_pool.run("sleep", seconds=0).facts["slept"] == 0
 
 
+def test_address_space_backstop_turns_a_huge_allocation_into_a_memory_error(test_pool):
+    with pytest.raises(MemoryLimitError, match="address-space backstop.*memory_limit_mb=500"):
+        test_pool.run("allocate_at_once", megabytes=64 * 1024)
+    assert test_pool.run("sleep", seconds=0).facts["slept"] == 0
+
+
 def test_task_within_the_ceiling_reports_its_peak(test_pool):
     result = test_pool.run("allocate", megabytes=200, hold_s=0.2)
     assert result.peak_rss_mb > 200

@@ -72,6 +72,31 @@ def test_bowtie_keeps_both_lobes(tmp_path):
     assert out.geometry.iloc[0].area == pytest.approx(2.0 + 0.5, rel=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("driver", "suffix"),
+    [
+        ("ESRI Shapefile", ".shp"),
+        ("GPKG", ".gpkg"),
+        ("GeoJSON", ".geojson"),
+        ("FlatGeobuf", ".fgb"),
+        (None, ".parquet"),
+    ],
+)
+def test_ingest_reads_every_common_format(driver, suffix, naturalearth_shp, tmp_path):
+    frame = geopandas.read_file(naturalearth_shp)
+    source = tmp_path / f"countries{suffix}"
+    if driver is None:
+        frame.to_parquet(source)
+    else:
+        frame.to_file(source, driver=driver)
+    facts = tasks.ingest(str(source), str(tmp_path / "out.parquet"))
+    out = geopandas.read_parquet(facts["path"])
+    assert len(out) == facts["rows"] == 177
+    assert out.crs.equals(frame.crs)
+    assert sorted(out["continent"].unique()) == sorted(frame["continent"].unique())
+    assert out.geometry.area.sum() == pytest.approx(frame.geometry.area.sum(), rel=1e-9)
+
+
 def test_reproject_skips_when_crs_equal_by_meaning(naturalearth_shp, tmp_path):
     raw = tasks.ingest(str(naturalearth_shp), str(tmp_path / "raw.parquet"))
     # OGC:CRS84 and EPSG:4326 differ in axis order; a WKT of EPSG:4326 is the same CRS.
