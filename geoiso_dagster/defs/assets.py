@@ -7,6 +7,7 @@ from pathlib import Path
 from dagster import (
     AssetCheckResult,
     AssetExecutionContext,
+    AssetsDefinition,
     AutomationCondition,
     Config,
     Failure,
@@ -121,13 +122,22 @@ def _produce(
         staged.unlink(missing_ok=True)
 
 
-@asset(
-    partitions_def=source_files,
-    group_name=GROUP,
-    output_required=False,
-    check_specs=check_specs("raw_features"),
-    kinds={"geoparquet", "gdal"},
-)
+def _geo_asset(name: str, upstream: AssetsDefinition | None, library: str):
+    """The shared shape of the three assets: one GeoParquet file per source file,
+    published only with its blocking checks passed; downstream follows upstream."""
+    return asset(
+        name=name,
+        partitions_def=source_files,
+        group_name=GROUP,
+        deps=[upstream] if upstream else None,
+        output_required=False,
+        check_specs=check_specs(name),
+        automation_condition=_AFTER_CHECKS if upstream else None,
+        kinds={"geoparquet", library},
+    )
+
+
+@_geo_asset("raw_features", upstream=None, library="gdal")
 def raw_features(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool):
     """The source file as GDAL reads it (any vector format, or GeoParquet), stored as
     GeoParquet 1.1. Refused with a clear error when it has no CRS or no features."""
@@ -135,15 +145,7 @@ def raw_features(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool
     yield from _produce(context, spatial_pool, "raw_features", output, "ingest", source=source)
 
 
-@asset(
-    partitions_def=source_files,
-    group_name=GROUP,
-    deps=[raw_features],
-    output_required=False,
-    check_specs=check_specs("reprojected_features"),
-    automation_condition=_AFTER_CHECKS,
-    kinds={"geoparquet", "proj"},
-)
+@_geo_asset("reprojected_features", upstream=raw_features, library="proj")
 def reprojected_features(
     context: AssetExecutionContext, config: ReprojectConfig, spatial_pool: SpatialWorkerPool
 ):
@@ -162,15 +164,7 @@ def reprojected_features(
     )
 
 
-@asset(
-    partitions_def=source_files,
-    group_name=GROUP,
-    deps=[reprojected_features],
-    output_required=False,
-    check_specs=check_specs("dissolved_regions"),
-    automation_condition=_AFTER_CHECKS,
-    kinds={"geoparquet", "geos"},
-)
+@_geo_asset("dissolved_regions", upstream=reprojected_features, library="geos")
 def dissolved_regions(
     context: AssetExecutionContext, config: DissolveConfig, spatial_pool: SpatialWorkerPool
 ):
