@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 from pathlib import Path
 
 import geopandas
@@ -12,6 +13,7 @@ import shapely
 
 from geoiso_dagster.errors import BadInputError, TransientIOError
 from geoiso_dagster.fsutil import atomic_path
+from geoiso_dagster.spatial import faults, integrity
 
 # Tens of thousands of rows per row group: small enough that a bbox filter skips most
 # of a file, large enough that per-group overhead stays negligible.
@@ -28,17 +30,34 @@ TRANSIENT_ERRNOS = {
     errno.ETIMEDOUT,
     errno.EINTR,
     errno.ENOMEM,
+    errno.EFBIG,  # a file-size limit (RLIMIT_FSIZE, quota) is the environment's, not the data's
 }
 
 
+def _errno(exc: OSError) -> int | None:
+    """pyarrow raises OSError without errno set; its message carries '[errno N]'."""
+    if exc.errno is not None:
+        return exc.errno
+    match = re.search(r"\[errno (\d+)\]", str(exc), re.IGNORECASE)
+    return int(match.group(1)) if match else None
+
+
 def _os_error(path: Path, exc: OSError, doing: str) -> Exception:
-    if exc.errno in TRANSIENT_ERRNOS:
-        return TransientIOError(f"{path}: {doing} failed: {exc.strerror} (errno {exc.errno})")
-    return BadInputError(str(path), f"{doing} failed: {exc.strerror or exc}")
+    code = _errno(exc)
+    reason = exc.strerror or " ".join(str(exc).split())
+    if code in TRANSIENT_ERRNOS:
+        return TransientIOError(f"{path}: {doing} failed: {reason} (errno {code})")
+    return BadInputError(str(path), f"{doing} failed: {reason}")
 
 
 def read_source(path: str | Path) -> geopandas.GeoDataFrame:
-    """Read any vector file GDAL reads, or GeoParquet; refuse what cannot be used."""
+    """Read any vector file GDAL reads, or GeoParquet; refuse what cannot be used.
+
+    GDAL is lenient where this pipeline must not be: it reads a truncated shapefile as
+    null geometries, a short .dbf as fewer rows, a shapefile without .dbf as no
+    attributes, an unknown GeoJSON CRS as WGS 84, and passes invalid UTF-8 through.
+    Each of those is refused here, by name, before anything is written.
+    """
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -48,16 +67,37 @@ def read_source(path: str | Path) -> geopandas.GeoDataFrame:
         raise _os_error(path, exc, "stat") from exc
     if size == 0:
         raise BadInputError(str(path), "file is empty (0 bytes)")
+    is_parquet = path.suffix.lower() in PARQUET_SUFFIXES
+    if is_parquet:
+        integrity.check_parquet(path)
+    elif path.suffix.lower() == ".shp":
+        integrity.check_shapefile(path)
     try:
-        if path.suffix.lower() in PARQUET_SUFFIXES:
+        if is_parquet:
             frame = geopandas.read_parquet(path)
         else:
             frame = geopandas.read_file(path, engine="pyogrio", use_arrow=True)
+            declared = pyogrio.read_info(path)["features"]
     except OSError as exc:
         raise _os_error(path, exc, "reading") from exc
+    except NotImplementedError as exc:  # shapely: curves
+        raise BadInputError(
+            str(path),
+            f"has geometry types this pipeline cannot represent ({exc}); convert curves to "
+            "linear geometries first (ogr2ogr -nlt CONVERT_TO_LINEAR)",
+        ) from exc
     except Exception as exc:  # pyogrio, pyarrow and geopandas each have their own types
         raise BadInputError(str(path), f"cannot be read as vector data: {_one_line(exc)}") from exc
-    return _usable(frame, path)
+    if not is_parquet and declared >= 0 and declared != len(frame):
+        raise BadInputError(
+            str(path), f"declares {declared} features but {len(frame)} could be read"
+        )
+    frame = _usable(frame, path)
+    if path.suffix.lower() in (".geojson", ".json"):
+        integrity.check_geojson_crs(path, frame.crs)
+    integrity.check_text(frame, path)
+    integrity.check_finite(frame, path)
+    return frame
 
 
 def read_geoparquet(path: str | Path) -> geopandas.GeoDataFrame:
@@ -93,7 +133,7 @@ def write_geoparquet(frame: geopandas.GeoDataFrame, target: str | Path) -> dict:
     return the facts of the file as written."""
     target = Path(target)
     try:
-        with atomic_path(target) as tmp:
+        with atomic_path(target) as tmp, faults.around_write(tmp):
             frame.to_parquet(
                 tmp,
                 index=False,

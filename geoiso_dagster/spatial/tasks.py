@@ -11,7 +11,7 @@ import shapely
 
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.pool.worker import progress
-from geoiso_dagster.spatial import io
+from geoiso_dagster.spatial import faults, io
 from geoiso_dagster.spatial.io import read_geoparquet, read_source, write_geoparquet
 
 FEATURE_COUNT_COLUMN = "feature_count"
@@ -20,6 +20,7 @@ _POLYGONAL = {"Polygon", "MultiPolygon"}
 
 def ingest(source: str, output: str) -> dict:
     """raw_features: any vector file or GeoParquet -> GeoParquet, unchanged."""
+    faults.at_start("ingest")
     started = time.perf_counter()
     frame = read_source(source)
     progress(f"read {len(frame)} features from {Path(source).name}", features=len(frame))
@@ -37,6 +38,7 @@ def _parse_crs(value: str, path: str) -> pyproj.CRS:
 
 def reproject(source: str, output: str, target_crs: str) -> dict:
     """reprojected_features: to `target_crs`; no transform when the CRS already equals it."""
+    faults.at_start("reproject")
     target = _parse_crs(target_crs, source)
     frame = read_geoparquet(source)
     if frame.crs.equals(target):
@@ -50,22 +52,57 @@ def reproject(source: str, output: str, target_crs: str) -> dict:
             f"reprojected {len(frame)} features to {io.crs_label(target)} "
             f"in {time.perf_counter() - started:.2f} s"
         )
-        _refuse_non_finite(frame, source, target)
+        _refuse_unrepresentable(frame, source, target)
     facts = write_geoparquet(frame, output)
     facts["transformed"] = transformed
     return facts
 
 
-def _refuse_non_finite(frame, source: str, target: pyproj.CRS) -> None:
-    bounds = shapely.bounds(frame.geometry.values)
-    present = ~shapely.is_missing(frame.geometry.values) & ~shapely.is_empty(frame.geometry.values)
+# How far past the projected bounds of a CRS's area of use coordinates may lie before
+# they are garbage rather than a little outside (a UTM zone's neighbour, say).
+AREA_OF_USE_MARGIN = 0.5
+
+
+def _projected_area_of_use(target: pyproj.CRS) -> tuple[float, float, float, float] | None:
+    area = target.area_of_use
+    if area is None:
+        return None
+    to_target = pyproj.Transformer.from_crs("EPSG:4326", target, always_xy=True)
+    minx, miny, maxx, maxy = to_target.transform_bounds(*area.bounds, densify_pts=21)
+    if not np.isfinite([minx, miny, maxx, maxy]).all():
+        return None
+    dx, dy = (maxx - minx) * AREA_OF_USE_MARGIN, (maxy - miny) * AREA_OF_USE_MARGIN
+    return minx - dx, miny - dy, maxx + dx, maxy + dy
+
+
+def _refuse_unrepresentable(frame, source: str, target: pyproj.CRS) -> None:
+    """Refuse features the target CRS cannot hold: non-finite coordinates after the
+    transform, or coordinates far outside where the CRS is defined (the poles in Web
+    Mercator come out finite but meaningless, at y = 2.4e8 m)."""
+    geometries = frame.geometry.values
+    present = ~shapely.is_missing(geometries) & ~shapely.is_empty(geometries)
+    bounds = shapely.bounds(geometries)
     bad = present & ~np.isfinite(bounds).all(axis=1)
+    limits = _projected_area_of_use(target)
+    where = "non-finite coordinates after the transform"
+    if limits is not None:
+        minx, miny, maxx, maxy = limits
+        outside = present & (
+            (bounds[:, 0] < minx)
+            | (bounds[:, 1] < miny)
+            | (bounds[:, 2] > maxx)
+            | (bounds[:, 3] > maxy)
+        )
+        if outside.any():
+            area = target.area_of_use.name.split(".")[0]
+            where = f"far outside where it is defined ({area})"
+        bad |= outside
     if bad.any():
         rows = np.flatnonzero(bad)
         raise BadInputError(
             source,
-            f"{len(rows)} feature(s) cannot be represented in {io.crs_label(target)} "
-            f"(non-finite coordinates after the transform), e.g. rows {rows[:5].tolist()}",
+            f"{len(rows)} feature(s) cannot be represented in {io.crs_label(target)}: "
+            f"{where}, e.g. rows {rows[:5].tolist()}",
         )
 
 
@@ -105,6 +142,7 @@ def dissolve(
     aggregations: dict[str, str] | None = None,
 ) -> dict:
     """dissolved_regions: repair, keep polygons, union per key, aggregate the rest."""
+    faults.at_start("dissolve")
     frame = read_geoparquet(source)
     geometry_name = frame.geometry.name
     columns = [c for c in frame.columns if c != geometry_name]

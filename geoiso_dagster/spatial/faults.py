@@ -1,0 +1,97 @@
+"""Fault injection for the isolation tests. Off unless GEOISO_FAULTS is set.
+
+GEOISO_FAULTS holds a JSON list of faults, each
+    {"task": "reproject", "at": "start" | "write", "fault": KIND, "times": 1,
+     "state": "/some/dir"}
+KIND is one of:
+    abort     the interpreter aborts (SIGABRT), as a crash inside GDAL would
+    sigkill   the worker is SIGKILLed; at "write", after half of the file is on disk
+    hang      the worker blocks inside a C call until killed (writes <state>/hanging-<pid>)
+    memory    the worker allocates until its memory ceiling stops it
+    enospc    the real write runs under RLIMIT_FSIZE=4 KiB and fails (EFBIG)
+A fault fires on its first `times` occasions, counted across processes with files in
+`state`, so "crash once, then succeed" is expressible. Production never sets the variable.
+"""
+
+import contextlib
+import ctypes
+import json
+import os
+import resource
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+FAULTS_ENV = "GEOISO_FAULTS"
+_current_task: str | None = None
+
+
+def _faults(task: str, at: str) -> list[dict]:
+    raw = os.environ.get(FAULTS_ENV)
+    if not raw:
+        return []
+    return [f for f in json.loads(raw) if f["task"] == task and f.get("at", "start") == at]
+
+
+def _claim(fault: dict) -> bool:
+    """True for the first `times` claims of this fault, across all processes."""
+    state = Path(fault["state"])
+    state.mkdir(parents=True, exist_ok=True)
+    for n in range(int(fault.get("times", 1))):
+        try:
+            os.close(
+                os.open(state / f"fired-{fault['task']}-{fault['at']}-{n}", os.O_CREAT | os.O_EXCL)
+            )
+            return True
+        except FileExistsError:
+            continue
+    return False
+
+
+def _fire(fault: dict, partial: Path | None = None) -> None:
+    kind = fault["fault"]
+    if kind == "abort":
+        os.abort()
+    if kind == "sigkill":
+        if partial is not None and partial.exists():
+            os.truncate(partial, partial.stat().st_size // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "hang":
+        (Path(fault["state"]) / f"hanging-{os.getpid()}").touch()
+        ctypes.CDLL(None).sleep(3600)
+    if kind == "memory":
+        hoard = []
+        while True:  # until the watchdog (or RLIMIT_AS) stops us
+            block = bytearray(64 * 2**20)
+            block[::4096] = b"\1" * len(block[::4096])
+            hoard.append(block)
+    raise ValueError(f"unknown fault {kind!r} in {FAULTS_ENV}")
+
+
+def at_start(task: str) -> None:
+    """Called first thing by every task."""
+    global _current_task
+    _current_task = task
+    for fault in _faults(task, "start"):
+        if fault["fault"] != "enospc" and _claim(fault):
+            _fire(fault)
+
+
+@contextlib.contextmanager
+def around_write(tmp: Path) -> Iterator[None]:
+    """Wraps the write of an output's temp file."""
+    faults = [f for f in _faults(_current_task or "", "write") if _claim(f)]
+    limited = any(f["fault"] == "enospc" for f in faults)
+    if limited:
+        saved = resource.getrlimit(resource.RLIMIT_FSIZE)
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, saved[1]))
+    try:
+        yield
+    finally:
+        if limited:
+            resource.setrlimit(resource.RLIMIT_FSIZE, saved)
+            signal.signal(signal.SIGXFSZ, previous)
+    for fault in faults:
+        if fault["fault"] != "enospc":
+            _fire(fault, partial=tmp)

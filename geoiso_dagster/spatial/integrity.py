@@ -1,0 +1,137 @@
+"""Checks that an input really holds what it says, where GDAL or pyarrow would not tell.
+
+Each raises BadInputError naming the file and what is wrong with it.
+"""
+
+import re
+import struct
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyproj
+import shapely
+
+from geoiso_dagster.errors import BadInputError
+
+_SHP_HEADER = 100
+_GEOJSON_CRS = re.compile(
+    rb'"crs"\s*:\s*\{\s*"type"\s*:\s*"name"\s*,\s*"properties"\s*:\s*\{\s*"name"\s*:\s*"([^"]+)"'
+)
+
+
+def _sidecar(shp: Path, suffix: str) -> Path | None:
+    for candidate in shp.parent.iterdir():
+        if candidate.name.lower() == (shp.stem + suffix).lower():
+            return candidate
+    return None
+
+
+def check_shapefile(shp: Path) -> None:
+    """The .shp, .shx and .dbf exist and are as long as their headers say."""
+    shx, dbf = _sidecar(shp, ".shx"), _sidecar(shp, ".dbf")
+    missing = [part for part, f in ((".shx (index)", shx), (".dbf (attributes)", dbf)) if not f]
+    if missing:
+        raise BadInputError(str(shp), f"shapefile is missing its {' and its '.join(missing)}")
+    assert shx is not None and dbf is not None
+    shp_size = shp.stat().st_size
+    index = shx.read_bytes()
+    if len(index) < _SHP_HEADER or (len(index) - _SHP_HEADER) % 8:
+        raise BadInputError(str(shx), "shapefile index (.shx) is truncated or corrupt")
+    records = (len(index) - _SHP_HEADER) // 8
+    ends = [
+        2 * (offset + length) + 8
+        for offset, length in struct.iter_unpack(">ii", index[_SHP_HEADER:])
+    ]
+    past_end = sum(end > shp_size for end in ends)
+    if past_end:
+        raise BadInputError(
+            str(shp),
+            f"is truncated: {past_end} of {records} records lie past its end ({shp_size} bytes)",
+        )
+    with dbf.open("rb") as handle:
+        header = handle.read(12)
+    if len(header) < 12:
+        raise BadInputError(str(dbf), "attribute table (.dbf) is truncated")
+    count, header_len, record_len = struct.unpack("<IHH", header[4:12])
+    holds = max(0, (dbf.stat().st_size - header_len)) // record_len if record_len else 0
+    if holds < count:
+        raise BadInputError(
+            str(dbf), f"declares {count} records but holds {holds} (the file is truncated)"
+        )
+    if count != records:
+        raise BadInputError(
+            str(shp), f"its .shx indexes {records} shapes but its .dbf has {count} records"
+        )
+
+
+def check_parquet(path: Path) -> None:
+    """Readable Parquet with GeoParquet metadata and unique column names."""
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:
+        raise BadInputError(str(path), f"is not readable Parquet: {exc}") from exc
+    if b"geo" not in (schema.metadata or {}):
+        raise BadInputError(
+            str(path), "is Parquet without GeoParquet 'geo' metadata (no geometry column known)"
+        )
+    duplicates = sorted(name for name, n in Counter(schema.names).items() if n > 1)
+    if duplicates:
+        raise BadInputError(str(path), f"has duplicate column names: {duplicates}")
+
+
+def check_geojson_crs(path: Path, crs: pyproj.CRS) -> None:
+    """GDAL reads an unknown GeoJSON 'crs' member as WGS 84; refuse that silent guess."""
+    with path.open("rb") as handle:
+        head = handle.read(65536)
+    match = _GEOJSON_CRS.search(head)
+    if match is None:
+        return
+    declared = match.group(1).decode("utf-8", "replace")
+    try:
+        known = pyproj.CRS.from_user_input(declared)
+    except pyproj.exceptions.CRSError:
+        raise BadInputError(
+            str(path), f"declares CRS {declared!r}, which PROJ does not know"
+        ) from None
+    if not known.equals(crs, ignore_axis_order=True):
+        raise BadInputError(str(path), f"declares CRS {declared!r} but was read as {crs.name}")
+
+
+def check_text(frame, path: Path) -> None:
+    """Every text value is valid UTF-8 (GeoParquet must hold UTF-8; GDAL passes bytes on)."""
+    geometry = frame.geometry.name
+    for column in frame.columns:
+        if (
+            column == geometry
+            or frame[column].dtype.kind not in "OSUT"
+            and str(frame[column].dtype) not in ("str", "string")
+        ):
+            continue
+        try:
+            pa.array(frame[column]).validate(full=True)
+        except (pa.ArrowInvalid, pa.ArrowException, TypeError) as exc:
+            raise BadInputError(
+                str(path),
+                f"column {column!r} holds text that is not valid UTF-8 ({exc}); declare the "
+                "file's encoding (a .cpg for shapefiles) or re-encode it as UTF-8",
+            ) from None
+
+
+def check_finite(frame, path: Path) -> None:
+    """No NaN or infinite coordinates: GEOS and PROJ give garbage for them."""
+    geometries = frame.geometry.values
+    present = ~shapely.is_missing(geometries) & ~shapely.is_empty(geometries)
+    finite_xy = np.isfinite(shapely.bounds(geometries)).all(axis=1)
+    bad = present & ~finite_xy
+    with_z = present & shapely.has_z(geometries)
+    for i in np.flatnonzero(with_z & ~bad):  # bounds do not look at Z
+        bad[i] = not np.isfinite(shapely.get_coordinates(geometries[i], include_z=True)).all()
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise BadInputError(
+            str(path),
+            f"has NaN or infinite coordinates in {len(rows)} rows, e.g. {rows[:5].tolist()}",
+        )
