@@ -12,6 +12,7 @@ from pathlib import Path
 
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.paths import check_partition_key, data_root, inbox_dir
+from geoiso_dagster.settings import check_aggregations, check_target_crs
 
 CONFIG_SIDECAR_SUFFIX = ".geoiso.json"
 # A shapefile is a .shp plus these; GDAL cannot read it without the required ones.
@@ -86,6 +87,14 @@ def read_sidecar(path: Path) -> dict:
             str(sidecar), f"unknown settings {unknown}; known: {sorted(SIDECAR_SETTINGS)}"
         )
     ops: dict = {}
+    if "target_crs" in settings and isinstance(settings["target_crs"], str):
+        check_target_crs(settings["target_crs"], where=str(sidecar))
+    if isinstance(settings.get("aggfunc", ""), str) and isinstance(
+        settings.get("aggregations", {}), dict
+    ):
+        check_aggregations(
+            settings.get("aggfunc", "first"), settings.get("aggregations", {}), where=str(sidecar)
+        )
     for name, value in settings.items():
         valid = isinstance(value, dict) if name == "aggregations" else isinstance(value, str)
         if not valid or (

@@ -24,13 +24,20 @@ from geoiso_dagster.defs.checks import check_results, check_specs
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import run_task
-from geoiso_dagster.errors import UnsafeNameError
+from geoiso_dagster.errors import BadInputError, UnsafeNameError
 from geoiso_dagster.fsutil import publish, sweep_stale_temps, temp_path_for
 from geoiso_dagster.pool import TaskResult
+from geoiso_dagster.settings import check_aggregations, check_target_crs
 
 GROUP = "geo"
 # Step-specific facts that go to the catalog as they are.
-_STEP_FACTS = ("transformed", "repaired_geometries", "dropped_null_keys", "dropped_non_polygonal")
+_STEP_FACTS = (
+    "transformed",
+    "dropped_m",
+    "repaired_geometries",
+    "dropped_null_keys",
+    "dropped_non_polygonal",
+)
 # Downstream waits until its upstream's blocking checks passed (or pass in this run).
 _AFTER_CHECKS = AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
 
@@ -60,6 +67,14 @@ def _paths(context: AssetExecutionContext, asset_name: str, upstream: str | None
     except UnsafeNameError as exc:
         raise Failure(description=f"Bad input: {exc}", allow_retries=False) from None
     return str(source), output
+
+
+def _checked(check, *args) -> None:
+    """Run a settings check; a refused setting is bad input (not retried)."""
+    try:
+        check(*args)
+    except BadInputError as exc:
+        raise Failure(description=f"Bad config: {exc.cause}", allow_retries=False) from None
 
 
 def _metadata(result: TaskResult, path: Path) -> dict:
@@ -120,6 +135,7 @@ def _produce(
             yield from checks
     finally:
         staged.unlink(missing_ok=True)
+        sweep_stale_temps(output)  # what a killed worker of this step left behind
 
 
 def _geo_asset(name: str, upstream: AssetsDefinition | None, library: str):
@@ -152,6 +168,7 @@ def reprojected_features(
     """raw_features in the target CRS (config target_crs, default EPSG:4326). When the
     source is already in that CRS the geometries are copied untouched."""
     source, output = _paths(context, "reprojected_features", "raw_features")
+    _checked(check_target_crs, config.target_crs)
     yield from _produce(
         context,
         spatial_pool,
@@ -172,6 +189,7 @@ def dissolved_regions(
     repaired with make_valid, only polygonal parts kept, other columns aggregated, plus
     a feature_count column."""
     source, output = _paths(context, "dissolved_regions", "reprojected_features")
+    _checked(check_aggregations, config.aggfunc, dict(config.aggregations))
     yield from _produce(
         context,
         spatial_pool,

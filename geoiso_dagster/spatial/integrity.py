@@ -39,7 +39,7 @@ def check_shapefile(shp: Path) -> None:
     shp_size = shp.stat().st_size
     index = shx.read_bytes()
     if len(index) < _SHP_HEADER or (len(index) - _SHP_HEADER) % 8:
-        raise BadInputError(str(shx), "shapefile index (.shx) is truncated or corrupt")
+        raise BadInputError(str(shp), "its index (.shx) is truncated or corrupt")
     records = (len(index) - _SHP_HEADER) // 8
     ends = [
         2 * (offset + length) + 8
@@ -54,12 +54,12 @@ def check_shapefile(shp: Path) -> None:
     with dbf.open("rb") as handle:
         header = handle.read(12)
     if len(header) < 12:
-        raise BadInputError(str(dbf), "attribute table (.dbf) is truncated")
+        raise BadInputError(str(shp), "its attribute table (.dbf) is truncated")
     count, header_len, record_len = struct.unpack("<IHH", header[4:12])
     holds = max(0, (dbf.stat().st_size - header_len)) // record_len if record_len else 0
     if holds < count:
         raise BadInputError(
-            str(dbf), f"declares {count} records but holds {holds} (the file is truncated)"
+            str(shp), f"its .dbf declares {count} records but holds {holds} (it is truncated)"
         )
     if count != records:
         raise BadInputError(
@@ -120,7 +120,7 @@ def check_text(frame, path: Path) -> None:
             ) from None
 
 
-def check_finite(frame, path: Path) -> None:
+def check_finite(frame, path: Path, when: str = "") -> None:
     """No NaN or infinite coordinates: GEOS and PROJ give garbage for them."""
     geometries = frame.geometry.values
     present = ~shapely.is_missing(geometries) & ~shapely.is_empty(geometries)

@@ -11,7 +11,8 @@ import shapely
 
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.pool.worker import progress
-from geoiso_dagster.spatial import faults, io
+from geoiso_dagster.settings import check_aggregations, check_target_crs
+from geoiso_dagster.spatial import faults, integrity, io
 from geoiso_dagster.spatial.io import read_geoparquet, read_source, write_geoparquet
 
 FEATURE_COUNT_COLUMN = "feature_count"
@@ -29,7 +30,22 @@ def ingest(source: str, output: str) -> dict:
     return facts
 
 
+def drop_m(geometries: np.ndarray) -> tuple[np.ndarray, int]:
+    """Remove M values, keeping Z. The transform does not carry M: GeoPandas' to_crs
+    turns both Z and M of an XYZM geometry into NaN, and shapely.force_3d sets Z to 0."""
+    measured = shapely.has_m(geometries)
+    if not measured.any():
+        return geometries, 0
+    out = np.array(geometries, dtype=object, copy=True)
+    has_z = shapely.has_z(geometries)
+    for dimension, mask in ((3, measured & has_z), (2, measured & ~has_z)):
+        if mask.any():
+            out[mask] = shapely.from_wkb(shapely.to_wkb(out[mask], output_dimension=dimension))
+    return out, int(measured.sum())
+
+
 def _parse_crs(value: str, path: str) -> pyproj.CRS:
+    check_target_crs(value, where=path)
     try:
         return pyproj.CRS.from_user_input(value)
     except pyproj.exceptions.CRSError as exc:
@@ -46,6 +62,10 @@ def reproject(source: str, output: str, target_crs: str) -> dict:
         progress(f"{len(frame)} features already in {io.crs_label(target)}; no transform")
     else:
         started = time.perf_counter()
+        geometries, measured = drop_m(frame.geometry.values)
+        if measured:
+            progress(f"dropped M values of {measured} measured geometries before the transform")
+            frame = frame.set_geometry(geometries, crs=frame.crs)
         frame = frame.to_crs(target)
         transformed = True
         progress(
@@ -53,8 +73,10 @@ def reproject(source: str, output: str, target_crs: str) -> dict:
             f"in {time.perf_counter() - started:.2f} s"
         )
         _refuse_unrepresentable(frame, source, target)
+        integrity.check_finite(frame, Path(source), when=f"after reprojection to {target_crs}")
     facts = write_geoparquet(frame, output)
     facts["transformed"] = transformed
+    facts["dropped_m"] = measured if transformed else 0
     return facts
 
 
@@ -151,6 +173,7 @@ def dissolve(
             source, f"dissolve_by column {dissolve_by!r} is not in the data; columns: {columns}"
         )
     aggregations = dict(aggregations or {})
+    check_aggregations(aggfunc, aggregations, where=source)
     unknown = sorted(set(aggregations) - set(columns))
     if unknown:
         raise BadInputError(source, f"aggregations name columns not in the data: {unknown}")
@@ -235,11 +258,14 @@ def inspect(
         empty_geometries=int(shapely.is_empty(geometries).sum()),
         invalid_geometries=int((~shapely.is_valid(geometries) & ~missing).sum()),
     )
+    expected = None
     if expected_crs_of is not None:
-        expected_crs = read_geoparquet(expected_crs_of).crs.to_wkt()
-    if expected_crs is not None:
-        facts["expected_crs"] = io.crs_label(_parse_crs(expected_crs, path))
-        facts["crs_matches"] = bool(frame.crs.equals(_parse_crs(expected_crs, path)))
+        expected = read_geoparquet(expected_crs_of).crs
+    elif expected_crs is not None:
+        expected = _parse_crs(expected_crs, path)
+    if expected is not None:
+        facts["expected_crs"] = io.crs_label(expected)
+        facts["crs_matches"] = bool(frame.crs.equals(expected))
     if unique_key is not None:
         if unique_key in frame.columns:
             facts["duplicate_keys"] = int(frame[unique_key].duplicated().sum())

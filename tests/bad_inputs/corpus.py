@@ -1,0 +1,515 @@
+"""The bad-input corpus: every case is made in code, in a temporary folder.
+
+Each Case builds one source file and says what must happen to it through the chain
+ingest -> reproject(target) -> dissolve(by): either every step succeeds (and `verify`
+checks the output), or step `fails_at` raises BadInputError naming the step's input
+file with `cause` in its message. README.md beside this file lists the cases.
+"""
+
+import json
+import shutil
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import geopandas
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyogrio
+import shapely
+from shapely.geometry import LineString, Point, Polygon, box
+
+FIXTURES = Path(pyogrio.__file__).parent / "tests" / "fixtures"
+NATURAL_EARTH = FIXTURES / "naturalearth_lowres" / "naturalearth_lowres.shp"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    what: str
+    build: Callable[[Path], Path]
+    fails_at: str | None = None  # "ingest", "reproject", "dissolve", or None: succeeds
+    cause: str = ""
+    target_crs: str = "EPSG:3857"
+    dissolve_by: str = "region_id"
+    verify: Callable[[geopandas.GeoDataFrame], None] | None = None
+
+
+def _frame(geometries, crs="EPSG:4326", **columns) -> geopandas.GeoDataFrame:
+    columns = columns or {"region_id": [1] * len(geometries)}
+    return geopandas.GeoDataFrame(columns, geometry=list(geometries), crs=crs)
+
+
+def _parquet(name: str, frame_fn: Callable[[], geopandas.GeoDataFrame]):
+    def build(folder: Path) -> Path:
+        path = folder / name
+        frame_fn().to_parquet(path)
+        return path
+
+    return build
+
+
+def _text(name: str, text: str | bytes):
+    def build(folder: Path) -> Path:
+        path = folder / name
+        path.write_bytes(text.encode() if isinstance(text, str) else text)
+        return path
+
+    return build
+
+
+def _geojson(features: list[dict], crs_name: str | None = None) -> str:
+    doc: dict = {"type": "FeatureCollection", "features": features}
+    if crs_name:
+        doc = {
+            "type": "FeatureCollection",
+            "crs": {"type": "name", "properties": {"name": crs_name}},
+            "features": features,
+        }
+    return json.dumps(doc)
+
+
+def _feature(geometry: dict, **properties) -> dict:
+    return {"type": "Feature", "properties": properties, "geometry": geometry}
+
+
+SQUARE = {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]}
+
+
+def _shapefile(name: str, skip: tuple[str, ...] = (), mutate: Callable[[Path], None] | None = None):
+    def build(folder: Path) -> Path:
+        for part in NATURAL_EARTH.parent.glob("naturalearth_lowres.*"):
+            if part.suffix not in skip:
+                shutil.copy(part, folder / f"{name}{part.suffix}")
+        shp = folder / f"{name}.shp"
+        if mutate:
+            mutate(shp)
+        return shp
+
+    return build
+
+
+def _truncate(suffix: str, keep: float):
+    def mutate(shp: Path) -> None:
+        part = shp.with_suffix(suffix)
+        data = part.read_bytes()
+        part.write_bytes(data[: int(len(data) * keep)])
+
+    return mutate
+
+
+def _garbage_prj(shp: Path) -> None:
+    shp.with_suffix(".prj").write_text("this is not a coordinate reference system")
+
+
+def _latin1_shapefile(folder: Path) -> Path:
+    frame = _frame([box(0, 0, 1, 1)], name=["Zürich"], region_id=[1])
+    path = folder / "latin1.shp"
+    frame.to_file(path, encoding="ISO-8859-1")
+    assert path.with_suffix(".cpg").read_text().strip().upper() in ("ISO-8859-1", "LATIN1", "88591")
+    return path
+
+
+def _gpkg_declaring_more(folder: Path) -> Path:
+    path = folder / "overclaims.gpkg"
+    _frame([box(0, 0, 1, 1), box(1, 0, 2, 1)], region_id=[1, 2]).to_file(path, layer="parcels")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE gpkg_ogr_contents SET feature_count = 1000000")
+    return path
+
+
+def _garbage_projjson(folder: Path) -> Path:
+    path = folder / "garbage_projjson.parquet"
+    _frame([box(0, 0, 1, 1)]).to_parquet(path)
+    table = pq.read_table(path)
+    geo = json.loads(table.schema.metadata[b"geo"])
+    geo["columns"]["geometry"]["crs"] = {"type": "GeographicCRS", "name": "not a real datum"}
+    pq.write_table(table.replace_schema_metadata({b"geo": json.dumps(geo).encode()}), path)
+    return path
+
+
+def _truncated_parquet(folder: Path) -> Path:
+    path = folder / "truncated.parquet"
+    geopandas.read_file(NATURAL_EARTH).to_parquet(path)
+    path.write_bytes(path.read_bytes()[:20000])
+    return path
+
+
+def _plain_parquet(folder: Path) -> Path:
+    path = folder / "plain.parquet"
+    pq.write_table(pa.table({"region_id": [1], "geometry": [Point(0, 0).wkb]}), path)
+    return path
+
+
+def _duplicate_columns(folder: Path) -> Path:
+    path = folder / "duplicates.parquet"
+    _frame([box(0, 0, 1, 1)]).to_parquet(path)
+    table = pq.read_table(path)
+    doubled = pa.table(
+        [table["region_id"], table["region_id"], table["geometry"]],
+        names=["region_id", "region_id", "geometry"],
+    ).replace_schema_metadata(table.schema.metadata)
+    pq.write_table(doubled, path)
+    return path
+
+
+def _curves(folder: Path) -> Path:
+    path = folder / "curves.gpkg"
+    shutil.copy(FIXTURES / "curvepolygon.gpkg", path)
+    return path
+
+
+def _measured_line(folder: Path) -> Path:
+    path = folder / "measured.gpkg"
+    shutil.copy(FIXTURES / "line_zm.gpkg", path)
+    return path
+
+
+def _measured_polygons() -> geopandas.GeoDataFrame:
+    return _frame(
+        [
+            shapely.from_wkt("POLYGON ZM ((0 0 1 5, 2 0 1 6, 2 2 1 7, 0 0 1 5))"),
+            shapely.from_wkt("POLYGON M ((2 0 1, 4 0 2, 4 2 3, 2 0 1))"),
+        ],
+        region_id=[1, 1],
+    )
+
+
+def _keeps_z(out: geopandas.GeoDataFrame) -> None:
+    assert len(out) == 1 and shapely.is_valid(out.geometry.iloc[0])
+    z = shapely.get_coordinates(out.geometry.values, include_z=True)[:, 2]
+    assert np.isfinite(z[~np.isnan(z)]).all() and (z[~np.isnan(z)] == 1).any()
+
+
+def _empty_layer(folder: Path) -> Path:
+    path = folder / "empty_layer.gpkg"
+    frame = _frame([box(0, 0, 1, 1)])
+    frame.iloc[:0].to_file(path, layer="nothing")
+    return path
+
+
+def _zero_bytes(folder: Path) -> Path:
+    path = folder / "zero.gpkg"
+    path.touch()
+    return path
+
+
+def _check_both_lobes(out: geopandas.GeoDataFrame) -> None:
+    assert len(out) == 1 and out.geometry.iloc[0].area == pytest_approx(2.0)
+
+
+def pytest_approx(value: float):
+    import pytest
+
+    return pytest.approx(value, rel=1e-9)
+
+
+def _rows(n: int, **expect_columns):
+    def verify(out: geopandas.GeoDataFrame) -> None:
+        assert len(out) == n, (len(out), n)
+        for column, values in expect_columns.items():
+            assert sorted(out[column].tolist()) == sorted(values), out[column].tolist()
+
+    return verify
+
+
+def _valid_area(total: float):
+    def verify(out: geopandas.GeoDataFrame) -> None:
+        assert shapely.is_valid(out.geometry.values).all()
+        assert out.geometry.area.sum() == pytest_approx(total)
+
+    return verify
+
+
+BOWTIE = Polygon([(0, 0), (2, 2), (2, 0), (0, 2), (0, 0)])
+# A ring that touches itself at one point, enclosing a hole: the "inverted" hole form.
+SELF_TOUCHING = Polygon([(0, 0), (4, 0), (4, 4), (2, 4), (3, 2), (1, 2), (2, 4), (0, 4), (0, 0)])
+
+CASES: list[Case] = [
+    Case(
+        "no_crs",
+        "shapefile without its .prj",
+        _shapefile("no_crs", skip=(".prj",)),
+        "ingest",
+        "no coordinate reference system",
+    ),
+    Case(
+        "garbage_prj",
+        ".prj holding text that is no CRS",
+        _shapefile("garbage_prj", mutate=_garbage_prj),
+        "ingest",
+        "no coordinate reference system",
+    ),
+    Case(
+        "unknown_crs_geojson",
+        "GeoJSON declaring EPSG:999999 (GDAL would read it as WGS 84)",
+        _text(
+            "unknown_crs.geojson",
+            _geojson([_feature(SQUARE, region_id=1)], "urn:ogc:def:crs:EPSG::999999"),
+        ),
+        "ingest",
+        "which PROJ does not know",
+    ),
+    Case(
+        "garbage_projjson",
+        "GeoParquet whose PROJJSON names no real CRS",
+        _garbage_projjson,
+        "ingest",
+        "Invalid projection",
+    ),
+    Case("zero_bytes", "a 0-byte .gpkg", _zero_bytes, "ingest", "empty (0 bytes)"),
+    Case(
+        "zero_features_geojson",
+        "a FeatureCollection with no features",
+        _text("none.geojson", _geojson([])),
+        "ingest",
+        "no features",
+    ),
+    Case(
+        "zero_features_gpkg",
+        "a GeoPackage layer with no rows",
+        _empty_layer,
+        "ingest",
+        "no features",
+    ),
+    Case(
+        "truncated_geoparquet",
+        "GeoParquet cut after 20 kB",
+        _truncated_parquet,
+        "ingest",
+        "not readable Parquet",
+    ),
+    Case(
+        "parquet_without_geo",
+        "Parquet with a WKB column but no 'geo' metadata",
+        _plain_parquet,
+        "ingest",
+        "without GeoParquet 'geo' metadata",
+    ),
+    Case(
+        "geojson_syntax_error",
+        "GeoJSON cut mid-object",
+        _text("broken.geojson", '{"type": "FeatureCollection", "features": [ {"type": "Feat'),
+        "ingest",
+        "cannot be read as vector data",
+    ),
+    Case(
+        "shapefile_without_shx",
+        "shapefile missing its .shx",
+        _shapefile("no_shx", skip=(".shx",)),
+        "ingest",
+        "missing its .shx",
+    ),
+    Case(
+        "shapefile_without_dbf",
+        "shapefile missing its .dbf (GDAL reads it attribute-less)",
+        _shapefile("no_dbf", skip=(".dbf",)),
+        "ingest",
+        "missing its .dbf",
+    ),
+    Case(
+        "truncated_shp",
+        ".shp cut in half (GDAL reads null geometries)",
+        _shapefile("cut_shp", mutate=_truncate(".shp", 0.5)),
+        "ingest",
+        "is truncated",
+    ),
+    Case(
+        "dbf_declares_more",
+        ".dbf declaring 177 records, holding half (GDAL reads 88 rows)",
+        _shapefile("cut_dbf", mutate=_truncate(".dbf", 0.5)),
+        "ingest",
+        "declares 177 records",
+    ),
+    Case(
+        "gpkg_declares_more",
+        "GeoPackage whose feature count claims 1,000,000 rows, holds 2",
+        _gpkg_declaring_more,
+        "ingest",
+        "declares 1000000 features but 2",
+    ),
+    Case(
+        "geojson_named_gpkg",
+        "GeoJSON content with a .gpkg extension (GDAL sniffs content)",
+        _text("actually_geojson.gpkg", _geojson([_feature(SQUARE, region_id=1)])),
+        verify=_rows(1),
+    ),
+    Case(
+        "random_bytes",
+        "5 kB of noise named .geojson",
+        _text("noise.geojson", bytes(range(256)) * 20),
+        "ingest",
+        "cannot be read as vector data",
+    ),
+    Case(
+        "non_utf8_geojson",
+        "GeoJSON whose text is Latin-1, not UTF-8",
+        _text(
+            "latin1.geojson",
+            _geojson([_feature(SQUARE, region_id=1, name="@@")])
+            .replace("@@", "Zürich")
+            .encode("latin-1"),
+        ),
+        "ingest",
+        "not valid UTF-8",
+    ),
+    Case(
+        "latin1_shapefile_with_cpg",
+        "Latin-1 shapefile that says so in its .cpg",
+        _latin1_shapefile,
+        verify=_rows(1, name=["Zürich"]),
+    ),
+    Case(
+        "mixed_geometry_types",
+        "points, a line and polygons in one layer",
+        _parquet(
+            "mixed.parquet",
+            lambda: _frame(
+                [Point(0, 0), LineString([(0, 0), (1, 1)]), box(0, 0, 1, 1), box(1, 0, 2, 1)]
+            ),
+        ),
+        verify=_rows(1, feature_count=[2]),
+    ),
+    Case(
+        "null_geometries",
+        "rows without geometry",
+        _parquet("nulls.parquet", lambda: _frame([None, box(0, 0, 1, 1)])),
+        verify=_rows(1, feature_count=[1]),
+    ),
+    Case(
+        "empty_geometries",
+        "empty polygons beside a real one",
+        _parquet("empties.parquet", lambda: _frame([Polygon(), box(0, 0, 1, 1)])),
+        verify=_rows(1, feature_count=[1]),
+    ),
+    Case(
+        "only_lines",
+        "nothing polygonal to dissolve",
+        _parquet("lines.parquet", lambda: _frame([LineString([(0, 0), (1, 1)])])),
+        "dissolve",
+        "no polygonal geometries",
+    ),
+    Case(
+        "three_d",
+        "polygons with Z",
+        _parquet(
+            "z.parquet",
+            lambda: _frame(
+                [Polygon([(0, 0, 5), (1, 0, 5), (1, 1, 5), (0, 0, 5)])], crs="EPSG:3857"
+            ),
+        ),
+        verify=_valid_area(0.5),
+    ),
+    Case(
+        "measured_line",
+        "a ZM line (pyogrio fixture): read and reprojected, no key to dissolve by",
+        _measured_line,
+        "dissolve",
+        "is not in the data",
+    ),
+    Case(
+        "measured_polygons",
+        "XYZM and XYM polygons: M dropped before the transform, Z kept",
+        _parquet("measured.parquet", _measured_polygons),
+        target_crs="EPSG:4326",
+        verify=_keeps_z,
+    ),
+    Case(
+        "bowtie",
+        "self-intersecting ring: both lobes must survive",
+        _parquet("bowtie.parquet", lambda: _frame([BOWTIE], crs="EPSG:3857")),
+        verify=_valid_area(2.0),
+    ),
+    Case(
+        "self_touching_ring",
+        "a ring touching itself around a hole",
+        _parquet("touching.parquet", lambda: _frame([SELF_TOUCHING], crs="EPSG:3857")),
+        verify=_valid_area(SELF_TOUCHING.area),
+    ),
+    Case(
+        "unclosed_ring",
+        "GeoJSON polygon whose ring is not closed",
+        _text(
+            "unclosed.geojson",
+            _geojson(
+                [
+                    _feature(
+                        {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1]]]},
+                        region_id=1,
+                    )
+                ]
+            ),
+        ),
+        "ingest",
+        "closed linestring",
+    ),
+    Case(
+        "nan_coordinates",
+        "a NaN coordinate",
+        _parquet("nan.parquet", lambda: _frame([Point(np.nan, 1), box(0, 0, 1, 1)])),
+        "ingest",
+        "NaN or infinite",
+    ),
+    Case(
+        "inf_coordinates",
+        "an infinite coordinate",
+        _parquet("inf.parquet", lambda: _frame([Polygon([(0, 0), (np.inf, 0), (1, 1)])])),
+        "ingest",
+        "NaN or infinite",
+    ),
+    Case(
+        "huge_coordinates",
+        "longitude 1e300 into an equal-area CRS",
+        _parquet("huge.parquet", lambda: _frame([box(0, 0, 1e300, 1)])),
+        "reproject",
+        "cannot be represented",
+        target_crs="EPSG:6933",
+    ),
+    Case(
+        "pole_into_web_mercator",
+        "a polygon reaching the North Pole into EPSG:3857",
+        _parquet("pole.parquet", lambda: _frame([box(-10, 80, 10, 90), box(0, 0, 1, 1)])),
+        "reproject",
+        "far outside where it is defined",
+    ),
+    Case(
+        "antimeridian",
+        "Fiji-like polygon crossing 180° (170..190) into a Pacific CRS",
+        _parquet("antimeridian.parquet", lambda: _frame([box(170, -20, 190, -10)])),
+        target_crs="EPSG:3832",
+        verify=_rows(1),
+    ),
+    Case(
+        "dissolve_key_missing",
+        "no region_id column",
+        _parquet("nokey.parquet", lambda: _frame([box(0, 0, 1, 1)], other=[1])),
+        "dissolve",
+        "is not in the data",
+    ),
+    Case(
+        "dissolve_key_all_null",
+        "region_id null in every row",
+        _parquet("nullkey.parquet", lambda: _frame([box(0, 0, 1, 1)], region_id=[None])),
+        "dissolve",
+        "null in every row",
+    ),
+    Case(
+        "dissolve_key_mixed_types",
+        "region_id 1 and 'a' in one GeoJSON column",
+        _text(
+            "mixedkey.geojson",
+            _geojson([_feature(SQUARE, region_id=1), _feature(SQUARE, region_id="a")]),
+        ),
+        verify=_rows(2),
+    ),
+    Case(
+        "duplicate_column_names",
+        "Parquet with two region_id columns",
+        _duplicate_columns,
+        "ingest",
+        "duplicate column names",
+    ),
+    Case("curved_geometries", "CurvePolygons (GeoPackage)", _curves, "ingest", "CONVERT_TO_LINEAR"),
+]

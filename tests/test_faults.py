@@ -1,0 +1,216 @@
+"""Faults injected into real workers during real Dagster runs (GEOISO_FAULTS hook).
+
+After each: the previous good output intact, no temp file left that a later run could
+mistake for output, no orphan process, retries exactly as the failure table says, and
+the next run succeeds.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from dagster import DagsterEventType, instance_for_test, materialize
+
+from geoiso_dagster.defs.assets import geo_assets
+from geoiso_dagster.defs.partitions import source_files
+from geoiso_dagster.defs.resources import SpatialWorkerPool
+from geoiso_dagster.paths import ASSET_NAMES, output_path
+
+KEY = "countries.gpkg"
+CONFIG = {"ops": {"dissolved_regions": {"config": {"dissolve_by": "continent"}}}}
+EXPECTED_ROWS = {"raw_features": 177, "reprojected_features": 177, "dissolved_regions": 8}
+
+
+def _descendants() -> list[psutil.Process]:
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if "multiprocessing.resource_tracker" in " ".join(p.cmdline()):
+                continue  # one per process, exits with it, runs no task
+        except psutil.NoSuchProcess:
+            continue
+        found.append(p)
+    return found
+
+
+@pytest.fixture
+def instance():
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(source_files.name, [KEY])
+        yield instance
+
+
+@pytest.fixture
+def good_outputs(instance, data_root):
+    shutil.copy("data/sample/countries.gpkg", data_root / "inbox" / KEY)
+    assert _run(instance).success
+    return {a: output_path(a, KEY).read_bytes() for a in ASSET_NAMES}
+
+
+def _run(instance, **pool):
+    return materialize(
+        geo_assets,
+        instance=instance,
+        partition_key=KEY,
+        run_config=CONFIG,
+        resources={"spatial_pool": SpatialWorkerPool(max_workers=2, **pool)},
+        raise_on_error=False,
+    )
+
+
+def _inject(monkeypatch, tmp_path, task, at, fault, times) -> Path:
+    state = tmp_path / "fault-state"
+    spec = {"task": task, "at": at, "fault": fault, "times": times, "state": str(state)}
+    monkeypatch.setenv("GEOISO_FAULTS", json.dumps([spec]))
+    return state
+
+
+def _events(result, kind):
+    return [e for e in result.all_events if e.event_type == kind]
+
+
+def _temps(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "warehouse").rglob(".*"))
+
+
+def _assert_outputs_good(root: Path) -> None:
+    for asset, rows in EXPECTED_ROWS.items():
+        assert pq.ParquetFile(output_path(asset, KEY, root)).metadata.num_rows == rows
+
+
+RECOVERS = [
+    ("reproject", "write", "sigkill", {}),
+    ("dissolve", "start", "abort", {}),
+    ("ingest", "start", "hang", {"task_timeout_s": 3.0}),
+    ("ingest", "write", "enospc", {}),
+]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("task", "at", "fault", "pool"), RECOVERS, ids=[r[2] for r in RECOVERS])
+def test_a_transient_fault_is_retried_once_and_the_run_succeeds(
+    task, at, fault, pool, instance, good_outputs, data_root, monkeypatch, tmp_path
+):
+    state = _inject(monkeypatch, tmp_path, task, at, fault, times=1)
+    result = _run(instance, **pool)
+    assert len(list(state.glob("fired-*"))) == 1, "the fault did not fire"
+    assert result.success
+    assert len(_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 1
+    _assert_outputs_good(data_root)
+    assert _temps(data_root) == []
+    assert _descendants() == []
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    ("task", "at", "fault", "message"),
+    [
+        ("reproject", "write", "sigkill", "killed by SIGKILL"),
+        ("ingest", "write", "enospc", "File too large"),
+    ],
+)
+def test_a_persistent_fault_gives_up_after_three_attempts_and_loses_nothing(
+    task, at, fault, message, instance, good_outputs, data_root, monkeypatch, tmp_path
+):
+    _inject(monkeypatch, tmp_path, task, at, fault, times=3)
+    result = _run(instance)
+    assert not result.success
+    retries = _events(result, DagsterEventType.STEP_UP_FOR_RETRY)
+    assert len(retries) == 2
+    assert all(5 <= r.event_specific_data.seconds_to_wait <= 60 for r in retries)
+    (failure,) = _events(result, DagsterEventType.STEP_FAILURE)
+    description = failure.step_failure_data.user_failure_data.description
+    assert message in description and "attempt 3 of 3" in description
+    assert {a: output_path(a, KEY).read_bytes() for a in ASSET_NAMES} == good_outputs
+    assert _temps(data_root) == []
+    assert _descendants() == []
+
+    monkeypatch.delenv("GEOISO_FAULTS")
+    assert _run(instance).success
+    _assert_outputs_good(data_root)
+
+
+def test_a_memory_spike_fails_once_naming_peak_and_limit(
+    instance, good_outputs, data_root, monkeypatch, tmp_path
+):
+    _inject(monkeypatch, tmp_path, "dissolve", "start", "memory", times=1)
+    result = _run(instance, memory_limit_mb=700)
+    assert not result.success
+    assert _events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    (failure,) = _events(result, DagsterEventType.STEP_FAILURE)
+    description = failure.step_failure_data.user_failure_data.description
+    assert "memory_limit_mb=700" in description and "MB of memory" in description
+    assert output_path("dissolved_regions", KEY).read_bytes() == good_outputs["dissolved_regions"]
+    assert _temps(data_root) == []
+    assert _descendants() == []
+
+
+@pytest.mark.timeout(240)
+def test_run_process_killed_mid_write_then_run_again(data_root, tmp_path):
+    """SIGKILL the `dagster asset materialize` process while a worker is writing; its
+    workers must die, the published outputs stay as they were, and the next run sweeps
+    the dead run's temp files and succeeds."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "GEOISO_DATA_ROOT": str(data_root)}
+    shutil.copy("data/sample/countries.gpkg", tmp_path / KEY)
+    bin_dir = Path(sys.executable).parent
+    subprocess.run([bin_dir / "geoiso", "add", str(tmp_path / KEY)], env=env, check=True)
+    command = [
+        bin_dir / "dagster",
+        "asset",
+        "materialize",
+        "-m",
+        "geoiso_dagster.definitions",
+        "--select",
+        ",".join(ASSET_NAMES),
+        "--partition",
+        KEY,
+        "--config-json",
+        json.dumps(CONFIG),
+    ]
+    assert subprocess.run(command, env=env, capture_output=True, timeout=180).returncode == 0
+    good = {a: output_path(a, KEY, data_root).read_bytes() for a in ASSET_NAMES}
+
+    state = tmp_path / "fault-state"
+    faults = [{"task": "dissolve", "at": "write", "fault": "hang", "times": 1, "state": str(state)}]
+    run = subprocess.Popen(
+        command,
+        env={**env, "GEOISO_FAULTS": json.dumps(faults)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list(state.glob("hanging-*")) and time.monotonic() < deadline:
+        assert run.poll() is None, "the run ended before the fault fired"
+        time.sleep(0.2)
+    workers = [psutil.Process(int(p.name.split("-")[1])) for p in state.glob("hanging-*")]
+    everything = psutil.Process(run.pid).children(recursive=True)
+    assert _temps(data_root), "the hung worker should have a temp file on disk"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    gone, alive = psutil.wait_procs(everything + workers, timeout=10)
+    assert alive == [], f"orphans after the run process was killed: {alive}"
+
+    assert {a: output_path(a, KEY, data_root).read_bytes() for a in ASSET_NAMES} == {
+        **good,
+        # raw and reprojected were republished by the killed run before dissolve began;
+        # they are complete files (rename is atomic), so compare content, not bytes.
+        "raw_features": output_path("raw_features", KEY, data_root).read_bytes(),
+        "reprojected_features": output_path("reprojected_features", KEY, data_root).read_bytes(),
+    }
+    _assert_outputs_good(data_root)
+
+    assert subprocess.run(command, env=env, capture_output=True, timeout=180).returncode == 0
+    _assert_outputs_good(data_root)
+    assert _temps(data_root) == []

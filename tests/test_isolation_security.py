@@ -1,0 +1,113 @@
+"""The data root is a jail: no key, setting or symlink reads or writes outside it."""
+
+import json
+import shutil
+
+import pytest
+from dagster import DagsterEventType, instance_for_test, materialize
+
+from geoiso_dagster.defs.assets import geo_assets
+from geoiso_dagster.defs.partitions import source_files
+from geoiso_dagster.defs.resources import SpatialWorkerPool
+from geoiso_dagster.errors import BadInputError, UnsafeNameError
+from geoiso_dagster.inbox import read_sidecar
+from geoiso_dagster.paths import output_path
+from geoiso_dagster.settings import check_aggregations, check_target_crs
+
+
+def _run(key: str, config=None):
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(source_files.name, [key])
+        result = materialize(
+            geo_assets,
+            instance=instance,
+            partition_key=key,
+            run_config=config,
+            resources={"spatial_pool": SpatialWorkerPool(max_workers=1)},
+            raise_on_error=False,
+        )
+        failures = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+        retries = [
+            e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY
+        ]
+        return result, failures, retries
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "+init=epsg:4326",
+        "+proj=longlat +nadgrids=/etc/passwd",
+        "+proj=longlat +geoidgrids=@./x.gtx",
+        "+proj=longlat +nadgrids=~/grid.gsb",
+        "C:\\grids\\x.gsb",
+        "",
+        "x" * 20_001,
+    ],
+)
+def test_crs_settings_that_name_files_are_refused(value):
+    with pytest.raises(BadInputError, match="target_crs"):
+        check_target_crs(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["EPSG:6933", "+proj=laea +lat_0=52 +lon_0=10 +ellps=GRS80 +nadgrids=@null", "OGC:CRS84"],
+)
+def test_ordinary_crs_settings_pass(value):
+    assert check_target_crs(value) == value
+
+
+def test_aggregations_are_an_allow_list():
+    check_aggregations("first", {"pop": "sum"})
+    for bad in ("to_csv", "apply", "__class__", "plot"):
+        with pytest.raises(BadInputError, match="not one of"):
+            check_aggregations(bad, {})
+        with pytest.raises(BadInputError, match="not one of"):
+            check_aggregations("first", {"pop": bad})
+
+
+def test_sidecar_settings_are_checked(tmp_path):
+    source = tmp_path / "a.gpkg"
+    source.write_bytes(b"x")
+    sidecar = tmp_path / "a.gpkg.geoiso.json"
+    sidecar.write_text(json.dumps({"target_crs": "+init=/etc/passwd"}))
+    with pytest.raises(BadInputError, match="init"):
+        read_sidecar(source)
+    sidecar.write_text(json.dumps({"aggfunc": "to_pickle"}))
+    with pytest.raises(BadInputError, match="not one of"):
+        read_sidecar(source)
+
+
+def test_a_symlinked_source_outside_the_root_fails_the_step(data_root, tmp_path):
+    outside = tmp_path / "elsewhere" / "secret.gpkg"
+    outside.parent.mkdir()
+    shutil.copy("data/sample/countries.gpkg", outside)
+    (data_root / "inbox" / "link.gpkg").symlink_to(outside)
+    result, failures, retries = _run("link.gpkg")
+    assert not result.success and retries == []
+    assert "outside the data root" in failures[0].step_failure_data.user_failure_data.description
+    assert not (data_root / "warehouse").exists()
+
+
+def test_a_symlinked_warehouse_folder_is_never_written_through(data_root, tmp_path):
+    outside = tmp_path / "not_the_warehouse"
+    outside.mkdir()
+    (data_root / "warehouse").mkdir()
+    (data_root / "warehouse" / "raw_features").symlink_to(outside)
+    with pytest.raises(UnsafeNameError, match="outside the data root"):
+        output_path("raw_features", "countries.gpkg")
+    shutil.copy("data/sample/countries.gpkg", data_root / "inbox" / "countries.gpkg")
+    result, failures, _ = _run("countries.gpkg")
+    assert not result.success
+    assert list(outside.iterdir()) == []
+
+
+def test_a_bad_config_value_is_a_clear_non_retried_failure(data_root):
+    shutil.copy("data/sample/countries.gpkg", data_root / "inbox" / "countries.gpkg")
+    config = {"ops": {"reprojected_features": {"config": {"target_crs": "+init=/etc/x:1"}}}}
+    result, failures, retries = _run("countries.gpkg", config)
+    assert not result.success and retries == []
+    (failure,) = failures
+    assert failure.step_key == "reprojected_features"
+    assert "Bad config" in failure.step_failure_data.user_failure_data.description
