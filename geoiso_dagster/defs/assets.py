@@ -30,6 +30,8 @@ from geoiso_dagster.pool import TaskResult
 from geoiso_dagster.settings import check_aggregations, check_target_crs
 
 GROUP = "geo"
+# Dagster concurrency pool of the heavy steps; dagster.yaml limits how many runs use it.
+POOL = "geoiso_workers"
 # Step-specific facts that go to the catalog as they are.
 _STEP_FACTS = (
     "transformed",
@@ -150,6 +152,7 @@ def _geo_asset(name: str, upstream: AssetsDefinition | None, library: str):
         check_specs=check_specs(name),
         automation_condition=_AFTER_CHECKS if upstream else None,
         kinds={"geoparquet", library},
+        pool=POOL,
     )
 
 

@@ -20,9 +20,16 @@ from geoiso_dagster.defs.partitions import source_files
 
 SETTLE_ENV = "GEOISO_INBOX_SETTLE_S"
 DEFAULT_SETTLE_S = 5.0
+INTERVAL_ENV = "GEOISO_INBOX_INTERVAL_S"
+DEFAULT_INTERVAL_S = 15
 
 
-def build_inbox_sensor(job: JobDefinition, minimum_interval_seconds: int = 15) -> SensorDefinition:
+def build_inbox_sensor(
+    job: JobDefinition, minimum_interval_seconds: int | None = None
+) -> SensorDefinition:
+    if minimum_interval_seconds is None:
+        minimum_interval_seconds = int(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL_S))
+
     @sensor(
         name="inbox_sensor",
         job=job,

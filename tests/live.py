@@ -1,0 +1,138 @@
+"""A real `dagster dev` (webserver + daemon + code server) on 127.0.0.1 for the tests.
+
+Started in its own session with default signal handling (a CI shell may hand down
+ignored SIGINT/SIGTERM), stopped by signalling that session, and checked to leave no
+process behind.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _default_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+class DagsterDev:
+    def __init__(self, home: Path, data_root: Path, log: Path, **env: str) -> None:
+        self.home, self.data_root, self.log_path = home, data_root, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "GEOISO_DATA_ROOT": str(data_root),
+            **env,
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> "DagsterDev":
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [BIN / "dagster", "dev", "-h", "127.0.0.1", "-p", str(self.port)],
+            cwd=REPO,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_default_signals,
+        )
+        self.wait_ready(timeout)
+        return self
+
+    def graphql(self, query: str, variables: dict | None = None, timeout: float = 30) -> dict:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        request = urllib.request.Request(
+            f"{self.url}/graphql", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            payload = json.loads(response.read())
+        assert "errors" not in payload, payload["errors"]
+        return payload["data"]
+
+    def wait_ready(self, timeout: float) -> None:
+        """Server info answers, the code location is loaded, every daemon is healthy."""
+        deadline = time.monotonic() + timeout
+        last = "nothing yet"
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"dagster dev exited; see {self.log_path}"
+            try:
+                with urllib.request.urlopen(f"{self.url}/server_info", timeout=5):
+                    pass
+                data = self.graphql(
+                    "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus"
+                    " locationOrLoadError { __typename } } } }"
+                    " instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } } }"
+                )
+                entries = data["workspaceOrError"]["locationEntries"]
+                daemons = data["instance"]["daemonHealth"]["allDaemonStatuses"]
+                loaded = [
+                    e
+                    for e in entries
+                    if e["loadStatus"] == "LOADED"
+                    and e["locationOrLoadError"]["__typename"] == "RepositoryLocation"
+                ]
+                unhealthy = [d["daemonType"] for d in daemons if d["required"] and not d["healthy"]]
+                if loaded and not unhealthy:
+                    return
+                last = f"locations={entries} unhealthy daemons={unhealthy}"
+            except (OSError, AssertionError) as exc:
+                last = repr(exc)
+            time.sleep(1)
+        raise TimeoutError(f"dagster dev not ready after {timeout} s: {last}; log {self.log_path}")
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of the server's session (webserver, daemon, code servers, runs,
+        their worker pools)."""
+        if self.proc is None:
+            return []
+        sid = self.proc.pid  # start_new_session: the server leads its own session
+        found = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+            except (ProcessLookupError, psutil.Error, PermissionError):
+                continue
+        return found
+
+    def stop(self, timeout: float = 60) -> list[psutil.Process]:
+        """SIGTERM the session, SIGKILL what remains; return what was still alive after
+        the polite stop (the tests assert it is nothing)."""
+        if self.proc is None:
+            return []
+        session = self.processes()
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        _, alive = psutil.wait_procs(session, timeout=15)
+        for p in alive:
+            p.kill()
+        psutil.wait_procs(alive, timeout=5)
+        self._log.close()
+        self.proc = None
+        return alive
