@@ -68,3 +68,11 @@ def allocate_at_once(megabytes: int) -> dict:
     """One allocation far bigger than the ceiling: faster than any RSS poll."""
     block = bytearray(megabytes * 2**20)
     return {"allocated_mb": len(block) // 2**20}
+
+
+def slow_progress(seconds: float) -> dict:
+    from geoiso_dagster.pool.worker import progress
+
+    progress("started the slow part", step=1)
+    time.sleep(seconds)
+    return {"done": True}

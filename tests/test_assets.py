@@ -192,3 +192,37 @@ def test_an_async_asset_can_fan_tasks_out(instance, data_root, countries):
         [two_views], instance=instance, resources={"spatial_pool": SpatialWorkerPool()}
     )
     assert result.success
+
+
+def test_progress_reaches_the_run_log_while_the_worker_works(instance):
+    from dagster import AssetExecutionContext
+
+    from geoiso_dagster.defs.retries import run_task
+
+    @asset
+    def slow(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool) -> None:
+        run_task(context, spatial_pool, "slow_progress", seconds=2.0)
+
+    result = materialize(
+        [slow],
+        instance=instance,
+        resources={"spatial_pool": SpatialWorkerPool(task_module="tests.pool_tasks")},
+    )
+    logs = instance.all_logs(result.run_id)
+    (message,) = [e for e in logs if e.user_message == "started the slow part"]
+    (success,) = [
+        e
+        for e in logs
+        if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_SUCCESS
+    ]
+    assert success.timestamp - message.timestamp > 1.5, "progress arrived only at the end"
+
+
+def test_the_real_steps_say_what_they_do(instance, data_root, countries):
+    result = _run(instance, countries)
+    messages = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert any(m.startswith("read 177 features from countries.gpkg") for m in messages)
+    assert any(m.startswith("reprojected 177 features to EPSG:6933") for m in messages)
+    assert any(m.startswith("dissolved into 8 groups") for m in messages)
+    (mat,) = result.asset_materializations_for_node("dissolved_regions")
+    assert mat.metadata["map"].value.startswith("![8 regions](data:image/png;base64,")

@@ -207,3 +207,36 @@ def test_aggregations_and_null_keys(tmp_path):
     assert out.loc["a", "pop"] == 3 and out.loc["b", "pop"] == 3
     assert out.loc["a"].geometry.area == pytest.approx(2.0)
     assert facts["dropped_null_keys"] == 1
+
+
+def test_thumbnail_draws_each_region_in_its_colour_and_leaves_holes_empty():
+    from geoiso_dagster.spatial.thumbnail import PALETTE, decode_png, render
+
+    square_with_hole = Polygon(
+        [(0, 0), (10, 0), (10, 10), (0, 10)], [[(4, 4), (6, 4), (6, 6), (4, 6)]]
+    )
+    png = render([square_with_hole, shapely.box(20, 0, 30, 10)], max_width=62, max_height=40)
+    pixels = decode_png(png)
+    height, width, _ = pixels.shape
+    assert (width, height) == (62, 22)
+    scale = 60 / 30
+
+    def at(x, y):
+        return pixels[int((10 - y) * scale + 1), int(x * scale + 1)]
+
+    assert tuple(at(2, 2)[:3]) == tuple(PALETTE[0]) and at(2, 2)[3] == 255
+    assert tuple(at(25, 5)[:3]) == tuple(PALETTE[1])
+    assert at(5, 5)[3] == 0, "the hole stays transparent"
+    assert at(15, 5)[3] == 0, "the gap between regions stays transparent"
+
+
+def test_dissolve_reports_a_small_map(naturalearth_shp, tmp_path):
+    import base64
+
+    from geoiso_dagster.spatial.thumbnail import decode_png
+
+    _, _, dis = _chain(naturalearth_shp, tmp_path, "EPSG:6933", "continent")
+    png = base64.b64decode(dis["thumbnail_png"])
+    assert len(png) < 10_000
+    pixels = decode_png(png)
+    assert pixels.shape[1] == 240 and (pixels[..., 3] == 255).mean() > 0.2

@@ -100,12 +100,11 @@ def _metadata(result: TaskResult, path: Path) -> dict:
     }
     for library, version in facts["versions"].items():
         metadata[f"{library}_version"] = MetadataValue.text(version)
-    for extra in (
-        "transformed",
-        "repaired_geometries",
-        "dropped_null_keys",
-        "dropped_non_polygonal",
-    ):
+    if "thumbnail_png" in facts:
+        metadata["map"] = MetadataValue.md(
+            f"![{facts['rows']} regions](data:image/png;base64,{facts['thumbnail_png']})"
+        )
+    for extra in _STEP_FACTS:
         if extra in facts:
             metadata[extra] = facts[extra]
     return metadata

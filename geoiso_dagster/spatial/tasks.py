@@ -1,9 +1,11 @@
 """The tasks the pool runs, by name: path in, GeoParquet path out, facts returned."""
 
+import base64
 import os
 import time
 from pathlib import Path
 
+import geopandas
 import numpy as np
 import pandas as pd
 import pyproj
@@ -12,7 +14,7 @@ import shapely
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.pool.worker import progress
 from geoiso_dagster.settings import check_aggregations, check_target_crs
-from geoiso_dagster.spatial import faults, integrity, io
+from geoiso_dagster.spatial import faults, integrity, io, thumbnail
 from geoiso_dagster.spatial.io import read_geoparquet, read_source, write_geoparquet
 
 FEATURE_COUNT_COLUMN = "feature_count"
@@ -197,33 +199,45 @@ def dissolve(
         repaired=repaired_count,
     )
 
+    grouped = frame.drop(columns=geometry_name).groupby(dissolve_by, sort=True)
     agg = {c: aggregations.get(c, aggfunc) for c in columns if c != dissolve_by}
     try:
-        attributes = (
-            frame.drop(columns=geometry_name).groupby(dissolve_by, sort=True).agg(agg)
-            if agg
-            else pd.DataFrame(index=pd.Index(sorted(frame[dissolve_by].unique()), name=dissolve_by))
-        )
+        attributes = grouped.agg(agg) if agg else pd.DataFrame(index=grouped.size().index)
     except (AttributeError, TypeError, ValueError) as exc:
         raise BadInputError(
             source, f"aggregation failed ({aggfunc=}, {aggregations=}): {exc}"
         ) from exc
-    dissolved = frame[[dissolve_by, geometry_name]].dissolve(by=dissolve_by, sort=True)
-    result = dissolved.join(attributes)
-    result[FEATURE_COUNT_COLUMN] = frame.groupby(dissolve_by, sort=True).size()
-    result = result.reset_index()
+    attributes[FEATURE_COUNT_COLUMN] = grouped.size()
+    unions = union_by_group(frame.geometry.values, grouped.indices, attributes.index)
+    result = attributes.reset_index()
+    result[geometry_name] = unions
+    result = geopandas.GeoDataFrame(result, geometry=geometry_name, crs=frame.crs)
     progress(
         f"dissolved into {len(result)} groups in {time.perf_counter() - started:.2f} s",
         groups=len(result),
     )
     facts = write_geoparquet(result, output)
     facts.update(
+        thumbnail_png=base64.b64encode(thumbnail.render(result.geometry.values)).decode(),
         repaired_geometries=repaired_count,
         dropped_null_keys=null_keys,
         dropped_non_polygonal=int((~keep).sum()),
         dissolve_by=dissolve_by,
     )
     return facts
+
+
+def union_by_group(geometries: np.ndarray, indices: dict, keys) -> np.ndarray:
+    """The union of each group's geometries, in the order of `keys`, reporting progress
+    about once a second so a long dissolve is never a silent spinner."""
+    unions = np.empty(len(keys), dtype=object)
+    last_report = time.monotonic()
+    for n, key in enumerate(keys):
+        unions[n] = shapely.union_all(geometries[indices[key]])
+        if time.monotonic() - last_report >= 1.0:
+            progress(f"dissolved {n + 1} of {len(keys)} groups", groups_done=n + 1)
+            last_report = time.monotonic()
+    return unions
 
 
 def inspect(
