@@ -7,8 +7,12 @@ from dagster import (
     AssetCheckSeverity,
     AssetKey,
     AssetMaterialization,
+    AssetRecordsFilter,
     evaluate_automation_conditions,
     instance_for_test,
+)
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,  # public constructor args, private path
 )
 
 from geoiso_dagster.definitions import defs
@@ -25,6 +29,12 @@ def test_reprojected_follows_raw_only_when_its_blocking_checks_passed(check_pass
         assert first.total_requested == 0
 
         instance.report_runless_asset_event(AssetMaterialization("raw_features", partition=KEY))
+        (record,) = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey("raw_features"), asset_partitions=[KEY]), limit=1
+        ).records
+        target = AssetCheckEvaluationTargetMaterializationData(
+            storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
+        )
         for check_name in CHECKS_BY_ASSET["raw_features"]:
             instance.report_runless_asset_event(
                 AssetCheckEvaluation(
@@ -34,9 +44,12 @@ def test_reprojected_follows_raw_only_when_its_blocking_checks_passed(check_pass
                     severity=AssetCheckSeverity.ERROR,
                     blocking=True,
                     partition=KEY,
+                    target_materialization_data=target,
                 )
             )
         second = evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
-        requested = second.get_requested_partitions(AssetKey("reprojected_features"))
-        assert requested == ({KEY} if check_passed else set())
-        assert second.get_requested_partitions(AssetKey("dissolved_regions")) == set()
+        expected = {KEY} if check_passed else set()
+        # Passed: reprojected is requested, and dissolved with it in the same tick (its own
+        # upstream will be requested, and checks "will be requested" count as passing).
+        for downstream in ("reprojected_features", "dissolved_regions"):
+            assert second.get_requested_partitions(AssetKey(downstream)) == expected, downstream

@@ -3,6 +3,8 @@ anything downstream runs. A failed check fails the step, so downstream is skippe
 
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetKey
 
+from geoiso_dagster.defs.partitions import source_files
+
 READABLE = "readable_geoparquet"
 ROW_COUNT = "row_count_matches"
 CRS = "crs_matches_target"
@@ -25,7 +27,13 @@ CHECKS_BY_ASSET = {
 
 def check_specs(asset: str) -> list[AssetCheckSpec]:
     return [
-        AssetCheckSpec(name, asset=asset, description=_DESCRIPTIONS[name], blocking=True)
+        AssetCheckSpec(
+            name,
+            asset=asset,
+            description=_DESCRIPTIONS[name],
+            blocking=True,
+            partitions_def=source_files,  # results per source file, like the asset's
+        )
         for name in CHECKS_BY_ASSET[asset]
     ]
 
