@@ -5,13 +5,13 @@ demo:            ## set up, then run the main job on the shipped sample data
 	scripts/setup.sh
 	scripts/demo.sh
 
-test:            ## set up (with the osgeo bindings), then run the whole test suite
-	scripts/setup.sh --osgeo
+test:            ## set up (plus test-only system packages), then run the whole test suite
+	scripts/setup.sh --test
 	.venv/bin/ruff check geoiso_dagster tests
 	.venv/bin/python -m pytest
 
 setup:
-	scripts/setup.sh --osgeo
+	scripts/setup.sh --test
 
 lint:
 	.venv/bin/ruff check geoiso_dagster tests

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # Set up everything the project needs on a fresh machine, idempotently.
 #   scripts/setup.sh          the package and its dev tools in .venv
-#   scripts/setup.sh --osgeo  also Debian's libgdal-dev and the matching GDAL bindings
-#                             (the optional osgeo path; the tests exercise it)
+#   scripts/setup.sh --test   also what only the tests need, from Debian: libgdal-dev (for
+#                             the optional osgeo bindings, built to match it) and
+#                             chromium (for the browser test, driven by Playwright)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
-if [ "${1:-}" = "--osgeo" ] && ! command -v gdal-config >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "setup: installing Debian's libgdal-dev (for the osgeo bindings)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgdal-dev >/dev/null
-    else
-        echo "setup: libgdal-dev missing and cannot apt-get it here; osgeo bindings not installed" >&2
+if [ "${1:-}" = "--test" ]; then
+    missing=()
+    command -v gdal-config >/dev/null 2>&1 || missing+=(libgdal-dev)
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
+    if [ ${#missing[@]} -gt 0 ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "setup: installing Debian's ${missing[*]}"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        else
+            echo "setup: cannot apt-get ${missing[*]} here; their tests will skip" >&2
+        fi
     fi
 fi
 
@@ -23,7 +29,7 @@ pip install --upgrade pip
 pip install -e ".[dev]"
 .venv/bin/python -c "import dagster, geopandas, pebble" # fail here, not later, if the install did
 
-if [ "${1:-}" = "--osgeo" ] && command -v gdal-config >/dev/null 2>&1; then
+if [ "${1:-}" = "--test" ] && command -v gdal-config >/dev/null 2>&1; then
     version=$(gdal-config --version)
     if ! .venv/bin/python -c "from osgeo import gdal; assert gdal.__version__ == '$version'" 2>/dev/null; then
         echo "setup: building the GDAL $version bindings against the system libgdal"

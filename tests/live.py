@@ -21,6 +21,13 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 
 
+_READY = """{
+  workspaceOrError { ... on Workspace { locationEntries {
+    name loadStatus locationOrLoadError { __typename } } } }
+  instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } }
+}"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,11 +88,7 @@ class DagsterDev:
             try:
                 with urllib.request.urlopen(f"{self.url}/server_info", timeout=5):
                     pass
-                data = self.graphql(
-                    "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus"
-                    " locationOrLoadError { __typename } } } }"
-                    " instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } } }"
-                )
+                data = self.graphql(_READY)
                 entries = data["workspaceOrError"]["locationEntries"]
                 daemons = data["instance"]["daemonHealth"]["allDaemonStatuses"]
                 loaded = [

@@ -180,8 +180,10 @@ def test_twenty_files_at_once_and_two_cli_runs_of_one_partition(tmp_path, natura
         assert len(runs) == len(expected) + 1
         assert runs[0].tags["dagster/partition"] == "batch_03.gpkg"  # newest first
     finally:
-        sampler.stop()
-        leftovers = server.stop()
+        try:
+            sampler.stop()
+        finally:
+            leftovers = server.stop()
     assert leftovers == [], f"processes left after stopping dagster dev: {leftovers}"
 
     # Outputs identical to a serial, in-process run of the same steps.
