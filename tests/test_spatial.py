@@ -240,3 +240,36 @@ def test_dissolve_reports_a_small_map(naturalearth_shp, tmp_path):
     assert len(png) < 10_000
     pixels = decode_png(png)
     assert pixels.shape[1] == 240 and (pixels[..., 3] == 255).mean() > 0.2
+
+
+@pytest.mark.parametrize("target", ["EPSG:6933", "EPSG:3857", "ESRI:54009"])
+def test_streamed_reprojection_is_bit_identical_to_the_whole_frame_one(target, tmp_path):
+    """Row groups streamed through shapely.transform + pyproj give exactly what
+    GeoDataFrame.to_crs gives, for 2D and 3D geometries, across row groups."""
+    n = ROW_GROUP_ROWS + 123
+    rng = np.random.default_rng(3)
+    x, y = rng.uniform(-170, 170, n), rng.uniform(-80, 80, n)
+    polygons = shapely.buffer(shapely.points(x, y), 0.5, quad_segs=2)
+    polygons[::7] = shapely.force_3d(polygons[::7], z=12.5)
+    frame = geopandas.GeoDataFrame({"region_id": np.arange(n) % 9}, geometry=polygons, crs=4326)
+    raw = tasks.ingest(_parquet(frame, tmp_path / "in.parquet"), str(tmp_path / "raw.parquet"))
+    assert raw["row_groups"] == 2
+    streamed = tasks.reproject(raw["path"], str(tmp_path / "rep.parquet"), target)
+    assert streamed["transformed"] and streamed["row_groups"] == 2 and streamed["rows"] == n
+    out = geopandas.read_parquet(streamed["path"])
+    whole = geopandas.read_parquet(raw["path"]).to_crs(target)
+    assert out.crs.equals(whole.crs)
+    assert shapely.equals_exact(out.geometry.values, whole.geometry.values, tolerance=0).all()
+    assert (shapely.has_z(out.geometry.values) == shapely.has_z(polygons)).all()
+    assert streamed["bbox"] == pytest.approx(list(whole.total_bounds), rel=1e-12)
+    geo = json.loads(pq.ParquetFile(streamed["path"]).schema_arrow.metadata[b"geo"])
+    assert geo["version"] == "1.1.0" and "bbox" in geo["columns"]["geometry"]["covering"]
+    boxes = pq.read_table(streamed["path"], columns=["bbox"]).column(0).combine_chunks()
+    assert boxes.field("xmin").to_numpy() == pytest.approx(
+        shapely.bounds(whole.geometry.values)[:, 0]
+    )
+
+
+def _parquet(frame, path) -> str:
+    frame.to_parquet(path)
+    return str(path)

@@ -120,15 +120,19 @@ def check_text(frame, path: Path) -> None:
             ) from None
 
 
-def check_finite(frame, path: Path, when: str = "") -> None:
-    """No NaN or infinite coordinates: GEOS and PROJ give garbage for them."""
-    geometries = frame.geometry.values
+def nonfinite(geometries: np.ndarray) -> np.ndarray:
+    """Mask of geometries with a NaN or infinite coordinate (X, Y or Z)."""
     present = ~shapely.is_missing(geometries) & ~shapely.is_empty(geometries)
-    finite_xy = np.isfinite(shapely.bounds(geometries)).all(axis=1)
-    bad = present & ~finite_xy
+    bad = present & ~np.isfinite(shapely.bounds(geometries)).all(axis=1)
     with_z = present & shapely.has_z(geometries)
     for i in np.flatnonzero(with_z & ~bad):  # bounds do not look at Z
         bad[i] = not np.isfinite(shapely.get_coordinates(geometries[i], include_z=True)).all()
+    return bad
+
+
+def check_finite(frame, path: Path) -> None:
+    """No NaN or infinite coordinates: GEOS and PROJ give garbage for them."""
+    bad = nonfinite(frame.geometry.values)
     if bad.any():
         rows = np.flatnonzero(bad)
         raise BadInputError(

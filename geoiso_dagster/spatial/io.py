@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 
 import geopandas
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pyogrio
 import pyproj
@@ -42,7 +44,7 @@ def _errno(exc: OSError) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _os_error(path: Path, exc: OSError, doing: str) -> Exception:
+def os_error(path: Path, exc: OSError, doing: str) -> Exception:
     code = _errno(exc)
     reason = exc.strerror or " ".join(str(exc).split())
     if code in TRANSIENT_ERRNOS:
@@ -64,7 +66,7 @@ def read_source(path: str | Path) -> geopandas.GeoDataFrame:
     except FileNotFoundError:
         raise BadInputError(str(path), "file does not exist") from None
     except OSError as exc:
-        raise _os_error(path, exc, "stat") from exc
+        raise os_error(path, exc, "stat") from exc
     if size == 0:
         raise BadInputError(str(path), "file is empty (0 bytes)")
     is_parquet = path.suffix.lower() in PARQUET_SUFFIXES
@@ -79,7 +81,7 @@ def read_source(path: str | Path) -> geopandas.GeoDataFrame:
             frame = geopandas.read_file(path, engine="pyogrio", use_arrow=True)
             declared = pyogrio.read_info(path)["features"]
     except OSError as exc:
-        raise _os_error(path, exc, "reading") from exc
+        raise os_error(path, exc, "reading") from exc
     except NotImplementedError as exc:  # shapely: curves
         raise BadInputError(
             str(path),
@@ -108,7 +110,7 @@ def read_geoparquet(path: str | Path) -> geopandas.GeoDataFrame:
     try:
         frame = geopandas.read_parquet(path)
     except OSError as exc:
-        raise _os_error(path, exc, "reading") from exc
+        raise os_error(path, exc, "reading") from exc
     except Exception as exc:
         raise BadInputError(str(path), f"is not readable GeoParquet: {_one_line(exc)}") from exc
     return _usable(frame, path)
@@ -143,27 +145,57 @@ def write_geoparquet(frame: geopandas.GeoDataFrame, target: str | Path) -> dict:
                 row_group_size=ROW_GROUP_ROWS,
             )
     except OSError as exc:
-        raise _os_error(target, exc, "writing") from exc
-    return describe(frame, target)
+        raise os_error(target, exc, "writing") from exc
+    return describe(target)
 
 
-def describe(frame: geopandas.GeoDataFrame, path: Path) -> dict:
-    """The facts the catalog shows about an output file."""
+def geoparquet_crs(path: Path) -> pyproj.CRS:
+    """The CRS a GeoParquet file declares (its `geo` metadata), refused when it has none."""
+    if not path.exists():
+        raise BadInputError(str(path), "upstream output does not exist; materialize it first")
+    geo = geo_metadata(path)
+    column = geo["columns"][geo["primary_column"]]
+    if "crs" in column and column["crs"] is None:
+        raise BadInputError(str(path), "has an undefined CRS (crs: null)")
+    crs = column.get("crs", "OGC:CRS84")  # GeoParquet: absent means OGC:CRS84
+    try:
+        return pyproj.CRS.from_user_input(crs if isinstance(crs, str) else json.dumps(crs))
+    except pyproj.exceptions.CRSError as exc:
+        raise BadInputError(str(path), f"declares a CRS PROJ does not know: {exc}") from exc
+
+
+def describe(path: Path) -> dict:
+    """The facts the catalog shows about an output file, read from the file itself."""
     parquet = pq.ParquetFile(path)
-    schema = parquet.schema_arrow
-    bounds = [float(v) for v in frame.total_bounds]
+    geo = json.loads(parquet.schema_arrow.metadata[b"geo"])
+    column = geo["columns"][geo["primary_column"]]
+    crs = geoparquet_crs(path)
     return {
         "path": str(path),
         "rows": int(parquet.metadata.num_rows),
         "row_groups": int(parquet.metadata.num_row_groups),
         "bytes": path.stat().st_size,
-        "crs": crs_label(frame.crs),
-        "crs_name": frame.crs.name,
-        "bbox": bounds,
-        "geometry_types": sorted(str(t) for t in frame.geom_type.dropna().unique()),
-        "columns": [{"name": f.name, "type": str(f.type)} for f in schema],
+        "crs": crs_label(crs),
+        "crs_name": crs.name,
+        "bbox": _bbox(parquet, column),
+        "geometry_types": sorted(column.get("geometry_types", [])),
+        "columns": [{"name": f.name, "type": str(f.type)} for f in parquet.schema_arrow],
         "versions": versions(),
     }
+
+
+def _bbox(parquet: pq.ParquetFile, column: dict) -> list[float]:
+    """The file's bbox: from its `geo` metadata, else from the bbox covering column."""
+    if column.get("bbox"):
+        return [float(v) for v in column["bbox"]]
+    covering = column.get("covering", {}).get("bbox")
+    if not covering:
+        return []
+    boxes = parquet.read(columns=[covering["xmin"][0]]).column(0).combine_chunks()
+    fields = [boxes.field(name) for name in ("xmin", "ymin", "xmax", "ymax")]
+    lows = [pa.compute.min(f).as_py() for f in fields[:2]]
+    highs = [pa.compute.max(f).as_py() for f in fields[2:]]
+    return [float(v) for v in (*lows, *highs)]
 
 
 def crs_label(crs: pyproj.CRS) -> str:

@@ -2,6 +2,7 @@
 
 import base64
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import pyproj
 import shapely
 
 from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.fsutil import atomic_path
 from geoiso_dagster.pool.worker import progress
 from geoiso_dagster.settings import check_aggregations, check_target_crs
-from geoiso_dagster.spatial import faults, integrity, io, thumbnail
+from geoiso_dagster.spatial import faults, integrity, io, stream, thumbnail
 from geoiso_dagster.spatial.io import read_geoparquet, read_source, write_geoparquet
 
 FEATURE_COUNT_COLUMN = "feature_count"
@@ -55,30 +57,46 @@ def _parse_crs(value: str, path: str) -> pyproj.CRS:
 
 
 def reproject(source: str, output: str, target_crs: str) -> dict:
-    """reprojected_features: to `target_crs`; no transform when the CRS already equals it."""
+    """reprojected_features: to `target_crs`, streamed row group by row group; a copy
+    when the CRS already equals it (compared by pyproj, not as text)."""
     faults.at_start("reproject")
     target = _parse_crs(target_crs, source)
-    frame = read_geoparquet(source)
-    if frame.crs.equals(target):
-        transformed = False
-        progress(f"{len(frame)} features already in {io.crs_label(target)}; no transform")
-    else:
-        started = time.perf_counter()
-        geometries, measured = drop_m(frame.geometry.values)
-        if measured:
-            progress(f"dropped M values of {measured} measured geometries before the transform")
-            frame = frame.set_geometry(geometries, crs=frame.crs)
-        frame = frame.to_crs(target)
-        transformed = True
-        progress(
-            f"reprojected {len(frame)} features to {io.crs_label(target)} "
-            f"in {time.perf_counter() - started:.2f} s"
-        )
-        _refuse_unrepresentable(frame, source, target)
-        integrity.check_finite(frame, Path(source), when=f"after reprojection to {target_crs}")
-    facts = write_geoparquet(frame, output)
-    facts["transformed"] = transformed
-    facts["dropped_m"] = measured if transformed else 0
+    source_crs = io.geoparquet_crs(Path(source))
+    started = time.perf_counter()
+    measured = 0
+    if source_crs.equals(target):
+        with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
+            shutil.copyfile(source, tmp)
+        progress(f"already in {io.crs_label(target)}; copied without a transform")
+        facts = io.describe(Path(output))
+        facts.update(transformed=False, dropped_m=0)
+        return facts
+    limits = _projected_area_of_use(target)
+
+    def prepare(geometries: np.ndarray) -> np.ndarray:
+        nonlocal measured
+        geometries, dropped = drop_m(geometries)
+        measured += dropped
+        return geometries
+
+    def check(moved: np.ndarray, first_row: int) -> None:
+        _refuse_unrepresentable(moved, first_row, source, target, limits)
+
+    def report(done: int, total: int) -> None:
+        progress(f"reprojected row group {done} of {total}", row_groups_done=done)
+
+    try:
+        with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
+            written = stream.reproject_file(Path(source), tmp, target, prepare, check, report)
+    except OSError as exc:
+        raise io.os_error(Path(output), exc, "writing") from exc
+    progress(
+        f"reprojected {written['rows']} features to {io.crs_label(target)} "
+        f"in {time.perf_counter() - started:.2f} s"
+        + (f" (dropped M values of {measured} measured geometries)" if measured else "")
+    )
+    facts = io.describe(Path(output))
+    facts.update(transformed=True, dropped_m=measured)
     return facts
 
 
@@ -99,30 +117,34 @@ def _projected_area_of_use(target: pyproj.CRS) -> tuple[float, float, float, flo
     return minx - dx, miny - dy, maxx + dx, maxy + dy
 
 
-def _refuse_unrepresentable(frame, source: str, target: pyproj.CRS) -> None:
+def _refuse_unrepresentable(
+    moved: np.ndarray, first_row: int, source: str, target: pyproj.CRS, limits
+) -> None:
     """Refuse features the target CRS cannot hold: non-finite coordinates after the
     transform, or coordinates far outside where the CRS is defined (the poles in Web
     Mercator come out finite but meaningless, at y = 2.4e8 m)."""
-    geometries = frame.geometry.values
-    present = ~shapely.is_missing(geometries) & ~shapely.is_empty(geometries)
-    bounds = shapely.bounds(geometries)
-    bad = present & ~np.isfinite(bounds).all(axis=1)
-    limits = _projected_area_of_use(target)
+    present = ~shapely.is_missing(moved) & ~shapely.is_empty(moved)
+    bounds = shapely.bounds(moved)
+    bad = integrity.nonfinite(moved)
     where = "non-finite coordinates after the transform"
     if limits is not None:
         minx, miny, maxx, maxy = limits
-        outside = present & (
-            (bounds[:, 0] < minx)
-            | (bounds[:, 1] < miny)
-            | (bounds[:, 2] > maxx)
-            | (bounds[:, 3] > maxy)
+        outside = (
+            present
+            & ~bad
+            & (
+                (bounds[:, 0] < minx)
+                | (bounds[:, 1] < miny)
+                | (bounds[:, 2] > maxx)
+                | (bounds[:, 3] > maxy)
+            )
         )
         if outside.any():
             area = target.area_of_use.name.split(".")[0]
             where = f"far outside where it is defined ({area})"
         bad |= outside
     if bad.any():
-        rows = np.flatnonzero(bad)
+        rows = np.flatnonzero(bad) + first_row
         raise BadInputError(
             source,
             f"{len(rows)} feature(s) cannot be represented in {io.crs_label(target)}: "
