@@ -273,3 +273,32 @@ def test_streamed_reprojection_is_bit_identical_to_the_whole_frame_one(target, t
 def _parquet(frame, path) -> str:
     frame.to_parquet(path)
     return str(path)
+
+
+def test_coverage_union_gives_the_unary_result_on_a_coverage(tmp_path):
+    from benchmarks.data import voronoi_coverage
+
+    frame = voronoi_coverage(3000, seed=7)
+    source = _parquet(frame, tmp_path / "cells.parquet")
+    facts = tasks.dissolve(source, str(tmp_path / "d.parquet"), "region_id")
+    assert facts["coverage_union_groups"] == facts["rows"] > 1
+    assert facts["unary_union_groups"] == 0
+    out = geopandas.read_parquet(facts["path"]).set_index("region_id")
+    for key, group in frame.groupby("region_id"):
+        unary = shapely.union_all(group.geometry.values)
+        got = out.loc[key, "geometry"]
+        assert shapely.equals(got, unary), key
+        assert got.area == pytest.approx(unary.area, rel=1e-9)
+        assert got.is_valid
+
+
+def test_overlapping_polygons_fall_back_to_the_unary_union(tmp_path):
+    squares = [shapely.box(0, 0, 2, 2), shapely.box(1, 1, 3, 3), shapely.box(10, 10, 11, 11)]
+    frame = geopandas.GeoDataFrame({"region_id": [1, 1, 2]}, geometry=squares, crs=3857)
+    facts = tasks.dissolve(
+        _parquet(frame, tmp_path / "sq.parquet"), str(tmp_path / "d.parquet"), "region_id"
+    )
+    assert (facts["coverage_union_groups"], facts["unary_union_groups"]) == (1, 1)
+    out = geopandas.read_parquet(facts["path"]).set_index("region_id")
+    assert out.loc[1, "geometry"].area == pytest.approx(7.0)
+    assert out.loc[2, "geometry"].area == pytest.approx(1.0)

@@ -39,6 +39,8 @@ _STEP_FACTS = (
     "repaired_geometries",
     "dropped_null_keys",
     "dropped_non_polygonal",
+    "coverage_union_groups",
+    "unary_union_groups",
 )
 # Downstream waits until its upstream's blocking checks passed (or pass in this run).
 _AFTER_CHECKS = AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
