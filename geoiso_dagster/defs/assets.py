@@ -200,7 +200,11 @@ def dissolved_regions(
         "dissolved_regions",
         output,
         "dissolve",
-        inspect_kwargs={"expected_crs_of": source, "unique_key": config.dissolve_by},
+        inspect_kwargs={
+            "expected_crs_of": source,
+            "unique_key": config.dissolve_by,
+            "geometries": "all",
+        },
         source=source,
         dissolve_by=config.dissolve_by,
         aggfunc=config.aggfunc,

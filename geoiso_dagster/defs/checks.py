@@ -12,7 +12,8 @@ VALID = "geometries_valid_nonempty"
 UNIQUE_KEYS = "dissolve_keys_unique"
 
 _DESCRIPTIONS = {
-    READABLE: "The file reads back as GeoParquet 1.1 with a bbox covering column.",
+    READABLE: "The file reads back as GeoParquet 1.1 with a bbox covering column, and its "
+    "geometries decode (the first row group; every row of dissolved_regions).",
     ROW_COUNT: "Rows in the file equal the row count the step reported.",
     CRS: "The file's CRS equals the target CRS (compared with pyproj, not as text).",
     VALID: "Every geometry is present, non-empty and valid.",
