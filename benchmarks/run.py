@@ -33,6 +33,7 @@ import shapely
 
 from benchmarks.data import dataset
 from geoiso_dagster.pool import PoolSettings, WorkerPool
+from tests.live import materialize_command
 
 TARGET_CRS = "EPSG:4326"
 BY = "region_id"
@@ -101,19 +102,7 @@ def cli(gpkg: Path, parquet: Path, work: Path) -> dict:
         }
     }
     run = subprocess.run(
-        [
-            BIN / "dagster",
-            "asset",
-            "materialize",
-            "-m",
-            "geoiso_dagster.definitions",
-            "--select",
-            "raw_features,reprojected_features,dissolved_regions",
-            "--partition",
-            key,
-            "--config-json",
-            json.dumps(config),
-        ],
+        materialize_command(key, config),
         env=env,
         capture_output=True,
         text=True,

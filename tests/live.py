@@ -139,3 +139,23 @@ class DagsterDev:
         self._log.close()
         self.proc = None
         return alive
+
+
+def materialize_command(key: str, config: dict | None = None) -> list:
+    """The real `dagster asset materialize` of all three assets for partition `key`."""
+    from geoiso_dagster.paths import ASSET_NAMES
+
+    command = [
+        BIN / "dagster",
+        "asset",
+        "materialize",
+        "-m",
+        "geoiso_dagster.definitions",
+        "--select",
+        ",".join(ASSET_NAMES),
+        "--partition",
+        key,
+    ]
+    if config is not None:
+        command += ["--config-json", json.dumps(config)]
+    return command

@@ -1,7 +1,6 @@
 """The real command line: `geoiso add`, then `dagster asset materialize` in a subprocess
 on a temporary DAGSTER_HOME and data root, then the instance's event log read back."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance
 
 from geoiso_dagster.paths import ASSET_NAMES, output_path
+from tests.live import materialize_command
 
 BIN = Path(sys.executable).parent
 SELECT = ",".join(ASSET_NAMES)
@@ -50,19 +50,7 @@ def test_add_then_materialize_with_the_dagster_cli(cli_env, data_root, tmp_path)
 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     run = subprocess.run(
-        [
-            BIN / "dagster",
-            "asset",
-            "materialize",
-            "-m",
-            "geoiso_dagster.definitions",
-            "--select",
-            SELECT,
-            "--partition",
-            key,
-            "--config-json",
-            json.dumps(CONFIG),
-        ],
+        materialize_command(key, CONFIG),
         env=cli_env,
         capture_output=True,
         text=True,

@@ -23,6 +23,7 @@ from geoiso_dagster.defs.assets import geo_assets
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.paths import ASSET_NAMES, output_path
+from tests.live import materialize_command
 
 KEY = "countries.gpkg"
 CONFIG = {"ops": {"dissolved_regions": {"config": {"dissolve_by": "continent"}}}}
@@ -166,19 +167,7 @@ def test_run_process_killed_mid_write_then_run_again(data_root, tmp_path):
     shutil.copy("data/sample/countries.gpkg", tmp_path / KEY)
     bin_dir = Path(sys.executable).parent
     subprocess.run([bin_dir / "geoiso", "add", str(tmp_path / KEY)], env=env, check=True)
-    command = [
-        bin_dir / "dagster",
-        "asset",
-        "materialize",
-        "-m",
-        "geoiso_dagster.definitions",
-        "--select",
-        ",".join(ASSET_NAMES),
-        "--partition",
-        KEY,
-        "--config-json",
-        json.dumps(CONFIG),
-    ]
+    command = materialize_command(KEY, CONFIG)
     assert subprocess.run(command, env=env, capture_output=True, timeout=180).returncode == 0
     good = {a: output_path(a, KEY, data_root).read_bytes() for a in ASSET_NAMES}
 

@@ -19,7 +19,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from geoiso_dagster.paths import ASSET_NAMES, output_path
 from geoiso_dagster.spatial import tasks
-from tests.live import BIN, DagsterDev
+from tests.live import BIN, DagsterDev, materialize_command
 
 FILES = 20
 MAX_WORKERS = 2
@@ -121,17 +121,7 @@ def test_twenty_files_at_once_and_two_cli_runs_of_one_partition(tmp_path, natura
             capture_output=True,
             text=True,
         ).stdout.split()[-1]
-        command = [
-            BIN / "dagster",
-            "asset",
-            "materialize",
-            "-m",
-            "geoiso_dagster.definitions",
-            "--select",
-            ",".join(ASSET_NAMES),
-            "--partition",
-            key,
-        ]
+        command = materialize_command(key)
         cli = [
             subprocess.Popen(
                 command, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
