@@ -226,3 +226,42 @@ def test_the_real_steps_say_what_they_do(instance, data_root, countries):
     assert any(m.startswith("dissolved into 8 groups") for m in messages)
     (mat,) = result.asset_materializations_for_node("dissolved_regions")
     assert mat.metadata["map"].value.startswith("![8 regions](data:image/png;base64,")
+
+
+def test_large_steps_fan_out_and_equal_the_single_task_results(instance, data_root, monkeypatch):
+    import geopandas
+    import numpy as np
+    import shapely
+
+    from geoiso_dagster.defs import fanout
+
+    n = 120_001  # three row groups of at most 50,000
+    rng = np.random.default_rng(5)
+    squares = shapely.box(
+        *(rng.uniform(0, 1e5, (2, n)) + [[0], [0]]), *(rng.uniform(0, 1e5, (2, n)) + 10)
+    )
+    frame = geopandas.GeoDataFrame({"region_id": np.arange(n) % 50}, geometry=squares, crs=3035)
+    frame.to_parquet(data_root / "inbox" / "many.parquet")
+    config = {"ops": {"reprojected_features": {"config": {"target_crs": "EPSG:4326"}}}}
+
+    monkeypatch.setattr(fanout, "FAN_OUT_MIN_ROWS", 10**9)
+    assert _run(instance, "many.parquet", config=config).success
+    single = pq.read_table(output_path("reprojected_features", "many.parquet"))
+    single_dissolved = pq.read_table(output_path("dissolved_regions", "many.parquet"))
+
+    monkeypatch.setattr(fanout, "FAN_OUT_MIN_ROWS", 1)
+    result = _run(instance, "many.parquet", config=config)
+    assert result.success
+    (mat,) = result.asset_materializations_for_node("reprojected_features")
+    assert mat.metadata["fanned_out_over"].value == 2
+    fanned = pq.read_table(output_path("reprojected_features", "many.parquet"))
+    assert fanned.equals(single)
+    (dissolved,) = result.asset_materializations_for_node("dissolved_regions")
+    assert dissolved.metadata["fanned_out_over"].value == 2
+    assert dissolved.metadata["dagster/row_count"].value == 50
+    assert pq.read_table(output_path("dissolved_regions", "many.parquet")).equals(single_dissolved)
+    assert (
+        pq.ParquetFile(output_path("reprojected_features", "many.parquet")).metadata.num_row_groups
+        == 3
+    )
+    assert _leftover_temps(data_root) == []

@@ -1,7 +1,7 @@
 """raw_features -> reprojected_features -> dissolved_regions, one GeoParquet file per
 source file. The steps here only orchestrate: the work runs in the worker pool."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dagster import (
@@ -20,6 +20,7 @@ from dagster import (
 from pydantic import Field
 
 from geoiso_dagster import paths
+from geoiso_dagster.defs import fanout
 from geoiso_dagster.defs.checks import check_results, check_specs
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
@@ -41,6 +42,7 @@ _STEP_FACTS = (
     "dropped_non_polygonal",
     "coverage_union_groups",
     "unary_union_groups",
+    "fanned_out_over",
 )
 # Downstream waits until its upstream's blocking checks passed (or pass in this run).
 _AFTER_CHECKS = AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
@@ -117,7 +119,7 @@ def _produce(
     pool: SpatialWorkerPool,
     asset_name: str,
     output: Path,
-    function: str,
+    function: str | Callable[[Path], TaskResult],
     inspect_kwargs: dict | None = None,
     **task_kwargs,
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
@@ -128,7 +130,10 @@ def _produce(
     sweep_stale_temps(output)
     staged = temp_path_for(output)
     try:
-        result = run_task(context, pool, function, output=str(staged), **task_kwargs)
+        if callable(function):  # a step that plans its own tasks (fanout)
+            result = function(staged)
+        else:
+            result = run_task(context, pool, function, output=str(staged), **task_kwargs)
         seen = run_task(context, pool, "inspect", path=str(staged), **(inspect_kwargs or {}))
         checks = check_results(asset_name, result.facts, seen.facts)
         if all(check.passed for check in checks):
@@ -178,10 +183,8 @@ def reprojected_features(
         spatial_pool,
         "reprojected_features",
         output,
-        "reproject",
+        lambda staged: fanout.reproject(context, spatial_pool, source, staged, config.target_crs),
         inspect_kwargs={"expected_crs": config.target_crs},
-        source=source,
-        target_crs=config.target_crs,
     )
 
 
@@ -199,16 +202,20 @@ def dissolved_regions(
         spatial_pool,
         "dissolved_regions",
         output,
-        "dissolve",
+        lambda staged: fanout.dissolve(
+            context,
+            spatial_pool,
+            source,
+            staged,
+            dissolve_by=config.dissolve_by,
+            aggfunc=config.aggfunc,
+            aggregations=dict(config.aggregations),
+        ),
         inspect_kwargs={
             "expected_crs_of": source,
             "unique_key": config.dissolve_by,
             "geometries": "all",
         },
-        source=source,
-        dissolve_by=config.dissolve_by,
-        aggfunc=config.aggfunc,
-        aggregations=dict(config.aggregations),
     )
 
 

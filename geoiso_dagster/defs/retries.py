@@ -1,6 +1,7 @@
 """From pool outcomes to Dagster: Failure for bad input, RetryRequested for transient
 faults, with exponential backoff and jitter kept inside 5-60 s."""
 
+import concurrent.futures
 import queue
 import random
 
@@ -28,39 +29,59 @@ def backoff_seconds(retry_number: int, rng: random.Random | None = None) -> floa
 
 def run_task(context: OpExecutionContext, pool: SpatialWorkerPool, function: str, **kwargs):
     """Run a worker task for a step; progress goes to the run's log as it happens."""
+    return run_tasks(context, pool, [(function, kwargs)])[0]
+
+
+def run_tasks(
+    context: OpExecutionContext, pool: SpatialWorkerPool, calls: list[tuple[str, dict]]
+) -> list[TaskResult]:
+    """Run tasks side by side on the pool's workers and wait for all of them. The first
+    failure cancels the others (killing their workers) and is raised as run_task would:
+    Failure for bad input, RetryRequested with backoff for transient faults."""
     messages: queue.Queue[dict] = queue.Queue()
-    future = pool.pool.submit(function, on_progress=messages.put, **kwargs)
-    while True:
-        try:
-            result: TaskResult = future.result(timeout=0.25)
-            break
-        except TimeoutError:
+    futures = [pool.pool.submit(fn, on_progress=messages.put, **kwargs) for fn, kwargs in calls]
+    try:
+        while not all(f.done() for f in futures):
+            concurrent.futures.wait(futures, timeout=0.25, return_when="FIRST_EXCEPTION")
             _drain(context, messages)
-        except BadInputError as exc:
-            raise Failure(
-                description=f"Bad input: {exc}",
-                metadata={"file": MetadataValue.path(exc.path), "cause": exc.cause},
-                allow_retries=False,
-            ) from None
-        except MemoryLimitError as exc:
-            raise Failure(description=str(exc), allow_retries=False) from None
-        except GeoisoError as exc:
-            if not exc.retryable:
-                raise Failure(description=str(exc), allow_retries=False) from None
-            attempt = context.retry_number + 1
-            if attempt >= MAX_ATTEMPTS:
-                raise Failure(
-                    description=f"{exc} (attempt {attempt} of {MAX_ATTEMPTS}; giving up)",
-                    allow_retries=False,
-                ) from None
-            wait = backoff_seconds(context.retry_number)
-            context.log.warning(
-                f"{type(exc).__name__}: {exc}; attempt {attempt} of {MAX_ATTEMPTS}, "
-                f"retrying in {wait:.1f} s"
-            )
-            raise RetryRequested(max_retries=MAX_ATTEMPTS - 1, seconds_to_wait=wait) from exc
+            if any(f.done() and f.exception() is not None for f in futures):
+                break
+        for future in futures:
+            if future.done() and future.exception() is not None:
+                _raise_for(context, future.exception())
+        results = [f.result() for f in futures]
+    finally:
+        for future in futures:
+            future.cancel()
     _drain(context, messages)
-    return result
+    return results
+
+
+def _raise_for(context: OpExecutionContext, exc: BaseException) -> None:
+    if isinstance(exc, BadInputError):
+        raise Failure(
+            description=f"Bad input: {exc}",
+            metadata={"file": MetadataValue.path(exc.path), "cause": exc.cause},
+            allow_retries=False,
+        ) from None
+    if isinstance(exc, MemoryLimitError):
+        raise Failure(description=str(exc), allow_retries=False) from None
+    if not isinstance(exc, GeoisoError):
+        raise exc
+    if not exc.retryable:
+        raise Failure(description=str(exc), allow_retries=False) from None
+    attempt = context.retry_number + 1
+    if attempt >= MAX_ATTEMPTS:
+        raise Failure(
+            description=f"{exc} (attempt {attempt} of {MAX_ATTEMPTS}; giving up)",
+            allow_retries=False,
+        ) from None
+    wait = backoff_seconds(context.retry_number)
+    context.log.warning(
+        f"{type(exc).__name__}: {exc}; attempt {attempt} of {MAX_ATTEMPTS}, "
+        f"retrying in {wait:.1f} s"
+    )
+    raise RetryRequested(max_retries=MAX_ATTEMPTS - 1, seconds_to_wait=wait) from exc
 
 
 def _drain(context: OpExecutionContext, messages: "queue.Queue[dict]") -> None:

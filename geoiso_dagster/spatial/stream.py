@@ -57,10 +57,12 @@ def reproject_file(
     prepare=None,
     check=None,
     on_group=None,
+    row_groups: list[int] | None = None,
 ) -> dict:
     """Stream `source` into `tmp` in `target`. `prepare(geometries)` may rewrite each
     group's geometries before the transform (dropping M); `check(geometries, first_row)`
-    may refuse the transformed ones; `on_group(done, total)` reports progress.
+    may refuse the transformed ones; `on_group(done, total)` reports progress;
+    `row_groups` limits the work to those row groups (one part of a fan-out).
     Returns the row count of what was written."""
     parquet = pq.ParquetFile(source, pre_buffer=False)
     geo = json.loads(parquet.schema_arrow.metadata[b"geo"])
@@ -78,17 +80,26 @@ def reproject_file(
         covering={"bbox": {f: ["bbox", f] for f in BBOX_FIELDS}},
     )
     new_geo = {**geo, "version": "1.1.0", "columns": {**geo["columns"], primary: column}}
+    groups = list(range(parquet.num_row_groups)) if row_groups is None else row_groups
+    first_rows = np.concatenate(
+        [
+            [0],
+            np.cumsum(
+                [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+            ),
+        ]
+    )
     rows = 0
     writer = None
     try:
-        for group in range(parquet.num_row_groups):
+        for done, group in enumerate(groups, start=1):
             table = parquet.read_row_group(group)
             geometries = shapely.from_wkb(table[primary].to_numpy(zero_copy_only=False))
             if prepare is not None:
                 geometries = prepare(geometries)
             moved = transform(geometries, transformer)
             if check is not None:
-                check(moved, rows)
+                check(moved, int(first_rows[group]))
             bounds = shapely.bounds(moved)
             table = table.set_column(
                 table.schema.get_field_index(primary), primary, pa.array(shapely.to_wkb(moved))
@@ -106,7 +117,7 @@ def reproject_file(
             writer.write_table(table, row_group_size=max(1, table.num_rows))
             rows += table.num_rows
             if on_group is not None:
-                on_group(group + 1, parquet.num_row_groups)
+                on_group(done, len(groups))
         if writer is None:
             raise BadInputError(str(source), "has no row groups")
     finally:
@@ -136,3 +147,23 @@ def geoparquet_types(geometries: np.ndarray) -> set[str]:
         )
     )
     return {_TYPE_NAMES[t] + (" Z" if z else "") for t, z in pairs}
+
+
+def concatenate(parts: list[Path], tmp: Path) -> int:
+    """Write the parts' row groups, in order, into one file (no decoding: Arrow tables
+    move as they are). The parts share schema and `geo` metadata by construction."""
+    writer = None
+    rows = 0
+    try:
+        for part in parts:
+            parquet = pq.ParquetFile(part, pre_buffer=False)
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, parquet.schema_arrow, compression="zstd")
+                writer.write_table(table, row_group_size=max(1, table.num_rows))
+                rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows

@@ -35,6 +35,17 @@ def ingest(source: str, output: str) -> dict:
     return facts
 
 
+def concatenate(parts: list[str], output: str) -> dict:
+    """Join the parts of a fan-out, in order, into `output` (atomically)."""
+    faults.at_start("concatenate")
+    try:
+        with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
+            stream.concatenate([Path(p) for p in parts], tmp)
+    except OSError as exc:
+        raise io.os_error(Path(output), exc, "writing") from exc
+    return io.describe(Path(output))
+
+
 def drop_m(geometries: np.ndarray) -> tuple[np.ndarray, int]:
     """Remove M values, keeping Z. The transform does not carry M: GeoPandas' to_crs
     turns both Z and M of an XYZM geometry into NaN, and shapely.force_3d sets Z to 0."""
@@ -57,15 +68,18 @@ def _parse_crs(value: str, path: str) -> pyproj.CRS:
         raise BadInputError(path, f"target_crs {value!r} is not a CRS PROJ knows: {exc}") from exc
 
 
-def reproject(source: str, output: str, target_crs: str) -> dict:
+def reproject(
+    source: str, output: str, target_crs: str, row_groups: list[int] | None = None
+) -> dict:
     """reprojected_features: to `target_crs`, streamed row group by row group; a copy
-    when the CRS already equals it (compared by pyproj, not as text)."""
+    when the CRS already equals it (compared by pyproj, not as text). With `row_groups`,
+    only those (one part of a fan-out over the workers; see `concatenate`)."""
     faults.at_start("reproject")
     target = _parse_crs(target_crs, source)
     source_crs = io.geoparquet_crs(Path(source))
     started = time.perf_counter()
     measured = 0
-    if source_crs.equals(target):
+    if source_crs.equals(target) and row_groups is None:
         with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
             shutil.copyfile(source, tmp)
         progress(f"already in {io.crs_label(target)}; copied without a transform")
@@ -88,7 +102,9 @@ def reproject(source: str, output: str, target_crs: str) -> dict:
 
     try:
         with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
-            written = stream.reproject_file(Path(source), tmp, target, prepare, check, report)
+            written = stream.reproject_file(
+                Path(source), tmp, target, prepare, check, report, row_groups
+            )
     except OSError as exc:
         raise io.os_error(Path(output), exc, "writing") from exc
     progress(
@@ -187,8 +203,14 @@ def dissolve(
     dissolve_by: str,
     aggfunc: str = "first",
     aggregations: dict[str, str] | None = None,
+    part: list[int] | None = None,
 ) -> dict:
-    """dissolved_regions: repair, keep polygons, union per key, aggregate the rest."""
+    """dissolved_regions: repair, keep polygons, union per key, aggregate the rest.
+
+    With `part` = [i, n], only the groups whose sorted position is i modulo n (one part
+    of a fan-out over the workers; `join_dissolved` puts the parts together). A part may
+    hold nothing: it then writes no file and says so.
+    """
     faults.at_start("dissolve")
     frame = read_geoparquet(source)
     geometry_name = frame.geometry.name
@@ -205,15 +227,30 @@ def dissolve(
     keys = frame[dissolve_by]
     if keys.isna().all():
         raise BadInputError(source, f"dissolve_by column {dissolve_by!r} is null in every row")
+    null_keys = int(keys.isna().sum())
+    if part is not None:
+        index, count = part
+        codes, _ = pd.factorize(keys, sort=True)
+        mine = (codes >= 0) & (codes % count == index)
+        frame, keys = frame[mine], keys[mine]
+        null_keys = null_keys if index == 0 else 0  # counted once, by the first part
+        if not len(frame):
+            return {"path": None, "rows": 0, "dropped_null_keys": null_keys}
 
     started = time.perf_counter()
     repaired, repaired_count = repair(frame.geometry.values)
     polygonal = polygonal_parts(repaired)
     keep = ~shapely.is_missing(polygonal) & ~shapely.is_empty(polygonal)
     if not keep.any():
+        if part is not None:
+            return {
+                "path": None,
+                "rows": 0,
+                "dropped_null_keys": null_keys,
+                "dropped_non_polygonal": int((~keep).sum()),
+            }
         kinds = sorted(str(t) for t in frame.geom_type.dropna().unique())
         raise BadInputError(source, f"has no polygonal geometries to dissolve (types: {kinds})")
-    null_keys = int(keys.isna().sum())
     frame = frame.set_geometry(polygonal)
     frame = frame[keep & keys.notna().to_numpy()]
     progress(
@@ -243,8 +280,9 @@ def dissolve(
         groups=len(result),
     )
     facts = write_geoparquet(result, output)
+    if part is None:
+        facts["thumbnail_png"] = _thumbnail(result)
     facts.update(
-        thumbnail_png=base64.b64encode(thumbnail.render(result.geometry.values)).decode(),
         repaired_geometries=repaired_count,
         dropped_null_keys=null_keys,
         dropped_non_polygonal=int((~keep).sum()),
@@ -258,6 +296,23 @@ def dissolve(
 # A coverage union is exact when the group's polygons really form a coverage; the union's
 # area must then equal the sum of their areas (to floating-point rounding).
 COVERAGE_AREA_TOLERANCE = 1e-9
+
+
+def _thumbnail(result) -> str:
+    return base64.b64encode(thumbnail.render(result.geometry.values)).decode()
+
+
+def join_dissolved(parts: list[str | None], output: str, dissolve_by: str, source: str) -> dict:
+    """Put the parts of a fanned-out dissolve together, ordered by key, as one file."""
+    faults.at_start("join_dissolved")
+    frames = [geopandas.read_parquet(p) for p in parts if p]
+    if not frames:
+        raise BadInputError(source, "has no polygonal geometries to dissolve")
+    result = pd.concat(frames, ignore_index=True).sort_values(dissolve_by, kind="stable")
+    result = geopandas.GeoDataFrame(result.reset_index(drop=True), crs=frames[0].crs)
+    facts = write_geoparquet(result, output)
+    facts["thumbnail_png"] = _thumbnail(result)
+    return facts
 
 
 def union_group(geometries: np.ndarray) -> tuple[object, bool]:
