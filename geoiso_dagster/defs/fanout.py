@@ -51,37 +51,53 @@ def reproject(
             context, pool, "reproject", source=source, output=str(staged), target_crs=target_crs
         )
     context.log.info(f"fanning out over {len(plan)} workers: row groups {plan}")
-    parts = [temp_path_for(staged) for _ in plan]
+    results, joined = _fan_out(
+        context,
+        pool,
+        staged,
+        [
+            lambda part, groups=groups: (
+                "reproject",
+                {
+                    "source": source,
+                    "output": str(part),
+                    "target_crs": target_crs,
+                    "row_groups": groups,
+                },
+            )
+            for groups in plan
+        ],
+        lambda parts, results: ("concatenate", {"parts": [str(p) for p in parts]}),
+    )
+    return _combined(
+        joined,
+        results,
+        transformed=any(r.facts["transformed"] for r in results),
+        dropped_m=sum(r.facts["dropped_m"] for r in results),
+    )
+
+
+def _fan_out(context, pool, staged: Path, parts_calls: list, join) -> tuple[list, TaskResult]:
+    """Run one task per part (each writing a temp file beside `staged`) side by side,
+    then the joining task into `staged`; the part files never outlive this call."""
+    parts = [temp_path_for(staged) for _ in parts_calls]
     try:
         results = run_tasks(
-            context,
-            pool,
-            [
-                (
-                    "reproject",
-                    {
-                        "source": source,
-                        "output": str(part),
-                        "target_crs": target_crs,
-                        "row_groups": groups,
-                    },
-                )
-                for part, groups in zip(parts, plan, strict=True)
-            ],
+            context, pool, [make(part) for make, part in zip(parts_calls, parts, strict=True)]
         )
-        joined = run_task(
-            context, pool, "concatenate", parts=[str(p) for p in parts], output=str(staged)
-        )
+        function, kwargs = join(parts, results)
+        joined = run_task(context, pool, function, output=str(staged), **kwargs)
     finally:
         for part in parts:
             part.unlink(missing_ok=True)
-    facts = joined.facts | {
-        "transformed": any(r.facts["transformed"] for r in results),
-        "dropped_m": sum(r.facts["dropped_m"] for r in results),
-        "fanned_out_over": len(plan),
-    }
+    return results, joined
+
+
+def _combined(joined: TaskResult, results: list[TaskResult], **facts) -> TaskResult:
+    """One TaskResult for the step: the joined file's facts, the parts' counts, the
+    highest worker peak, and the parts' (parallel) time plus the join's."""
     return TaskResult(
-        facts=facts,
+        facts=joined.facts | facts | {"fanned_out_over": len(results)},
         pid=joined.pid,
         peak_rss_mb=max(r.peak_rss_mb for r in [*results, joined]),
         duration_s=max(r.duration_s for r in results) + joined.duration_s,
@@ -112,39 +128,25 @@ def dissolve(
     if workers < 2 or rows < FAN_OUT_MIN_ROWS:
         return run_task(context, pool, "dissolve", source=source, output=str(staged), **options)
     context.log.info(f"fanning the dissolve out over {workers} workers by group")
-    parts = [temp_path_for(staged) for _ in range(workers)]
-    try:
-        results = run_tasks(
-            context,
-            pool,
-            [
-                (
-                    "dissolve",
-                    {"source": source, "output": str(part), "part": [i, workers], **options},
-                )
-                for i, part in enumerate(parts)
-            ],
-        )
-        joined = run_task(
-            context,
-            pool,
+    results, joined = _fan_out(
+        context,
+        pool,
+        staged,
+        [
+            lambda part, i=i: (
+                "dissolve",
+                {"source": source, "output": str(part), "part": [i, workers], **options},
+            )
+            for i in range(workers)
+        ],
+        lambda parts, results: (
             "join_dissolved",
-            parts=[r.facts["path"] for r in results],
-            output=str(staged),
-            dissolve_by=options["dissolve_by"],
-            source=source,
-        )
-    finally:
-        for part in parts:
-            part.unlink(missing_ok=True)
-    facts = joined.facts | {
-        name: sum(r.facts.get(name, 0) for r in results) for name in _DISSOLVE_COUNTS
-    }
-    facts |= {"dissolve_by": options["dissolve_by"], "fanned_out_over": workers}
-    return TaskResult(
-        facts=facts,
-        pid=joined.pid,
-        peak_rss_mb=max(r.peak_rss_mb for r in [*results, joined]),
-        duration_s=max(r.duration_s for r in results) + joined.duration_s,
-        tasks_run=joined.tasks_run,
+            {
+                "parts": [r.facts["path"] for r in results],
+                "dissolve_by": options["dissolve_by"],
+                "source": source,
+            },
+        ),
     )
+    counts = {name: sum(r.facts.get(name, 0) for r in results) for name in _DISSOLVE_COUNTS}
+    return _combined(joined, results, dissolve_by=options["dissolve_by"], **counts)
