@@ -302,3 +302,23 @@ def test_overlapping_polygons_fall_back_to_the_unary_union(tmp_path):
     out = geopandas.read_parquet(facts["path"]).set_index("region_id")
     assert out.loc[1, "geometry"].area == pytest.approx(7.0)
     assert out.loc[2, "geometry"].area == pytest.approx(1.0)
+
+
+def test_dissolve_parts_joined_equal_the_whole(naturalearth_shp, tmp_path):
+    frame = geopandas.read_file(naturalearth_shp)
+    frame.loc[:4, "continent"] = None  # null keys: dropped, counted once
+    source = _parquet(frame, tmp_path / "c.parquet")
+    whole = tasks.dissolve(source, str(tmp_path / "whole.parquet"), "continent")
+    parts = [
+        tasks.dissolve(source, str(tmp_path / f"p{i}.parquet"), "continent", part=[i, 3])
+        for i in range(3)
+    ]
+    joined = tasks.join_dissolved(
+        [p["path"] for p in parts], str(tmp_path / "joined.parquet"), "continent", source
+    )
+    assert pq.read_table(joined["path"]).equals(pq.read_table(whole["path"]))
+    assert sum(p["dropped_null_keys"] for p in parts) == whole["dropped_null_keys"] == 5
+    assert sum(p["rows"] for p in parts) == whole["rows"] == 8
+    # more parts than keys: the extra parts hold nothing and say so
+    empty = tasks.dissolve(source, str(tmp_path / "e.parquet"), "continent", part=[9, 10])
+    assert empty == {"path": None, "rows": 0, "dropped_null_keys": 0}

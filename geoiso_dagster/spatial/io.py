@@ -102,13 +102,14 @@ def read_source(path: str | Path) -> geopandas.GeoDataFrame:
     return frame
 
 
-def read_geoparquet(path: str | Path) -> geopandas.GeoDataFrame:
-    """Read a GeoParquet file written by an upstream asset."""
+def read_geoparquet(path: str | Path, filters=None) -> geopandas.GeoDataFrame:
+    """Read a GeoParquet file written by an upstream asset (`filters`: a pyarrow
+    expression; only matching rows are decoded)."""
     path = Path(path)
     if not path.exists():
         raise BadInputError(str(path), "upstream output does not exist; materialize it first")
     try:
-        frame = geopandas.read_parquet(path)
+        frame = geopandas.read_parquet(path, filters=filters)
     except OSError as exc:
         raise os_error(path, exc, "reading") from exc
     except Exception as exc:

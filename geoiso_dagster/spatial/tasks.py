@@ -9,6 +9,7 @@ from pathlib import Path
 import geopandas
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyproj
 import shapely
@@ -212,7 +213,9 @@ def dissolve(
     hold nothing: it then writes no file and says so.
     """
     faults.at_start("dissolve")
-    frame = read_geoparquet(source)
+    frame = _read_for_dissolve(source, dissolve_by, part)
+    if frame is None:  # a part of a fan-out with no group of its own
+        return {"path": None, "rows": 0, "dropped_null_keys": 0}
     geometry_name = frame.geometry.name
     columns = [c for c in frame.columns if c != geometry_name]
     if dissolve_by not in columns:
@@ -225,17 +228,11 @@ def dissolve(
     if unknown:
         raise BadInputError(source, f"aggregations name columns not in the data: {unknown}")
     keys = frame[dissolve_by]
-    if keys.isna().all():
+    if part is None and keys.isna().all():
         raise BadInputError(source, f"dissolve_by column {dissolve_by!r} is null in every row")
     null_keys = int(keys.isna().sum())
-    if part is not None:
-        index, count = part
-        codes, _ = pd.factorize(keys, sort=True)
-        mine = (codes >= 0) & (codes % count == index)
-        frame, keys = frame[mine], keys[mine]
-        null_keys = null_keys if index == 0 else 0  # counted once, by the first part
-        if not len(frame):
-            return {"path": None, "rows": 0, "dropped_null_keys": null_keys}
+    if part is not None:  # the part holds no null key; the first part counts them all
+        null_keys = _null_keys(source, dissolve_by) if part[0] == 0 else 0
 
     started = time.perf_counter()
     repaired, repaired_count = repair(frame.geometry.values)
@@ -296,6 +293,32 @@ def dissolve(
 # A coverage union is exact when the group's polygons really form a coverage; the union's
 # area must then equal the sum of their areas (to floating-point rounding).
 COVERAGE_AREA_TOLERANCE = 1e-9
+
+
+def _read_for_dissolve(source: str, dissolve_by: str, part: list[int] | None):
+    """The whole file; or, for part [i, n], only the rows of every n-th key in sorted
+    order (the key column is read first, then only the part's rows are decoded), or None
+    when the part holds no key."""
+    if part is None:
+        return read_geoparquet(source)
+    index, count = part
+    names = [n for n in pq.read_schema(source).names if n != "bbox"]
+    if dissolve_by not in names:
+        raise BadInputError(
+            source, f"dissolve_by column {dissolve_by!r} is not in the data; columns: {names}"
+        )
+    keys = pq.read_table(source, columns=[dissolve_by]).column(0).to_pandas()
+    if keys.isna().all():
+        raise BadInputError(source, f"dissolve_by column {dissolve_by!r} is null in every row")
+    _, uniques = pd.factorize(keys, sort=True)
+    mine = list(uniques[index::count])
+    if not mine:
+        return None
+    return read_geoparquet(source, filters=pc.field(dissolve_by).isin(mine))
+
+
+def _null_keys(source: str, dissolve_by: str) -> int:
+    return int(pq.read_table(source, columns=[dissolve_by]).column(0).null_count)
 
 
 def _thumbnail(result) -> str:
