@@ -13,8 +13,9 @@ from geoiso_dagster.spatial.tasks import *  # noqa: F403 - the real tasks, too
 
 
 def sleep(seconds: float) -> dict:
+    started = time.time()
     time.sleep(seconds)
-    return {"slept": seconds, "pid": os.getpid()}
+    return {"slept": seconds, "pid": os.getpid(), "started": started, "ended": time.time()}
 
 
 def hang_in_c(seconds: float) -> dict:

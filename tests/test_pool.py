@@ -141,12 +141,11 @@ def test_async_fan_out_runs_tasks_in_parallel(test_pool):
     async def main():
         return await asyncio.gather(*(test_pool.run_async("sleep", seconds=1.0) for _ in range(2)))
 
-    started = time.monotonic()
-    results = asyncio.run(main())
-    elapsed = time.monotonic() - started
-    assert {r.facts["slept"] for r in results} == {1.0}
-    assert len({r.pid for r in results}) == 2
-    assert elapsed < 1.9, "two 1 s tasks on two workers should overlap"
+    a, b = (r.facts for r in asyncio.run(main()))
+    assert a["slept"] == b["slept"] == 1.0
+    assert a["pid"] != b["pid"]
+    # The two sleeps overlapped in time (timestamps taken inside the workers).
+    assert max(a["started"], b["started"]) < min(a["ended"], b["ended"])
 
 
 _TEARDOWN_SCRIPT = """
