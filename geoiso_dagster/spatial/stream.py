@@ -16,6 +16,7 @@ import pyproj
 import shapely
 
 from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.spatial.io import geoparquet_crs
 
 BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
 
@@ -24,14 +25,6 @@ def _bbox_column(bounds: np.ndarray) -> pa.StructArray:
     return pa.StructArray.from_arrays(
         [pa.array(bounds[:, i], type=pa.float64()) for i in range(4)], names=list(BBOX_FIELDS)
     )
-
-
-def source_crs(geo: dict) -> pyproj.CRS:
-    column = geo["columns"][geo["primary_column"]]
-    crs = column.get("crs", "OGC:CRS84")  # GeoParquet: a missing crs means OGC:CRS84
-    if crs is None:
-        raise ValueError("GeoParquet column has crs null (undefined)")
-    return pyproj.CRS.from_user_input(crs if isinstance(crs, str) else json.dumps(crs))
 
 
 def transform(geometries: np.ndarray, transformer: pyproj.Transformer) -> np.ndarray:
@@ -67,7 +60,7 @@ def reproject_file(
     parquet = pq.ParquetFile(source, pre_buffer=False)
     geo = json.loads(parquet.schema_arrow.metadata[b"geo"])
     primary = geo["primary_column"]
-    transformer = pyproj.Transformer.from_crs(source_crs(geo), target, always_xy=True)
+    transformer = pyproj.Transformer.from_crs(geoparquet_crs(source), target, always_xy=True)
     # The `geo` metadata lives in the Arrow schema, written before the first row group, so
     # it cannot carry the new bbox (optional in GeoParquet; readers get it from the bbox
     # covering column). The transform keeps geometry types, less any M dropped.
@@ -124,29 +117,6 @@ def reproject_file(
         if writer is not None:
             writer.close()
     return {"rows": rows}
-
-
-_TYPE_NAMES = {
-    0: "Point",
-    1: "LineString",
-    3: "Polygon",
-    4: "MultiPoint",
-    5: "MultiLineString",
-    6: "MultiPolygon",
-    7: "GeometryCollection",
-}
-
-
-def geoparquet_types(geometries: np.ndarray) -> set[str]:
-    """GeoParquet's geometry_types names ("Polygon", "MultiPolygon Z", ...)."""
-    pairs = set(
-        zip(
-            shapely.get_type_id(geometries).tolist(),
-            shapely.has_z(geometries).tolist(),
-            strict=True,
-        )
-    )
-    return {_TYPE_NAMES[t] + (" Z" if z else "") for t, z in pairs}
 
 
 def concatenate(parts: list[Path], tmp: Path) -> int:
