@@ -17,7 +17,7 @@ import geopandas
 import pyogrio
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from tests.live import DagsterDev
+from tests.live import FAST_INBOX, DagsterDev
 
 NATURAL_EARTH = (
     Path(pyogrio.__file__).parent / "tests/fixtures/naturalearth_lowres/naturalearth_lowres.shp"
@@ -42,8 +42,7 @@ def main() -> None:
             root / "home",
             root / "data",
             root / "dev.log",
-            GEOISO_INBOX_SETTLE_S="1",
-            GEOISO_INBOX_INTERVAL_S="5",
+            **FAST_INBOX,
         ).start()
         try:
             started = time.monotonic()

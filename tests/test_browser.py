@@ -10,7 +10,7 @@ import geopandas
 import pytest
 
 from geoiso_dagster.paths import output_path
-from tests.live import REPO, DagsterDev
+from tests.live import FAST_INBOX, REPO, DagsterDev
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
@@ -56,8 +56,7 @@ def test_materialize_dissolved_regions_from_the_ui(tmp_path, naturalearth_shp):
         tmp_path / "home",
         tmp_path / "data",
         tmp_path / "dagster-dev.log",
-        GEOISO_INBOX_SETTLE_S="1",
-        GEOISO_INBOX_INTERVAL_S="5",
+        **FAST_INBOX,
     )
     (server.data_root / "inbox").mkdir(parents=True)
     server.start()

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from geoiso_dagster.paths import ASSET_NAMES, output_path
-from tests.live import BIN, DagsterDev
+from tests.live import BIN, FAST_INBOX, DagsterDev
 
 LOCATION = "geoiso_dagster"
 LAUNCH = """
@@ -52,8 +52,7 @@ def server(tmp_path_factory):
         root / "home",
         root / "data",
         root / "dagster-dev.log",
-        GEOISO_INBOX_SETTLE_S="1",
-        GEOISO_INBOX_INTERVAL_S="5",
+        **FAST_INBOX,
     ).start()
     yield dev
     dev.stop()

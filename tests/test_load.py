@@ -19,7 +19,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from geoiso_dagster.paths import ASSET_NAMES, output_path
 from geoiso_dagster.spatial import tasks
-from tests.live import BIN, DagsterDev, materialize_command
+from tests.live import BIN, FAST_INBOX, DagsterDev, materialize_command
 
 FILES = 20
 MAX_WORKERS = 2
@@ -94,8 +94,7 @@ def test_twenty_files_at_once_and_two_cli_runs_of_one_partition(tmp_path, natura
     pool_env = {
         "GEOISO_POOL_MAX_WORKERS": str(MAX_WORKERS),
         "GEOISO_POOL_MEMORY_LIMIT_MB": str(CEILING_MB),
-        "GEOISO_INBOX_SETTLE_S": "1",
-        "GEOISO_INBOX_INTERVAL_S": "5",
+        **FAST_INBOX,
     }
     server = DagsterDev(home, data_root, tmp_path / "dagster-dev.log", **pool_env).start()
     sampler = WorkerSampler()
