@@ -16,7 +16,6 @@ import pyproj
 import shapely
 
 from geoiso_dagster.errors import BadInputError
-from geoiso_dagster.spatial.io import geoparquet_crs
 
 BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
 
@@ -46,6 +45,7 @@ def transform(geometries: np.ndarray, transformer: pyproj.Transformer) -> np.nda
 def reproject_file(
     source: Path,
     tmp: Path,
+    source_crs: pyproj.CRS,
     target: pyproj.CRS,
     prepare=None,
     check=None,
@@ -60,7 +60,7 @@ def reproject_file(
     parquet = pq.ParquetFile(source, pre_buffer=False)
     geo = json.loads(parquet.schema_arrow.metadata[b"geo"])
     primary = geo["primary_column"]
-    transformer = pyproj.Transformer.from_crs(geoparquet_crs(source), target, always_xy=True)
+    transformer = pyproj.Transformer.from_crs(source_crs, target, always_xy=True)
     # The `geo` metadata lives in the Arrow schema, written before the first row group, so
     # it cannot carry the new bbox (optional in GeoParquet; readers get it from the bbox
     # covering column). The transform keeps geometry types, less any M dropped.

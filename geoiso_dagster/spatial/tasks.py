@@ -104,7 +104,7 @@ def reproject(
     try:
         with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
             written = stream.reproject_file(
-                Path(source), tmp, target, prepare, check, report, row_groups
+                Path(source), tmp, source_crs, target, prepare, check, report, row_groups
             )
     except OSError as exc:
         raise io.os_error(Path(output), exc, "writing") from exc
