@@ -121,12 +121,20 @@ def check_text(frame, path: Path) -> None:
 
 
 def nonfinite(geometries: np.ndarray) -> np.ndarray:
-    """Mask of geometries with a NaN or infinite coordinate (X, Y or Z)."""
-    present = ~shapely.is_missing(geometries) & ~shapely.is_empty(geometries)
-    bad = present & ~np.isfinite(shapely.bounds(geometries)).all(axis=1)
-    with_z = present & shapely.has_z(geometries)
-    for i in np.flatnonzero(with_z & ~bad):  # bounds do not look at Z
-        bad[i] = not np.isfinite(shapely.get_coordinates(geometries[i], include_z=True)).all()
+    """Mask of geometries with a NaN or infinite coordinate (X, Y, or Z where it has Z).
+
+    Every coordinate is looked at: GEOS leaves a NaN out of a polygon's bounds, so bounds
+    alone would pass POLYGON ((0 0, NaN 0, 1 1, 0 0)).
+    """
+    bad = np.zeros(len(geometries), dtype=bool)
+    owners = np.repeat(np.arange(len(geometries)), shapely.get_num_coordinates(geometries))
+    xy = shapely.get_coordinates(geometries)
+    bad[owners[~np.isfinite(xy).all(axis=1)]] = True
+    with_z = np.flatnonzero(shapely.has_z(geometries) & ~bad)
+    if len(with_z):
+        z = shapely.get_coordinates(geometries[with_z], include_z=True)[:, 2]
+        z_owners = np.repeat(with_z, shapely.get_num_coordinates(geometries[with_z]))
+        bad[z_owners[~np.isfinite(z)]] = True
     return bad
 
 

@@ -1,8 +1,10 @@
 """Reading inputs and writing GeoParquet, with every failure named by file and cause."""
 
+import contextlib
 import errno
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import geopandas
@@ -15,7 +17,7 @@ import shapely
 
 from geoiso_dagster.errors import BadInputError, TransientIOError
 from geoiso_dagster.fsutil import atomic_path
-from geoiso_dagster.spatial import faults, integrity
+from geoiso_dagster.spatial import faults
 
 # Tens of thousands of rows per row group: small enough that a bbox filter skips most
 # of a file, large enough that per-group overhead stays negligible.
@@ -52,15 +54,8 @@ def os_error(path: Path, exc: OSError, doing: str) -> Exception:
     return BadInputError(str(path), f"{doing} failed: {reason}")
 
 
-def read_source(path: str | Path) -> geopandas.GeoDataFrame:
-    """Read any vector file GDAL reads, or GeoParquet; refuse what cannot be used.
-
-    GDAL is lenient where this pipeline must not be: it reads a truncated shapefile as
-    null geometries, a short .dbf as fewer rows, a shapefile without .dbf as no
-    attributes, an unknown GeoJSON CRS as WGS 84, and passes invalid UTF-8 through.
-    Each of those is refused here, by name, before anything is written.
-    """
-    path = Path(path)
+def check_readable(path: Path) -> None:
+    """The file exists and is not empty."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -69,37 +64,29 @@ def read_source(path: str | Path) -> geopandas.GeoDataFrame:
         raise os_error(path, exc, "stat") from exc
     if size == 0:
         raise BadInputError(str(path), "file is empty (0 bytes)")
-    is_parquet = path.suffix.lower() in PARQUET_SUFFIXES
-    if is_parquet:
-        integrity.check_parquet(path)
-    elif path.suffix.lower() == ".shp":
-        integrity.check_shapefile(path)
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Name the file and the cause of whatever reading it raises: GDAL, pyogrio, pyarrow
+    and shapely each have their own exception types."""
     try:
-        if is_parquet:
-            frame = geopandas.read_parquet(path)
-        else:
-            frame = geopandas.read_file(path, engine="pyogrio", use_arrow=True)
-            declared = pyogrio.read_info(path)["features"]
+        yield
+    except (BadInputError, TransientIOError):
+        raise
     except OSError as exc:
         raise os_error(path, exc, "reading") from exc
     except NotImplementedError as exc:  # shapely: curves
-        raise BadInputError(
-            str(path),
-            f"has geometry types this pipeline cannot represent ({exc}); convert curves to "
-            "linear geometries first (ogr2ogr -nlt CONVERT_TO_LINEAR)",
-        ) from exc
-    except Exception as exc:  # pyogrio, pyarrow and geopandas each have their own types
+        raise BadInputError(str(path), curves_cause(exc)) from exc
+    except Exception as exc:
         raise BadInputError(str(path), f"cannot be read as vector data: {_one_line(exc)}") from exc
-    if not is_parquet and declared >= 0 and declared != len(frame):
-        raise BadInputError(
-            str(path), f"declares {declared} features but {len(frame)} could be read"
-        )
-    frame = _usable(frame, path)
-    if path.suffix.lower() in (".geojson", ".json"):
-        integrity.check_geojson_crs(path, frame.crs)
-    integrity.check_text(frame, path)
-    integrity.check_finite(frame, path)
-    return frame
+
+
+def curves_cause(exc: BaseException) -> str:
+    return (
+        f"has geometry types this pipeline cannot represent ({_one_line(exc)}); convert "
+        "curves to linear geometries first (ogr2ogr -nlt CONVERT_TO_LINEAR)"
+    )
 
 
 def read_geoparquet(path: str | Path, filters=None) -> geopandas.GeoDataFrame:

@@ -20,9 +20,12 @@ from geoiso_dagster.errors import BadInputError
 BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
 
 
-def _bbox_column(bounds: np.ndarray) -> pa.StructArray:
+def bbox_column(bounds: np.ndarray) -> pa.StructArray:
+    """The bbox covering column; null for a missing or empty geometry (it has no box)."""
     return pa.StructArray.from_arrays(
-        [pa.array(bounds[:, i], type=pa.float64()) for i in range(4)], names=list(BBOX_FIELDS)
+        [pa.array(bounds[:, i], type=pa.float64()) for i in range(4)],
+        names=list(BBOX_FIELDS),
+        mask=pa.array(np.isnan(bounds).all(axis=1)),
     )
 
 
@@ -99,10 +102,10 @@ def reproject_file(
             )
             if "bbox" in table.column_names:
                 table = table.set_column(
-                    table.schema.get_field_index("bbox"), "bbox", _bbox_column(bounds)
+                    table.schema.get_field_index("bbox"), "bbox", bbox_column(bounds)
                 )
             else:
-                table = table.append_column("bbox", _bbox_column(bounds))
+                table = table.append_column("bbox", bbox_column(bounds))
             metadata = {**(table.schema.metadata or {}), b"geo": json.dumps(new_geo).encode()}
             table = table.replace_schema_metadata(metadata)
             if writer is None:
@@ -121,19 +124,37 @@ def reproject_file(
 
 def concatenate(parts: list[Path], tmp: Path) -> int:
     """Write the parts' row groups, in order, into one file (no decoding: Arrow tables
-    move as they are). The parts share schema and `geo` metadata by construction."""
-    writer = None
+    move as they are). The parts share a schema by construction; their `geo` metadata is
+    merged (geometry types united, bboxes united)."""
+    files = [pq.ParquetFile(part, pre_buffer=False) for part in parts]
+    schema = files[0].schema_arrow
+    schema = schema.with_metadata(
+        {**schema.metadata, b"geo": json.dumps(merged_geo(files)).encode()}
+    )
     rows = 0
-    try:
-        for part in parts:
-            parquet = pq.ParquetFile(part, pre_buffer=False)
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for parquet in files:
             for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, parquet.schema_arrow, compression="zstd")
+                table = parquet.read_row_group(group).replace_schema_metadata(schema.metadata)
                 writer.write_table(table, row_group_size=max(1, table.num_rows))
                 rows += table.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
     return rows
+
+
+def merged_geo(files: list[pq.ParquetFile]) -> dict:
+    """The `geo` metadata of the parts' concatenation."""
+    geos = [json.loads(f.schema_arrow.metadata[b"geo"]) for f in files]
+    merged = json.loads(json.dumps(geos[0]))
+    column = merged["columns"][merged["primary_column"]]
+    columns = [g["columns"][g["primary_column"]] for g in geos]
+    column["geometry_types"] = sorted({t for c in columns for t in c.get("geometry_types", [])})
+    if any(not c.get("geometry_types") for c in columns):
+        column["geometry_types"] = []  # one part may hold any type: so may the whole
+    boxes = [c.get("bbox") for c in columns]
+    if all(boxes):
+        low = np.min([b[:2] for b in boxes], axis=0).tolist()
+        high = np.max([b[2:] for b in boxes], axis=0).tolist()
+        column["bbox"] = [*low, *high]
+    else:
+        column.pop("bbox", None)
+    return merged

@@ -19,21 +19,45 @@ from geoiso_dagster.fsutil import atomic_path
 from geoiso_dagster.pool.worker import progress
 from geoiso_dagster.settings import check_aggregations, check_target_crs
 from geoiso_dagster.spatial import faults, integrity, io, stream, thumbnail
-from geoiso_dagster.spatial.io import read_geoparquet, read_source, write_geoparquet
+from geoiso_dagster.spatial.ingest import ingest_file
+from geoiso_dagster.spatial.ingest import survey as ingest_survey
+from geoiso_dagster.spatial.io import read_geoparquet, write_geoparquet
 
 FEATURE_COUNT_COLUMN = "feature_count"
 _POLYGONAL = {"Polygon", "MultiPolygon"}
 
 
-def ingest(source: str, output: str) -> dict:
-    """raw_features: any vector file or GeoParquet -> GeoParquet, unchanged."""
+def ingest(source: str, output: str, features: list[int] | None = None) -> dict:
+    """raw_features: any vector file or GeoParquet -> GeoParquet, unchanged, streamed in
+    batches (see spatial/ingest.py). With `features` = [skip, count] (GDAL sources) or
+    [first row group, row groups] (GeoParquet), only that range: one part of a fan-out."""
     faults.at_start("ingest")
     started = time.perf_counter()
-    frame = read_source(source)
-    progress(f"read {len(frame)} features from {Path(source).name}", features=len(frame))
-    facts = write_geoparquet(frame, output)
-    progress(f"wrote {facts['rows']} rows in {time.perf_counter() - started:.2f} s")
-    return facts
+    last = [time.monotonic()]
+
+    def report(rows: int, expected: int | None) -> None:
+        if time.monotonic() - last[0] >= 1.0:
+            of = f" of {expected}" if expected is not None else ""
+            progress(f"read {rows}{of} features from {Path(source).name}", features=rows)
+            last[0] = time.monotonic()
+
+    try:
+        with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
+            written = ingest_file(Path(source), tmp, features, on_batch=report)
+    except OSError as exc:
+        raise io.os_error(Path(output), exc, "writing") from exc
+    progress(
+        f"read and wrote {written['rows']} features from {Path(source).name} "
+        f"in {time.perf_counter() - started:.2f} s",
+        features=written["rows"],
+    )
+    return io.describe(Path(output))
+
+
+def survey(source: str) -> dict:
+    """How many features a source holds and whether ranges of them can be read alone."""
+    faults.at_start("survey")
+    return ingest_survey(source)
 
 
 def concatenate(parts: list[str], output: str) -> dict:

@@ -1,0 +1,294 @@
+"""Streaming ingest: any vector file GDAL reads, or GeoParquet, to GeoParquet in
+bounded memory, batch by batch, never the whole frame.
+
+GDAL sources stream as Arrow batches (pyogrio.open_arrow) and their WKB is written as
+GDAL made it (ISO WKB); GeoParquet sources stream row group by row group. Each batch is
+checked before it is written (valid UTF-8 text, finite coordinates) and the file-level
+checks run at the end (feature count as declared, at least one feature), so a refused
+input never leaves an output. The `geo` metadata (geometry types and bbox of the whole
+file) is only known at the end; it goes into the footer's key-value metadata, which is
+why the Arrow schema is not stored (store_schema=False): readers then take the schema
+and its `geo` key from the footer.
+
+`features=[skip, count]` ingests only that range of features (one part of a fan-out over
+the workers; parts are put together by `stream.concatenate`).
+"""
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import geopandas
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyogrio
+import pyproj
+import shapely
+
+from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.spatial import integrity, io
+from geoiso_dagster.spatial.stream import BBOX_FIELDS, bbox_column
+
+GEOMETRY = "geometry"
+_TYPE_NAMES = {
+    0: "Point",
+    1: "LineString",
+    2: "LinearRing",
+    3: "Polygon",
+    4: "MultiPoint",
+    5: "MultiLineString",
+    6: "MultiPolygon",
+    7: "GeometryCollection",
+}
+
+
+class _Source:
+    """What a source streams: Arrow batches, the name of the WKB column, its CRS, how
+    many rows the range must hold (None: unknown), and whether the WKB is re-encoded."""
+
+    def __init__(self, batches, geometry, crs, expected, reencode, drop=()):
+        self.batches, self.geometry, self.crs = batches, geometry, crs
+        self.expected, self.reencode, self.drop = expected, reencode, set(drop)
+
+
+def survey(source: str | Path) -> dict:
+    """How a source can be split: its feature count, and whether a range of features can
+    be read without reading what precedes it (GeoParquet row groups, or GDAL's fast
+    SetNextByIndex)."""
+    path = Path(source)
+    io.check_readable(path)
+    if path.suffix.lower() in io.PARQUET_SUFFIXES:
+        integrity.check_parquet(path)
+        metadata = pq.ParquetFile(path).metadata
+        return {"features": metadata.num_rows, "splittable": metadata.num_row_groups > 1}
+    with io.reading(path):
+        info = pyogrio.read_info(path)
+    return {
+        "features": int(info["features"]),
+        "splittable": info["features"] > 0
+        and bool(info.get("capabilities", {}).get("fast_set_next_by_index")),
+    }
+
+
+def ingest_file(
+    source: Path,
+    tmp: Path,
+    features: list[int] | None = None,
+    batch_rows: int = io.ROW_GROUP_ROWS,
+    on_batch: Callable[[int, int | None], None] | None = None,
+) -> dict:
+    """Stream `source` into GeoParquet at `tmp`; returns the rows written."""
+    io.check_readable(source)
+    suffix = source.suffix.lower()
+    if suffix in io.PARQUET_SUFFIXES:
+        integrity.check_parquet(source)
+    elif suffix == ".shp":
+        integrity.check_shapefile(source)
+    with _open(source, features, batch_rows) as src:
+        rows = _write(source, tmp, src, on_batch)
+    if src.expected is not None and rows != src.expected:
+        raise BadInputError(
+            str(source), f"declares {src.expected} features but {rows} could be read"
+        )
+    if suffix in (".geojson", ".json"):
+        integrity.check_geojson_crs(source, src.crs)
+    return {"rows": rows}
+
+
+def _guarded(source: Path, batches) -> Iterator[pa.RecordBatch]:
+    """The batches, with any error raised while reading them named by file and cause
+    (errors while writing are the output's, and are named so by the task)."""
+    iterator = iter(batches)
+    while True:
+        with io.reading(source):
+            batch = next(iterator, None)
+        if batch is None:
+            return
+        yield batch
+
+
+@contextlib.contextmanager
+def _open(source: Path, features: list[int] | None, batch_rows: int) -> Iterator[_Source]:
+    if source.suffix.lower() in io.PARQUET_SUFFIXES:
+        with io.reading(source):
+            src = _parquet_source(source, features, batch_rows)
+        src.batches = _guarded(source, src.batches)
+        yield src
+        return
+    skip, count = features if features is not None else (0, None)
+    with io.reading(source):
+        declared = pyogrio.read_info(source)["features"]
+    expected = None
+    if declared >= 0:
+        expected = declared - skip if count is None else min(count, declared - skip)
+    options = {"skip_features": skip} if skip else {}
+    with contextlib.ExitStack() as stack:
+        with io.reading(source):
+            meta, reader = stack.enter_context(
+                pyogrio.open_arrow(source, use_pyarrow=True, batch_size=batch_rows, **options)
+            )
+        geometry = meta.get("geometry_name") or "wkb_geometry"
+        if geometry not in reader.schema.names:
+            raise BadInputError(str(source), "has no geometry column")
+        crs = _crs(source, meta.get("crs"))
+        batches = _guarded(source, reader if count is None else _first(reader, count))
+        yield _Source(batches, geometry, crs, expected, reencode=False)
+
+
+def _first(batches, count: int) -> Iterator[pa.RecordBatch]:
+    """The first `count` rows of a stream (pyogrio's Arrow reader has no max_features)."""
+    for batch in batches:
+        if batch.num_rows >= count:
+            yield batch.slice(0, count)
+            return
+        count -= batch.num_rows
+        yield batch
+
+
+def _parquet_source(source: Path, features: list[int] | None, batch_rows: int) -> _Source:
+    parquet = pq.ParquetFile(source, pre_buffer=False)
+    geo = io.geo_metadata(source)
+    primary = geo.get("primary_column")
+    column = geo.get("columns", {}).get(primary)
+    if column is None or primary not in parquet.schema_arrow.names:
+        raise BadInputError(str(source), "has no geometry column")
+    crs = io.geoparquet_crs(source)
+    if column.get("encoding", "WKB").upper() != "WKB":
+        # GeoArrow-native encodings: decoded whole by geopandas, then streamed as WKB
+        # (bounded memory is for WKB, the encoding nearly every writer uses).
+        frame = geopandas.read_parquet(source).to_wkb()
+        table = pa.Table.from_pandas(pd.DataFrame(frame), preserve_index=False)
+        return _Source(iter(table.to_batches(batch_rows)), primary, crs, None, reencode=True)
+    covering = column.get("covering", {}).get("bbox", {}).get("xmin", [None])[0]
+    if features is None:
+        groups = list(range(parquet.num_row_groups))
+    else:  # a part of a fan-out over row groups: [first group, number of groups]
+        groups = list(range(features[0], features[0] + features[1]))
+    batches = (
+        batch
+        for group in groups
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group])
+    )
+    return _Source(batches, primary, crs, None, reencode=True, drop=[covering] if covering else [])
+
+
+def _crs(source: Path, declared: str | None) -> pyproj.CRS:
+    if not declared:
+        raise BadInputError(
+            str(source),
+            "has no coordinate reference system (for a shapefile: its .prj file is missing); "
+            "set the CRS at the source, this pipeline never guesses one",
+        )
+    try:
+        return pyproj.CRS.from_user_input(declared)
+    except pyproj.exceptions.CRSError as exc:
+        raise BadInputError(str(source), f"declares a CRS PROJ does not know: {exc}") from exc
+
+
+def _write(source: Path, tmp: Path, src: _Source, on_batch) -> int:
+    rows = 0
+    types: set[str] = set()
+    low, high = np.full(2, np.inf), np.full(2, -np.inf)
+    nonfinite: list[int] = []
+    writer = None
+    try:
+        for batch in src.batches:
+            if batch.num_rows == 0:
+                continue
+            table = pa.Table.from_batches([batch])
+            attributes = [n for n in table.column_names if n != src.geometry and n not in src.drop]
+            _check_names(source, attributes)
+            for name in attributes:
+                _check_text(source, name, table[name])
+            wkb = table[src.geometry].to_numpy(zero_copy_only=False)
+            geometries = _decode(source, wkb)
+            bad = integrity.nonfinite(geometries)
+            nonfinite.extend((np.flatnonzero(bad) + rows).tolist())
+            bounds = shapely.bounds(geometries)
+            if not np.isnan(bounds).all():
+                low = np.fmin(low, np.nanmin(bounds[:, :2], axis=0))
+                high = np.fmax(high, np.nanmax(bounds[:, 2:], axis=0))
+            types |= _type_names(geometries)
+            if src.reencode:  # GeoParquet from elsewhere may hold EWKB; write ISO WKB
+                wkb = shapely.to_wkb(geometries, flavor="iso", output_dimension=4)
+            out = table.select(attributes)
+            out = out.append_column(GEOMETRY, pa.array(wkb, type=pa.binary()))
+            out = out.append_column("bbox", bbox_column(bounds)).replace_schema_metadata(None)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, out.schema, compression="zstd", store_schema=False)
+            writer.write_table(out, row_group_size=out.num_rows)
+            rows += out.num_rows
+            if on_batch is not None:
+                on_batch(rows, src.expected)
+        if nonfinite:
+            raise BadInputError(
+                str(source),
+                f"has NaN or infinite coordinates in {len(nonfinite)} rows, e.g. {nonfinite[:5]}",
+            )
+        if rows == 0:
+            raise BadInputError(str(source), "has no features (0 rows)")
+        bbox = [*low.tolist(), *high.tolist()] if np.isfinite(low).all() else None
+        writer.add_key_value_metadata({"geo": json.dumps(_geo(src.crs, types, bbox))})
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def _geo(crs: pyproj.CRS, types: set[str], bbox: list[float] | None) -> dict:
+    column = {
+        "encoding": "WKB",
+        "crs": crs.to_json_dict(),
+        "geometry_types": sorted(types),
+        "covering": {"bbox": {f: ["bbox", f] for f in BBOX_FIELDS}},
+    }
+    if bbox is not None:
+        column["bbox"] = bbox
+    return {"version": "1.1.0", "primary_column": GEOMETRY, "columns": {GEOMETRY: column}}
+
+
+def _check_names(source: Path, attributes: list[str]) -> None:
+    clash = sorted({GEOMETRY, "bbox"} & set(attributes))
+    if clash:
+        raise BadInputError(
+            str(source),
+            f"has attribute column(s) named {clash}, which GeoParquet output reserves for the "
+            "geometry and its bbox; rename them at the source",
+        )
+
+
+def _check_text(source: Path, name: str, column: pa.ChunkedArray) -> None:
+    """GeoParquet must hold UTF-8; GDAL passes the bytes of a mis-declared encoding on."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return
+    try:
+        column.validate(full=True)
+    except (pa.ArrowInvalid, pa.ArrowException) as exc:
+        raise BadInputError(
+            str(source),
+            f"column {name!r} holds text that is not valid UTF-8 ({exc}); declare the "
+            "file's encoding (a .cpg for shapefiles) or re-encode it as UTF-8",
+        ) from None
+
+
+def _decode(source: Path, wkb: np.ndarray) -> np.ndarray:
+    try:
+        return shapely.from_wkb(wkb)
+    except NotImplementedError as exc:
+        raise BadInputError(str(source), io.curves_cause(exc)) from exc
+    except shapely.errors.GEOSException as exc:
+        if "unknown wkb type" in str(exc).lower():  # curves, by their WKB type codes
+            raise BadInputError(str(source), io.curves_cause(exc)) from exc
+        raise BadInputError(str(source), f"holds a geometry that is not valid WKB: {exc}") from exc
+
+
+def _type_names(geometries: np.ndarray) -> set[str]:
+    present = geometries[~shapely.is_missing(geometries)]
+    codes = shapely.get_type_id(present) * 2 + shapely.has_z(present)
+    return {
+        _TYPE_NAMES[int(code) // 2] + (" Z" if code % 2 else "")
+        for code in np.flatnonzero(np.bincount(codes, minlength=16))
+    }
