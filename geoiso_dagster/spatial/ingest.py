@@ -30,19 +30,9 @@ import shapely
 
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.spatial import integrity, io
-from geoiso_dagster.spatial.stream import BBOX_FIELDS, bbox_column
+from geoiso_dagster.spatial.stream import BBOX_FIELDS, bbox_column, writer_options
 
 GEOMETRY = "geometry"
-_TYPE_NAMES = {
-    0: "Point",
-    1: "LineString",
-    2: "LinearRing",
-    3: "Polygon",
-    4: "MultiPoint",
-    5: "MultiLineString",
-    6: "MultiPolygon",
-    7: "GeometryCollection",
-}
 
 
 class _Source:
@@ -55,15 +45,17 @@ class _Source:
 
 
 def survey(source: str | Path) -> dict:
-    """How a source can be split: its feature count, and whether a range of features can
-    be read without reading what precedes it (GeoParquet row groups, or GDAL's fast
-    SetNextByIndex)."""
+    """How a source can be split: its feature count (-1: unknown without a full read),
+    and either the rows of each GeoParquet row group or whether GDAL can start reading at
+    any feature without reading those before it (fast SetNextByIndex)."""
     path = Path(source)
     io.check_readable(path)
     if path.suffix.lower() in io.PARQUET_SUFFIXES:
         integrity.check_parquet(path)
-        metadata = pq.ParquetFile(path).metadata
-        return {"features": metadata.num_rows, "splittable": metadata.num_row_groups > 1}
+        with io.reading(path):
+            metadata = pq.ParquetFile(path).metadata
+        groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        return {"features": metadata.num_rows, "row_groups": groups, "splittable": len(groups) > 1}
     with io.reading(path):
         info = pyogrio.read_info(path)
     return {
@@ -218,7 +210,9 @@ def _write(source: Path, tmp: Path, src: _Source, on_batch) -> int:
             out = out.append_column(GEOMETRY, pa.array(wkb, type=pa.binary()))
             out = out.append_column("bbox", bbox_column(bounds)).replace_schema_metadata(None)
             if writer is None:
-                writer = pq.ParquetWriter(tmp, out.schema, compression="zstd", store_schema=False)
+                writer = pq.ParquetWriter(
+                    tmp, out.schema, store_schema=False, **writer_options(out.schema, GEOMETRY)
+                )
             writer.write_table(out, row_group_size=out.num_rows)
             rows += out.num_rows
             if on_batch is not None:
@@ -289,6 +283,6 @@ def _type_names(geometries: np.ndarray) -> set[str]:
     present = geometries[~shapely.is_missing(geometries)]
     codes = shapely.get_type_id(present) * 2 + shapely.has_z(present)
     return {
-        _TYPE_NAMES[int(code) // 2] + (" Z" if code % 2 else "")
+        io.GEOMETRY_TYPE_NAMES[int(code) // 2] + (" Z" if code % 2 else "")
         for code in np.flatnonzero(np.bincount(codes, minlength=16))
     }
