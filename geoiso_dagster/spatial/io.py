@@ -23,6 +23,17 @@ from geoiso_dagster.spatial import faults
 # of a file, large enough that per-group overhead stays negligible.
 ROW_GROUP_ROWS = 50_000
 PARQUET_SUFFIXES = (".parquet", ".geoparquet")
+# shapely.get_type_id -> the names GeoParquet's geometry_types use
+GEOMETRY_TYPE_NAMES = {
+    0: "Point",
+    1: "LineString",
+    2: "LinearRing",
+    3: "Polygon",
+    4: "MultiPoint",
+    5: "MultiLineString",
+    6: "MultiPolygon",
+    7: "GeometryCollection",
+}
 # OS errors that can pass on their own; everything else about an input is the input's.
 TRANSIENT_ERRNOS = {
     errno.EIO,
@@ -89,33 +100,28 @@ def curves_cause(exc: BaseException) -> str:
     )
 
 
-def read_geoparquet(path: str | Path, filters=None) -> geopandas.GeoDataFrame:
-    """Read a GeoParquet file written by an upstream asset (`filters`: a pyarrow
-    expression; only matching rows are decoded)."""
+def read_geoparquet_table(path: str | Path, filters=None) -> tuple[pa.Table, str, pyproj.CRS]:
+    """(table, geometry column, CRS) of a GeoParquet file written by an upstream asset,
+    geometries left as WKB and without the bbox covering column; `filters`: a pyarrow
+    expression, only matching rows are read."""
     path = Path(path)
-    if not path.exists():
-        raise BadInputError(str(path), "upstream output does not exist; materialize it first")
+    crs = geoparquet_crs(path)  # also: the file exists and has `geo` metadata
+    geo = geo_metadata(path)
+    primary = geo["primary_column"]
+    covering = geo["columns"][primary].get("covering", {}).get("bbox", {}).get("xmin", [None])[0]
     try:
-        frame = geopandas.read_parquet(path, filters=filters)
+        names = pq.read_schema(path).names
+        columns = [n for n in names if n != covering]
+        table = pq.read_table(path, columns=columns, filters=filters, pre_buffer=False)
     except OSError as exc:
         raise os_error(path, exc, "reading") from exc
     except Exception as exc:
         raise BadInputError(str(path), f"is not readable GeoParquet: {_one_line(exc)}") from exc
-    return _usable(frame, path)
-
-
-def _usable(frame: object, path: Path) -> geopandas.GeoDataFrame:
-    if not isinstance(frame, geopandas.GeoDataFrame) or frame._geometry_column_name is None:
+    if primary not in table.column_names:
         raise BadInputError(str(path), "has no geometry column")
-    if len(frame) == 0:
+    if table.num_rows == 0 and filters is None:
         raise BadInputError(str(path), "has no features (0 rows)")
-    if frame.crs is None:
-        raise BadInputError(
-            str(path),
-            "has no coordinate reference system (for a shapefile: its .prj file is missing); "
-            "set the CRS at the source, this pipeline never guesses one",
-        )
-    return frame
+    return table, primary, crs
 
 
 def write_geoparquet(frame: geopandas.GeoDataFrame, target: str | Path) -> dict:

@@ -21,7 +21,7 @@ from geoiso_dagster.settings import check_aggregations, check_target_crs
 from geoiso_dagster.spatial import faults, integrity, io, stream, thumbnail
 from geoiso_dagster.spatial.ingest import ingest_file
 from geoiso_dagster.spatial.ingest import survey as ingest_survey
-from geoiso_dagster.spatial.io import read_geoparquet, write_geoparquet
+from geoiso_dagster.spatial.io import write_geoparquet
 
 FEATURE_COUNT_COLUMN = "feature_count"
 _POLYGONAL = {"Polygon", "MultiPolygon"}
@@ -232,16 +232,19 @@ def dissolve(
 ) -> dict:
     """dissolved_regions: repair, keep polygons, union per key, aggregate the rest.
 
-    With `part` = [i, n], only the groups whose sorted position is i modulo n (one part
-    of a fan-out over the workers; `join_dissolved` puts the parts together). A part may
-    hold nothing: it then writes no file and says so.
+    Rows whose key is null are dropped first (and counted). Geometries stay WKB in an
+    Arrow table and are decoded one group at a time, so memory holds the part's Arrow
+    data plus one group's shapes, never every shape at once. With `part` = [i, n], only
+    the groups whose sorted position is i modulo n (one part of a fan-out over the
+    workers; `join_dissolved` puts the parts together). A part may hold nothing: it then
+    writes no file and says so.
     """
     faults.at_start("dissolve")
-    frame = _read_for_dissolve(source, dissolve_by, part)
-    if frame is None:  # a part of a fan-out with no group of its own
+    read = _read_for_dissolve(source, dissolve_by, part)
+    if read is None:  # a part of a fan-out with no group of its own
         return {"path": None, "rows": 0, "dropped_null_keys": 0}
-    geometry_name = frame.geometry.name
-    columns = [c for c in frame.columns if c != geometry_name]
+    table, geometry_name, crs = read
+    columns = [c for c in table.column_names if c != geometry_name]
     if dissolve_by not in columns:
         raise BadInputError(
             source, f"dissolve_by column {dissolve_by!r} is not in the data; columns: {columns}"
@@ -251,7 +254,8 @@ def dissolve(
     unknown = sorted(set(aggregations) - set(columns))
     if unknown:
         raise BadInputError(source, f"aggregations name columns not in the data: {unknown}")
-    keys = frame[dissolve_by]
+    attributes = table.select(columns).to_pandas()
+    keys = attributes[dissolve_by]
     if part is None and keys.isna().all():
         raise BadInputError(source, f"dissolve_by column {dissolve_by!r} is null in every row")
     null_keys = int(keys.isna().sum())
@@ -259,46 +263,61 @@ def dissolve(
         null_keys = _null_keys(source, dissolve_by) if part[0] == 0 else 0
 
     started = time.perf_counter()
-    repaired, repaired_count = repair(frame.geometry.values)
-    polygonal = polygonal_parts(repaired)
-    keep = ~shapely.is_missing(polygonal) & ~shapely.is_empty(polygonal)
-    if not keep.any():
+    wkb = table.column(geometry_name).combine_chunks()
+    del table
+    groups = attributes.groupby(dissolve_by, sort=True).indices  # null keys left out
+    kept = np.zeros(len(attributes), dtype=bool)
+    unions: dict = {}
+    repaired_count = coverage_groups = 0
+    kinds: set[str] = set()
+    last_report = time.monotonic()
+    for n, (key, rows) in enumerate(groups.items(), start=1):
+        geometries = shapely.from_wkb(wkb.take(rows).to_numpy(zero_copy_only=False))
+        repaired, count = repair(geometries)
+        repaired_count += count
+        polygonal = polygonal_parts(repaired)
+        ok = ~shapely.is_missing(polygonal) & ~shapely.is_empty(polygonal)
+        kept[rows[ok]] = True
+        if ok.any():
+            unions[key], used_coverage = union_group(polygonal[ok])
+            coverage_groups += used_coverage
+        else:
+            kinds |= {str(t) for t in shapely.get_type_id(geometries) if t >= 0}
+        if time.monotonic() - last_report >= 1.0:
+            progress(f"dissolved {n} of {len(groups)} groups", groups_done=n)
+            last_report = time.monotonic()
+    with_key = int(keys.notna().sum())
+    dropped_non_polygonal = with_key - int(kept.sum())
+    if not unions:
         if part is not None:
             return {
                 "path": None,
                 "rows": 0,
                 "dropped_null_keys": null_keys,
-                "dropped_non_polygonal": int((~keep).sum()),
+                "dropped_non_polygonal": dropped_non_polygonal,
             }
-        kinds = sorted(str(t) for t in frame.geom_type.dropna().unique())
-        raise BadInputError(source, f"has no polygonal geometries to dissolve (types: {kinds})")
-    frame = frame.set_geometry(polygonal)
-    frame = frame[keep & keys.notna().to_numpy()]
-    progress(
-        f"repaired {repaired_count} invalid geometries; dissolving {len(frame)} features "
-        f"by {dissolve_by!r}",
-        repaired=repaired_count,
-    )
+        names = sorted(io.GEOMETRY_TYPE_NAMES.get(int(k), k) for k in kinds)
+        raise BadInputError(source, f"has no polygonal geometries to dissolve (types: {names})")
 
-    grouped = frame.drop(columns=geometry_name).groupby(dissolve_by, sort=True)
+    grouped = attributes[kept].groupby(dissolve_by, sort=True)
     agg = {c: aggregations.get(c, aggfunc) for c in columns if c != dissolve_by}
     try:
-        attributes = grouped.agg(agg) if agg else pd.DataFrame(index=grouped.size().index)
+        result = grouped.agg(agg) if agg else pd.DataFrame(index=grouped.size().index)
     except (AttributeError, TypeError, ValueError) as exc:
         raise BadInputError(
             source, f"aggregation failed ({aggfunc=}, {aggregations=}): {exc}"
         ) from exc
-    attributes[FEATURE_COUNT_COLUMN] = grouped.size()
-    unions, coverage_groups = union_by_group(
-        frame.geometry.values, grouped.indices, attributes.index
-    )
-    result = attributes.reset_index()
-    result[geometry_name] = unions
-    result = geopandas.GeoDataFrame(result, geometry=geometry_name, crs=frame.crs)
+    result[FEATURE_COUNT_COLUMN] = grouped.size()
+    result = result.reset_index()
+    result[geometry_name] = [unions[key] for key in result[dissolve_by]]
+    result = geopandas.GeoDataFrame(result, geometry=geometry_name, crs=crs)
     progress(
-        f"dissolved into {len(result)} groups in {time.perf_counter() - started:.2f} s "
-        f"({coverage_groups} by coverage union, {len(result) - coverage_groups} by unary union)",
+        f"dissolved {int(kept.sum())} features into {len(result)} groups by {dissolve_by!r} "
+        f"in {time.perf_counter() - started:.2f} s ({coverage_groups} by coverage union, "
+        f"{len(result) - coverage_groups} by unary union; repaired {repaired_count} invalid "
+        "geometries)",
         groups=len(result),
+        repaired=repaired_count,
     )
     facts = write_geoparquet(result, output)
     if part is None:
@@ -306,7 +325,7 @@ def dissolve(
     facts.update(
         repaired_geometries=repaired_count,
         dropped_null_keys=null_keys,
-        dropped_non_polygonal=int((~keep).sum()),
+        dropped_non_polygonal=dropped_non_polygonal,
         dissolve_by=dissolve_by,
         coverage_union_groups=coverage_groups,
         unary_union_groups=len(result) - coverage_groups,
@@ -320,11 +339,11 @@ COVERAGE_AREA_TOLERANCE = 1e-9
 
 
 def _read_for_dissolve(source: str, dissolve_by: str, part: list[int] | None):
-    """The whole file; or, for part [i, n], only the rows of every n-th key in sorted
-    order (the key column is read first, then only the part's rows are decoded), or None
-    when the part holds no key."""
+    """(Arrow table without the bbox covering, geometry column name, CRS): the whole
+    file; or, for part [i, n], only the rows of every n-th key in sorted order (the key
+    column is read first, then only the part's rows); or None when the part holds no key."""
     if part is None:
-        return read_geoparquet(source)
+        return io.read_geoparquet_table(source)
     index, count = part
     names = [n for n in pq.read_schema(source).names if n != "bbox"]
     if dissolve_by not in names:
@@ -338,7 +357,7 @@ def _read_for_dissolve(source: str, dissolve_by: str, part: list[int] | None):
     mine = list(uniques[index::count])
     if not mine:
         return None
-    return read_geoparquet(source, filters=pc.field(dissolve_by).isin(mine))
+    return io.read_geoparquet_table(source, filters=pc.field(dissolve_by).isin(mine))
 
 
 def _null_keys(source: str, dissolve_by: str) -> int:
