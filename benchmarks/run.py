@@ -6,8 +6,9 @@ For each size, a Voronoi coverage (benchmarks/data.py) as a GeoPackage goes thro
   plain      the recipe most tutorials give: a fresh process pool per call; read_file;
              to_crs; buffer(0).buffer(0); dissolve(by, aggfunc="first"); write GeoJSON
   inproc     a plain in-process geopandas pipeline over GeoParquet, no isolation
-  pool       this project's three tasks through WorkerPool (defaults: forkserver,
-             2 workers, a fresh worker per task)
+  pool       this project's three steps through WorkerPool, planned and fanned out over
+             the workers exactly as the assets do (defaults: forkserver, 2 workers, a
+             fresh worker per task); no Dagster, no checks
   cli        end to end: `geoiso add` + a real `dagster asset materialize` of all three
              assets (checks included) on a temporary instance
 Prints medians of --repeats runs, ratios against `plain` and `inproc` from the same run,
@@ -32,6 +33,7 @@ import geopandas
 import shapely
 
 from benchmarks.data import dataset
+from geoiso_dagster.defs import fanout
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from tests.live import materialize_command
 
@@ -67,23 +69,21 @@ def inproc(gpkg: Path, parquet: Path, work: Path) -> dict:
 
 
 def pool(gpkg: Path, parquet: Path, work: Path, settings: PoolSettings | None = None) -> dict:
-    peak = 0.0
+    """The three steps as the assets run them (defs/fanout.py: the same survey, plans
+    and fan-out over the workers), on a bare pool: no Dagster, no checks."""
     with WorkerPool(settings or PoolSettings()) as workers:
-        raw = workers.run("ingest", source=str(gpkg), output=str(work / "raw.parquet"))
-        rep = workers.run(
-            "reproject",
-            source=raw.facts["path"],
-            output=str(work / "rep.parquet"),
-            target_crs=TARGET_CRS,
-        )
-        dis = workers.run(
-            "dissolve", source=rep.facts["path"], output=str(work / "pool.parquet"), dissolve_by=BY
-        )
-        peak = max(r.peak_rss_mb for r in (raw, rep, dis))
+        runner = fanout.PoolRunner(workers)
+        steps = [
+            fanout.ingest(runner, str(gpkg), work / "raw.parquet"),
+            fanout.reproject(runner, str(work / "raw.parquet"), work / "rep.parquet", TARGET_CRS),
+            fanout.dissolve(
+                runner, str(work / "rep.parquet"), work / "pool.parquet", dissolve_by=BY
+            ),
+        ]
     return {
         "output": work / "pool.parquet",
-        "peak_rss_mb": peak,
-        "steps_s": [raw.duration_s, rep.duration_s, dis.duration_s],
+        "peak_rss_mb": max(step.peak_rss_mb for step in steps),
+        "steps_s": [step.duration_s for step in steps],
     }
 
 

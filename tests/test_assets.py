@@ -235,33 +235,32 @@ def test_large_steps_fan_out_and_equal_the_single_task_results(instance, data_ro
 
     from geoiso_dagster.defs import fanout
 
-    n = 120_001  # three row groups of at most 50,000
+    n = 120_001  # row groups of at most 50,000
     rng = np.random.default_rng(5)
     squares = shapely.box(
         *(rng.uniform(0, 1e5, (2, n)) + [[0], [0]]), *(rng.uniform(0, 1e5, (2, n)) + 10)
     )
     frame = geopandas.GeoDataFrame({"region_id": np.arange(n) % 50}, geometry=squares, crs=3035)
-    frame.to_parquet(data_root / "inbox" / "many.parquet")
+    frame.to_file(data_root / "inbox" / "many.gpkg", driver="GPKG", engine="pyogrio")
     config = {"ops": {"reprojected_features": {"config": {"target_crs": "EPSG:4326"}}}}
+    key = "many.gpkg"
 
     monkeypatch.setattr(fanout, "FAN_OUT_MIN_ROWS", 10**9)
-    assert _run(instance, "many.parquet", config=config).success
-    single = pq.read_table(output_path("reprojected_features", "many.parquet"))
-    single_dissolved = pq.read_table(output_path("dissolved_regions", "many.parquet"))
+    assert _run(instance, key, config=config).success
+    single = {a: pq.read_table(output_path(a, key)) for a in ASSET_NAMES}
 
     monkeypatch.setattr(fanout, "FAN_OUT_MIN_ROWS", 1)
-    result = _run(instance, "many.parquet", config=config)
+    monkeypatch.setattr(fanout, "FAN_OUT_MIN_BYTES", 0)
+    result = _run(instance, key, config=config)
     assert result.success
-    (mat,) = result.asset_materializations_for_node("reprojected_features")
-    assert mat.metadata["fanned_out_over"].value == 2
-    fanned = pq.read_table(output_path("reprojected_features", "many.parquet"))
-    assert fanned.equals(single)
+    for name in ASSET_NAMES:  # each step in two parts side by side, then joined
+        (mat,) = result.asset_materializations_for_node(name)
+        assert mat.metadata["fanned_out_over"].value == 2, name
+        assert pq.read_table(output_path(name, key)).equals(single[name]), name
     (dissolved,) = result.asset_materializations_for_node("dissolved_regions")
-    assert dissolved.metadata["fanned_out_over"].value == 2
     assert dissolved.metadata["dagster/row_count"].value == 50
-    assert pq.read_table(output_path("dissolved_regions", "many.parquet")).equals(single_dissolved)
-    assert (
-        pq.ParquetFile(output_path("reprojected_features", "many.parquet")).metadata.num_row_groups
-        == 3
-    )
+    for name in ("raw_features", "reprojected_features"):  # bounded row groups, joined
+        metadata = pq.ParquetFile(output_path(name, key)).metadata
+        sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        assert sizes == [50_000, 10_001, 50_000, 10_000], name
     assert _leftover_temps(data_root) == []

@@ -167,7 +167,13 @@ def raw_features(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool
     """The source file as GDAL reads it (any vector format, or GeoParquet), stored as
     GeoParquet 1.1. Refused with a clear error when it has no CRS or no features."""
     source, output = _paths(context, "raw_features", None)
-    yield from _produce(context, spatial_pool, "raw_features", output, "ingest", source=source)
+    yield from _produce(
+        context,
+        spatial_pool,
+        "raw_features",
+        output,
+        lambda staged: fanout.ingest(fanout.StepRunner(context, spatial_pool), source, staged),
+    )
 
 
 @_geo_asset("reprojected_features", upstream=raw_features, library="proj")
@@ -183,7 +189,9 @@ def reprojected_features(
         spatial_pool,
         "reprojected_features",
         output,
-        lambda staged: fanout.reproject(context, spatial_pool, source, staged, config.target_crs),
+        lambda staged: fanout.reproject(
+            fanout.StepRunner(context, spatial_pool), source, staged, config.target_crs
+        ),
         inspect_kwargs={"expected_crs": config.target_crs},
     )
 
@@ -203,8 +211,7 @@ def dissolved_regions(
         "dissolved_regions",
         output,
         lambda staged: fanout.dissolve(
-            context,
-            spatial_pool,
+            fanout.StepRunner(context, spatial_pool),
             source,
             staged,
             dissolve_by=config.dissolve_by,

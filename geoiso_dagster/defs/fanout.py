@@ -1,13 +1,18 @@
 """Fan a large step out over the pool's workers: parts side by side, then one join.
 
-Plans are made from Parquet footers with pyarrow (no geo import): a file of at least
-FAN_OUT_MIN_ROWS rows in two or more row groups is split into contiguous runs of row
-groups, one per worker; each part is written as a temp file beside the output, and a
-last task concatenates them in order (Arrow tables, no decoding). Smaller files run as
-one task: below that size, a second worker costs more than it saves.
+The orchestrator only plans, from numbers (no geo import): an ingest from a source of
+at least FAN_OUT_MIN_BYTES asks a worker to survey it first (the input is untrusted),
+then reads ranges of features (GDAL sources with fast random access) or runs of row
+groups (GeoParquet) in one worker each; a reprojection of at least FAN_OUT_MIN_ROWS rows
+splits our own GeoParquet's row groups (read from its footer with pyarrow); a dissolve
+splits its groups. Each part is a temp file beside the output, and a last task joins
+them in order (Arrow tables, no decoding). Smaller inputs run as one task: below that
+size, a second worker costs more than it saves.
 """
 
+import os
 from pathlib import Path
+from typing import Protocol
 
 import pyarrow.parquet as pq
 from dagster import OpExecutionContext
@@ -15,45 +20,136 @@ from dagster import OpExecutionContext
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import run_task, run_tasks
 from geoiso_dagster.fsutil import temp_path_for
-from geoiso_dagster.pool import TaskResult
+from geoiso_dagster.pool import TaskResult, WorkerPool
+
+
+class Runner(Protocol):
+    """Where a plan's tasks run: a Dagster step (StepRunner) or a bare pool (PoolRunner,
+    for the benchmarks), so that both take exactly the same decisions."""
+
+    max_workers: int
+
+    def run(self, function: str, **kwargs) -> TaskResult: ...
+
+    def run_all(self, calls: list[tuple[str, dict]]) -> list[TaskResult]: ...
+
+    def log(self, message: str) -> None: ...
+
+
+class StepRunner:
+    """Tasks of a Dagster step: progress to the run log, failures as Failure or
+    RetryRequested (defs/retries.py)."""
+
+    def __init__(self, context: OpExecutionContext, pool: SpatialWorkerPool) -> None:
+        self.context, self.pool, self.max_workers = context, pool, pool.max_workers
+
+    def run(self, function: str, **kwargs) -> TaskResult:
+        return run_task(self.context, self.pool, function, **kwargs)
+
+    def run_all(self, calls: list[tuple[str, dict]]) -> list[TaskResult]:
+        return run_tasks(self.context, self.pool, calls)
+
+    def log(self, message: str) -> None:
+        self.context.log.info(message)
+
+
+class PoolRunner:
+    """Tasks on a bare WorkerPool; errors raise as the pool raises them."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool, self.max_workers = pool, pool.settings.max_workers
+
+    def run(self, function: str, **kwargs) -> TaskResult:
+        return self.pool.run(function, **kwargs)
+
+    def run_all(self, calls: list[tuple[str, dict]]) -> list[TaskResult]:
+        futures = [self.pool.submit(function, **kwargs) for function, kwargs in calls]
+        return [future.result() for future in futures]
+
+    def log(self, message: str) -> None:
+        pass
+
 
 FAN_OUT_MIN_ROWS = 200_000
+# Sources smaller than this are ingested as one task without asking how many features
+# they hold (the survey is a task too): about 130k polygons of a GeoPackage.
+FAN_OUT_MIN_BYTES = 32 * 2**20
 
 
 def plan_row_groups(source: str | Path, workers: int) -> list[list[int]] | None:
     """Contiguous runs of row groups with about equal rows, or None: do not fan out."""
     metadata = pq.ParquetFile(source).metadata
-    groups = metadata.num_row_groups
-    if workers < 2 or groups < 2 or metadata.num_rows < FAN_OUT_MIN_ROWS:
+    return _runs([metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)], workers)
+
+
+def _runs(group_rows: list[int], workers: int) -> list[list[int]] | None:
+    groups, total = len(group_rows), sum(group_rows)
+    if workers < 2 or groups < 2 or total < FAN_OUT_MIN_ROWS:
         return None
     parts = min(workers, groups)
-    share = metadata.num_rows / parts
+    share = total / parts
     plan: list[list[int]] = [[] for _ in range(parts)]
     seen = 0
-    for group in range(groups):
-        index = min(parts - 1, int(seen // share))
-        plan[index].append(group)
-        seen += metadata.row_group(group).num_rows
+    for group, rows in enumerate(group_rows):
+        plan[min(parts - 1, int(seen // share))].append(group)
+        seen += rows
     return [p for p in plan if p]
 
 
-def reproject(
-    context: OpExecutionContext,
-    pool: SpatialWorkerPool,
-    source: str,
-    staged: Path,
-    target_crs: str,
-) -> TaskResult:
-    """The reproject task, fanned out over row groups when the file is large."""
-    plan = plan_row_groups(source, pool.max_workers)
+def plan_features(survey: dict, workers: int) -> list[list[int] | None] | None:
+    """The `features` argument of each ingest part ([skip, count] of a GDAL source, the
+    last part reading to the end so that a file holding more than it declares is still
+    caught; [first row group, row groups] of GeoParquet), or None: do not fan out."""
+    if "row_groups" in survey:
+        runs = _runs(survey["row_groups"], workers)
+        return [[run[0], len(run)] for run in runs] if runs else None
+    features = survey["features"]
+    if workers < 2 or not survey["splittable"] or features < FAN_OUT_MIN_ROWS:
+        return None
+    share = -(-features // workers)
+    return [[i * share, share] for i in range(workers - 1)] + [[(workers - 1) * share, None]]
+
+
+def ingest(runner: Runner, source: str, staged: Path) -> TaskResult:
+    """The ingest task, fanned out over ranges of features when the file is large
+    enough to be worth it (the survey is a task too: the input is not trusted here)."""
+    plan = None
+    if runner.max_workers >= 2 and _size(source) >= FAN_OUT_MIN_BYTES:
+        survey = runner.run("survey", source=source)
+        plan = plan_features(survey.facts, runner.max_workers)
     if plan is None:
-        return run_task(
-            context, pool, "reproject", source=source, output=str(staged), target_crs=target_crs
-        )
-    context.log.info(f"fanning out over {len(plan)} workers: row groups {plan}")
+        return runner.run("ingest", source=source, output=str(staged))
+    runner.log(f"fanning the ingest out over {len(plan)} workers: features {plan}")
     results, joined = _fan_out(
-        context,
-        pool,
+        runner,
+        staged,
+        [
+            lambda part, features=features: (
+                "ingest",
+                {"source": source, "output": str(part), "features": features},
+            )
+            for features in plan
+        ],
+        lambda parts, results: ("concatenate", {"parts": [str(p) for p in parts]}),
+    )
+    return _combined(joined, results)
+
+
+def _size(source: str) -> int:
+    try:
+        return os.stat(source).st_size
+    except OSError:
+        return 0  # the task names what is wrong with it
+
+
+def reproject(runner: Runner, source: str, staged: Path, target_crs: str) -> TaskResult:
+    """The reproject task, fanned out over row groups when the file is large."""
+    plan = plan_row_groups(source, runner.max_workers)
+    if plan is None:
+        return runner.run("reproject", source=source, output=str(staged), target_crs=target_crs)
+    runner.log(f"fanning out over {len(plan)} workers: row groups {plan}")
+    results, joined = _fan_out(
+        runner,
         staged,
         [
             lambda part, groups=groups: (
@@ -77,16 +173,16 @@ def reproject(
     )
 
 
-def _fan_out(context, pool, staged: Path, parts_calls: list, join) -> tuple[list, TaskResult]:
+def _fan_out(runner: Runner, staged: Path, parts_calls: list, join) -> tuple[list, TaskResult]:
     """Run one task per part (each writing a temp file beside `staged`) side by side,
     then the joining task into `staged`; the part files never outlive this call."""
     parts = [temp_path_for(staged) for _ in parts_calls]
     try:
-        results = run_tasks(
-            context, pool, [make(part) for make, part in zip(parts_calls, parts, strict=True)]
+        results = runner.run_all(
+            [make(part) for make, part in zip(parts_calls, parts, strict=True)]
         )
         function, kwargs = join(parts, results)
-        joined = run_task(context, pool, function, output=str(staged), **kwargs)
+        joined = runner.run(function, output=str(staged), **kwargs)
     finally:
         for part in parts:
             part.unlink(missing_ok=True)
@@ -114,23 +210,16 @@ _DISSOLVE_COUNTS = (
 )
 
 
-def dissolve(
-    context: OpExecutionContext,
-    pool: SpatialWorkerPool,
-    source: str,
-    staged: Path,
-    **options,
-) -> TaskResult:
+def dissolve(runner: Runner, source: str, staged: Path, **options) -> TaskResult:
     """The dissolve task, fanned out by group when the file is large: each worker takes
     every n-th group (in key order), a last task joins the parts ordered by key."""
     rows = pq.ParquetFile(source).metadata.num_rows
-    workers = pool.max_workers
+    workers = runner.max_workers
     if workers < 2 or rows < FAN_OUT_MIN_ROWS:
-        return run_task(context, pool, "dissolve", source=source, output=str(staged), **options)
-    context.log.info(f"fanning the dissolve out over {workers} workers by group")
+        return runner.run("dissolve", source=source, output=str(staged), **options)
+    runner.log(f"fanning the dissolve out over {workers} workers by group")
     results, joined = _fan_out(
-        context,
-        pool,
+        runner,
         staged,
         [
             lambda part, i=i: (

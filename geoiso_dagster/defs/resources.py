@@ -29,7 +29,9 @@ class SpatialWorkerPool(ConfigurableResource):
         description="'forkserver' (geo stack preloaded, fast) or 'spawn' (slowest, plainest).",
     )
     max_tasks_per_worker: int = Field(
-        default=1, description="1: fresh process per task; N: recycle after N; 0: never."
+        default=0,
+        description="0: workers serve one run (one source file) and are replaced after any "
+        "crash, timeout or memory stop; 1: a fresh process per task; N: recycle after N.",
     )
     gdal_cachemax_mb: int = Field(default=256, description="GDAL_CACHEMAX of each worker.")
     address_space_headroom_mb: Optional[int] = Field(
