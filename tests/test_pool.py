@@ -172,7 +172,8 @@ time.sleep(2)
 during = children()
 pool.close()
 print(json.dumps({"during": during, "after": children(),
-                  "settled": all(f.done() for f in futures)}))
+                  "settled": all(f.done() for f in futures),
+                  "errors": [type(f.exception(timeout=0)).__name__ for f in futures]}))
 """
 
 
@@ -185,7 +186,8 @@ def test_teardown_during_a_running_task_leaves_no_process():
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(report["during"]) >= 3  # the forkserver and two busy workers
     assert report["after"] == []
-    assert report["settled"]
+    assert report["settled"]  # nobody waiting on a task is left hanging
+    assert report["errors"] == ["WorkerCrashedError"] * 2
 
 
 def test_workers_die_when_the_run_process_is_killed(tmp_path):

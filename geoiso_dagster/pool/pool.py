@@ -91,6 +91,20 @@ class TaskResult:
 ProgressCallback = Callable[[dict], None]
 
 
+def _settle_once(
+    future: concurrent.futures.Future, result: Any = None, exception: BaseException | None = None
+) -> None:
+    """Set a future's outcome unless something else already did (pebble's callback and
+    close() may race)."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 class WorkerPool:
     def __init__(self, settings: PoolSettings | None = None) -> None:
         self.settings = settings or PoolSettings()
@@ -99,6 +113,8 @@ class WorkerPool:
         self._uses_forkserver = False
         self._ids = itertools.count(1)
         self._progress: dict[str, ProgressCallback] = {}
+        # Futures handed out and not yet settled, so that close() can settle them all.
+        self._outstanding: dict[str, tuple[str, concurrent.futures.Future]] = {}
         self._memory_events: dict[int, dict] = {}
         self._workers: dict[int, psutil.Process] = {}
         self._cond = threading.Condition()
@@ -151,6 +167,16 @@ class WorkerPool:
                 log.warning("pebble pool did not stop in 10 s; killing its workers")
             _kill_and_reap(list(self._workers.values()))
             self._workers.clear()
+            # pebble may stop before it has failed the futures of running tasks: nobody
+            # waiting on one may be left hanging.
+            for function, outer in list(self._outstanding.values()):
+                _settle_once(
+                    outer,
+                    exception=WorkerCrashedError(
+                        f"task {function}: the pool was closed while it ran; its worker was killed"
+                    ),
+                )
+            self._outstanding.clear()
         if self._uses_forkserver:
             self._uses_forkserver = False
             _forkserver.release()
@@ -181,14 +207,19 @@ class WorkerPool:
         )
         outer: concurrent.futures.Future[TaskResult] = concurrent.futures.Future()
 
+        self._outstanding[task_id] = (function, outer)
+
         def _settle(done: concurrent.futures.Future) -> None:
             self._progress.pop(task_id, None)
-            if outer.cancelled():
+            self._outstanding.pop(task_id, None)
+            if outer.done():  # cancelled, or settled by close()
                 return
             try:
-                outer.set_result(self._result(function, kwargs, done))
+                result = self._result(function, kwargs, done)
             except BaseException as exc:  # noqa: BLE001 - every outcome goes to the caller
-                outer.set_exception(exc)
+                _settle_once(outer, exception=exc)
+            else:
+                _settle_once(outer, result=result)
 
         inner.add_done_callback(_settle)
         outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)

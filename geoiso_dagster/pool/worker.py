@@ -76,9 +76,12 @@ def initialize(settings: WorkerSettings) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.update(settings.env)
     _apply_geo_config(settings.env)
+    if settings.warm_up:
+        _warm_up()
     if settings.address_space_limit_bytes:
         # Backstop for a spike faster than the watchdog's poll: allocation fails with
-        # MemoryError instead of the machine swapping or the OOM killer choosing.
+        # MemoryError instead of the machine swapping or the OOM killer choosing. Set
+        # after the warm-up, whose thread stacks and allocator arenas are address space.
         limit = psutil.Process().memory_info().vms + settings.address_space_limit_bytes
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     _state = _WorkerState(settings)
@@ -87,8 +90,6 @@ def initialize(settings: WorkerSettings) -> None:
         {"type": "worker_started", "pid": os.getpid(), "create_time": _state.process.create_time()}
     )
     threading.Thread(target=_watchdog, args=(_state,), name="geoiso-watchdog", daemon=True).start()
-    if settings.warm_up:
-        _warm_up()
     # Everything alive now (the preloaded geo stack) lives as long as the worker: keep it
     # out of the collector's scans (a full collection then takes 0.02 ms, not 25 ms).
     gc.freeze()
