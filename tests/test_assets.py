@@ -183,13 +183,18 @@ def test_an_async_asset_can_fan_tasks_out(instance, data_root, countries):
     @asset
     async def two_views(spatial_pool: SpatialWorkerPool) -> None:
         a, b = await asyncio.gather(
-            spatial_pool.run_async("environment"), spatial_pool.run_async("environment")
+            spatial_pool.run_async("sleep", seconds=0.5),
+            spatial_pool.run_async("sleep", seconds=0.5),
         )
-        assert a.pid != b.pid
-        assert a.facts["env"]["GDAL_NUM_THREADS"] == "1"
+        assert a.pid != b.pid  # side by side, in two workers
+        assert max(a.facts["started"], b.facts["started"]) < min(a.facts["ended"], b.facts["ended"])
+        env = await spatial_pool.run_async("environment")
+        assert env.facts["env"]["GDAL_NUM_THREADS"] == "1"
 
     result = materialize(
-        [two_views], instance=instance, resources={"spatial_pool": SpatialWorkerPool()}
+        [two_views],
+        instance=instance,
+        resources={"spatial_pool": SpatialWorkerPool(task_module="tests.pool_tasks")},
     )
     assert result.success
 
@@ -221,9 +226,9 @@ def test_progress_reaches_the_run_log_while_the_worker_works(instance):
 def test_the_real_steps_say_what_they_do(instance, data_root, countries):
     result = _run(instance, countries)
     messages = [e.user_message for e in instance.all_logs(result.run_id)]
-    assert any(m.startswith("read 177 features from countries.gpkg") for m in messages)
+    assert any(m.startswith("read and wrote 177 features from countries.gpkg") for m in messages)
     assert any(m.startswith("reprojected 177 features to EPSG:6933") for m in messages)
-    assert any(m.startswith("dissolved into 8 groups") for m in messages)
+    assert any(m.startswith("dissolved 177 features into 8 groups") for m in messages)
     (mat,) = result.asset_materializations_for_node("dissolved_regions")
     assert mat.metadata["map"].value.startswith("![8 regions](data:image/png;base64,")
 

@@ -112,6 +112,13 @@ def _latin1_shapefile(folder: Path) -> Path:
     return path
 
 
+def _nan_in_ring(folder: Path) -> Path:
+    path = folder / "nan_ring.gpkg"
+    ring = Polygon([(0, 0), (np.nan, 0), (1, 1)])
+    _frame([box(0, 0, 1, 1), ring], region_id=[1, 1]).to_file(path, layer="parcels")
+    return path
+
+
 def _gpkg_declaring_more(folder: Path) -> Path:
     path = folder / "overclaims.gpkg"
     _frame([box(0, 0, 1, 1), box(1, 0, 2, 1)], region_id=[1, 2]).to_file(path, layer="parcels")
@@ -449,6 +456,13 @@ CASES: list[Case] = [
         "nan_coordinates",
         "a NaN coordinate",
         _parquet("nan.parquet", lambda: _frame([Point(np.nan, 1), box(0, 0, 1, 1)])),
+        "ingest",
+        "NaN or infinite",
+    ),
+    Case(
+        "nan_inside_ring",
+        "a NaN inside a polygon's ring (GeoPackage): GEOS leaves it out of the bounds",
+        _nan_in_ring,
         "ingest",
         "NaN or infinite",
     ),
