@@ -26,6 +26,9 @@ DEFAULT_WORKER_ENV: dict[str, str] = {
     # glibc keeps one malloc arena per thread by default; two is plenty here and
     # keeps RSS (which the memory ceiling watches) close to what is really used.
     "MALLOC_ARENA_MAX": "2",
+    # Arrow's own allocator (mimalloc) keeps freed memory for reuse; the system one
+    # gives it back. Measured at 1M polygons: a dissolve part peaked 80 MB lower, as fast.
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
 }
 
 # Variables GDAL reads through CPLGetConfigOption: applied with

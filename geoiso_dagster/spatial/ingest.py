@@ -69,7 +69,8 @@ def ingest_file(
     source: Path,
     tmp: Path,
     features: list[int] | None = None,
-    batch_rows: int = io.ROW_GROUP_ROWS,
+    batch_rows: int = io.SLICE_ROWS,
+    group_rows: int = io.ROW_GROUP_ROWS,
     on_batch: Callable[[int, int | None], None] | None = None,
 ) -> dict:
     """Stream `source` into GeoParquet at `tmp`; returns the rows written."""
@@ -80,7 +81,7 @@ def ingest_file(
     elif suffix == ".shp":
         integrity.check_shapefile(source)
     with _open(source, features, batch_rows) as src:
-        rows = _write(source, tmp, src, on_batch)
+        rows = _write(source, tmp, src, group_rows, on_batch)
     if src.expected is not None and rows != src.expected:
         raise BadInputError(
             str(source), f"declares {src.expected} features but {rows} could be read"
@@ -180,8 +181,10 @@ def _crs(source: Path, declared: str | None) -> pyproj.CRS:
         raise BadInputError(str(source), f"declares a CRS PROJ does not know: {exc}") from exc
 
 
-def _write(source: Path, tmp: Path, src: _Source, on_batch) -> int:
+def _write(source: Path, tmp: Path, src: _Source, group_rows: int, on_batch) -> int:
+    """Check and convert batch by batch; write row groups of `group_rows` rows."""
     rows = 0
+    pending: list[pa.Table] = []
     types: set[str] = set()
     low, high = np.full(2, np.inf), np.full(2, -np.inf)
     nonfinite: list[int] = []
@@ -209,14 +212,14 @@ def _write(source: Path, tmp: Path, src: _Source, on_batch) -> int:
             out = table.select(attributes)
             out = out.append_column(GEOMETRY, pa.array(wkb, type=pa.binary()))
             out = out.append_column("bbox", bbox_column(bounds)).replace_schema_metadata(None)
-            if writer is None:
-                writer = pq.ParquetWriter(
-                    tmp, out.schema, store_schema=False, **writer_options(out.schema, GEOMETRY)
-                )
-            writer.write_table(out, row_group_size=out.num_rows)
+            pending.append(out)
             rows += out.num_rows
+            if sum(t.num_rows for t in pending) >= group_rows:
+                writer = _write_group(writer, tmp, pending)
             if on_batch is not None:
                 on_batch(rows, src.expected)
+        if pending:
+            writer = _write_group(writer, tmp, pending)
         if nonfinite:
             raise BadInputError(
                 str(source),
@@ -230,6 +233,18 @@ def _write(source: Path, tmp: Path, src: _Source, on_batch) -> int:
         if writer is not None:
             writer.close()
     return rows
+
+
+def _write_group(writer: pq.ParquetWriter | None, tmp: Path, pending: list[pa.Table]):
+    """Write the pending slices as one row group (and empty the list)."""
+    table = pa.concat_tables(pending)
+    pending.clear()
+    if writer is None:
+        writer = pq.ParquetWriter(
+            tmp, table.schema, store_schema=False, **writer_options(table.schema, GEOMETRY)
+        )
+    writer.write_table(table, row_group_size=table.num_rows)
+    return writer
 
 
 def _geo(crs: pyproj.CRS, types: set[str], bbox: list[float] | None) -> dict:

@@ -22,6 +22,9 @@ from geoiso_dagster.spatial import faults
 # Tens of thousands of rows per row group: small enough that a bbox filter skips most
 # of a file, large enough that per-group overhead stays negligible.
 ROW_GROUP_ROWS = 50_000
+# Rows decoded at a time while streaming: a row group is built from slices, so that only
+# a fifth of a group's shapes is ever alive (the WKB of the rest waits in Arrow).
+SLICE_ROWS = 10_000
 PARQUET_SUFFIXES = (".parquet", ".geoparquet")
 # shapely.get_type_id -> the names GeoParquet's geometry_types use
 GEOMETRY_TYPE_NAMES = {
@@ -100,26 +103,36 @@ def curves_cause(exc: BaseException) -> str:
     )
 
 
-def read_geoparquet_table(path: str | Path, filters=None) -> tuple[pa.Table, str, pyproj.CRS]:
+def read_geoparquet_table(
+    path: str | Path, where: tuple[str, list] | None = None
+) -> tuple[pa.Table, str, pyproj.CRS]:
     """(table, geometry column, CRS) of a GeoParquet file written by an upstream asset,
-    geometries left as WKB and without the bbox covering column; `filters`: a pyarrow
-    expression, only matching rows are read."""
+    geometries left as WKB and without the bbox covering column. `where` = (column,
+    values): only the rows whose column holds one of the values, filtered row group by
+    row group, so that no more than one group beyond the result is ever decoded."""
     path = Path(path)
     crs = geoparquet_crs(path)  # also: the file exists and has `geo` metadata
     geo = geo_metadata(path)
     primary = geo["primary_column"]
     covering = geo["columns"][primary].get("covering", {}).get("bbox", {}).get("xmin", [None])[0]
     try:
-        names = pq.read_schema(path).names
-        columns = [n for n in names if n != covering]
-        table = pq.read_table(path, columns=columns, filters=filters, pre_buffer=False)
+        parquet = pq.ParquetFile(path, pre_buffer=False)
+        columns = [n for n in parquet.schema_arrow.names if n != covering]
+        pieces = []
+        for group in range(parquet.num_row_groups):
+            piece = parquet.read_row_group(group, columns=columns)
+            if where is not None:
+                column, values = where
+                piece = piece.filter(pa.compute.is_in(piece[column], value_set=pa.array(values)))
+            pieces.append(piece)
+        table = pa.concat_tables(pieces) if pieces else parquet.schema_arrow.empty_table()
     except OSError as exc:
         raise os_error(path, exc, "reading") from exc
     except Exception as exc:
         raise BadInputError(str(path), f"is not readable GeoParquet: {_one_line(exc)}") from exc
     if primary not in table.column_names:
         raise BadInputError(str(path), "has no geometry column")
-    if table.num_rows == 0 and filters is None:
+    if table.num_rows == 0 and where is None:
         raise BadInputError(str(path), "has no features (0 rows)")
     return table, primary, crs
 

@@ -16,6 +16,7 @@ import pyproj
 import shapely
 
 from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.spatial.io import SLICE_ROWS
 
 BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
 
@@ -104,27 +105,30 @@ def reproject_file(
     )
     rows = 0
     writer = None
+    geo_bytes = json.dumps(new_geo).encode()
     try:
         for done, group in enumerate(groups, start=1):
-            table = parquet.read_row_group(group)
-            geometries = shapely.from_wkb(table[primary].to_numpy(zero_copy_only=False))
-            if prepare is not None:
-                geometries = prepare(geometries)
-            moved = transform(geometries, transformer)
-            if check is not None:
-                check(moved, int(first_rows[group]))
-            bounds = shapely.bounds(moved)
-            table = table.set_column(
-                table.schema.get_field_index(primary), primary, pa.array(shapely.to_wkb(moved))
-            )
-            if "bbox" in table.column_names:
-                table = table.set_column(
-                    table.schema.get_field_index("bbox"), "bbox", bbox_column(bounds)
-                )
-            else:
-                table = table.append_column("bbox", bbox_column(bounds))
-            metadata = {**(table.schema.metadata or {}), b"geo": json.dumps(new_geo).encode()}
-            table = table.replace_schema_metadata(metadata)
+            slices = []
+            for batch in parquet.iter_batches(batch_size=SLICE_ROWS, row_groups=[group]):
+                table = pa.Table.from_batches([batch])
+                geometries = shapely.from_wkb(table[primary].to_numpy(zero_copy_only=False))
+                if prepare is not None:
+                    geometries = prepare(geometries)
+                moved = transform(geometries, transformer)
+                if check is not None:
+                    check(moved, int(first_rows[group]) + sum(t.num_rows for t in slices))
+                wkb = pa.array(shapely.to_wkb(moved), type=pa.binary())
+                table = table.set_column(table.schema.get_field_index(primary), primary, wkb)
+                box = bbox_column(shapely.bounds(moved))
+                if "bbox" in table.column_names:
+                    table = table.set_column(table.schema.get_field_index("bbox"), "bbox", box)
+                else:
+                    table = table.append_column("bbox", box)
+                slices.append(table.replace_schema_metadata({b"geo": geo_bytes}))
+            if not slices:
+                continue
+            table = pa.concat_tables(slices)
+            del slices
             if writer is None:
                 writer = pq.ParquetWriter(
                     tmp, table.schema, **writer_options(table.schema, primary)

@@ -9,7 +9,6 @@ from pathlib import Path
 import geopandas
 import numpy as np
 import pandas as pd
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyproj
 import shapely
@@ -357,7 +356,7 @@ def _read_for_dissolve(source: str, dissolve_by: str, part: list[int] | None):
     mine = list(uniques[index::count])
     if not mine:
         return None
-    return io.read_geoparquet_table(source, filters=pc.field(dissolve_by).isin(mine))
+    return io.read_geoparquet_table(source, where=(dissolve_by, mine))
 
 
 def _null_keys(source: str, dissolve_by: str) -> int:
