@@ -330,9 +330,7 @@ def _mixed_countries(naturalearth_shp, tmp_path) -> tuple[Path, geopandas.GeoDat
     """The countries as a GeoPackage with some 3D rows, a NULL geometry and a nullable
     integer column: what a whole-frame read would give is the reference."""
     frame = geopandas.read_file(naturalearth_shp)
-    frame.loc[frame.index[::9], "geometry"] = shapely.force_3d(
-        frame.geometry.values[::9], z=7.0
-    )
+    frame.loc[frame.index[::9], "geometry"] = shapely.force_3d(frame.geometry.values[::9], z=7.0)
     frame.loc[frame.index[100], "geometry"] = None
     frame["rank"] = pd.array([None if i % 4 == 0 else i for i in range(len(frame))], "Int64")
     source = tmp_path / "mixed.gpkg"
@@ -355,11 +353,12 @@ def _same_frame(out: geopandas.GeoDataFrame, whole: geopandas.GeoDataFrame) -> N
 
 
 def test_streamed_ingest_equals_the_whole_frame_read(naturalearth_shp, tmp_path):
-    """Batch by batch (7 batches of 26 here) gives exactly the rows, attributes and
-    geometries of one whole-frame read, and `geo` metadata for the whole file."""
+    """Batch by batch (14 batches of 13 rows here, written as 7 row groups) gives exactly
+    the rows, attributes and geometries of one whole-frame read, and `geo` metadata for
+    the whole file."""
     source, whole = _mixed_countries(naturalearth_shp, tmp_path)
     tmp = tmp_path / "raw.parquet"
-    assert ingest_file(source, tmp, batch_rows=26) == {"rows": 177}
+    assert ingest_file(source, tmp, batch_rows=13, group_rows=26) == {"rows": 177}
     assert pq.ParquetFile(tmp).metadata.num_row_groups == 7
     out = geopandas.read_parquet(tmp)
     _same_frame(out, whole)
@@ -417,3 +416,16 @@ def test_streamed_ingest_counts_bad_rows_across_batches(tmp_path):
     with pytest.raises(BadInputError, match="in 3 rows"):
         tasks.ingest(str(source), str(warehouse / "raw.parquet"))
     assert list(warehouse.iterdir()) == []
+
+
+def test_a_refused_row_is_named_by_its_row_in_the_file(tmp_path):
+    """Rows are checked in slices of row groups; the error still counts from the file's
+    first row (these two lie in the second row group's second slice)."""
+    n = ROW_GROUP_ROWS + 15_000
+    x = np.linspace(-170, 170, n)
+    y = np.zeros(n)
+    y[[60_005, 60_007]] = 89.9999  # Web Mercator is not defined near the pole
+    frame = geopandas.GeoDataFrame(geometry=geopandas.points_from_xy(x, y), crs=4326)
+    raw = tasks.ingest(_parquet(frame, tmp_path / "in.parquet"), str(tmp_path / "raw.parquet"))
+    with pytest.raises(BadInputError, match=r"2 feature\(s\) .* rows \[60005, 60007\]"):
+        tasks.reproject(raw["path"], str(tmp_path / "rep.parquet"), "EPSG:3857")
