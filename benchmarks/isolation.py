@@ -13,7 +13,8 @@ Configurations: workers reused for the pool's life (the baseline, and the defaul
 Dagster run's pool serves one source file), a fresh worker per task from the preloaded
 forkserver with and without the warm-up at worker start, and a fresh spawned worker
 per task. Also: what a whole pool costs to start (forkserver with the geo stack, two
-workers), which a run pays once. Prints medians and the overhead against the baseline of the same run,
+workers), which a run pays once. Prints medians and the overhead against the baseline
+of the same run,
 per task and as a share of the chain's time.
 """
 

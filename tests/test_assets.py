@@ -269,3 +269,34 @@ def test_large_steps_fan_out_and_equal_the_single_task_results(instance, data_ro
         sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
         assert sizes == [50_000, 10_001, 50_000, 10_000], name
     assert _leftover_temps(data_root) == []
+
+
+def test_a_ceiling_below_the_whole_frame_need_still_materializes(instance, data_root):
+    """The whole-frame pipeline (read it all, to_crs, make_valid, dissolve) on 200,000
+    polygons is measured in a worker; the assets then run with every worker's ceiling at
+    three quarters of that need, which stops the whole-frame pipeline, and succeed with
+    every region's area equal to the whole-frame one."""
+    import geopandas
+
+    from benchmarks.ceiling import whole_frame
+    from benchmarks.data import dataset
+
+    source, _ = dataset(200_000)
+    shutil.copy(source, data_root / "inbox" / "cells.gpkg")
+    need, areas = whole_frame(source, memory_limit_mb=8192)
+    limit = int(need * 0.75)
+    refused, none = whole_frame(source, memory_limit_mb=limit)
+    assert none is None and "over its ceiling" in refused
+
+    config = {"ops": {"reprojected_features": {"config": {"target_crs": "EPSG:4326"}}}}
+    result = _run(instance, "cells.gpkg", config=config, memory_limit_mb=limit)
+    assert result.success
+    for name in ASSET_NAMES:
+        (mat,) = result.asset_materializations_for_node(name)
+        assert mat.metadata["fanned_out_over"].value == 2, name
+        assert mat.metadata["worker_peak_rss_mb"].value < limit, name
+    out = geopandas.read_parquet(output_path("dissolved_regions", "cells.gpkg"))
+    got = dict(zip(out["region_id"].astype(str), out.geometry.area, strict=True))
+    assert got.keys() == areas.keys()
+    for key, area in areas.items():
+        assert got[key] == pytest.approx(area, rel=1e-9), key
