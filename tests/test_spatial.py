@@ -6,6 +6,8 @@ from pathlib import Path
 import geopandas
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.ipc  # noqa: F401 - pa.ipc
 import pyarrow.parquet as pq
 import pytest
 import shapely
@@ -358,7 +360,7 @@ def test_streamed_ingest_equals_the_whole_frame_read(naturalearth_shp, tmp_path)
     the whole file."""
     source, whole = _mixed_countries(naturalearth_shp, tmp_path)
     tmp = tmp_path / "raw.parquet"
-    assert ingest_file(source, tmp, batch_rows=13, group_rows=26) == {"rows": 177}
+    assert ingest_file(source, tmp, batch_rows=13, group_rows=26)["rows"] == 177
     assert pq.ParquetFile(tmp).metadata.num_row_groups == 7
     out = geopandas.read_parquet(tmp)
     _same_frame(out, whole)
@@ -371,18 +373,21 @@ def test_streamed_ingest_equals_the_whole_frame_read(naturalearth_shp, tmp_path)
 
 
 def test_ingest_parts_concatenated_equal_the_whole(naturalearth_shp, tmp_path):
-    """Feature ranges read apart (GDAL's SetNextByIndex) and concatenated give the whole
-    file in order, with the `geo` metadata of the whole; so do row-group ranges of a
-    GeoParquet source."""
+    """Feature ranges read apart (GDAL's SetNextByIndex) into Arrow IPC part files and
+    concatenated give the whole file in order, with the `geo` metadata of the whole; so
+    do row-group ranges of a GeoParquet source."""
     source, whole = _mixed_countries(naturalearth_shp, tmp_path)
     assert tasks.survey(str(source)) == {"features": 177, "splittable": True}
     ranges = [[0, 60], [60, 60], [120, 60]]  # the last range asks for more than is left
     parts = [
-        tasks.ingest(str(source), str(tmp_path / f"part{i}.parquet"), features=r)["path"]
+        tasks.ingest(str(source), str(tmp_path / f"part{i}"), features=r)
         for i, r in enumerate(ranges)
     ]
-    assert [pq.ParquetFile(p).metadata.num_rows for p in parts] == [60, 60, 57]
-    joined = tasks.concatenate(parts, str(tmp_path / "joined.parquet"))
+    assert [p["rows"] for p in parts] == [60, 60, 57]
+    assert [pa.ipc.open_file(p["path"]).read_all().num_rows for p in parts] == [60, 60, 57]
+    joined = tasks.concatenate(
+        [p["path"] for p in parts], str(tmp_path / "joined.parquet"), [p["geo"] for p in parts]
+    )
     single = tasks.ingest(str(source), str(tmp_path / "single.parquet"))
     _same_frame(geopandas.read_parquet(joined["path"]), whole)
     assert joined["bbox"] == pytest.approx(single["bbox"], rel=1e-15)
@@ -394,7 +399,9 @@ def test_ingest_parts_concatenated_equal_the_whole(naturalearth_shp, tmp_path):
         tasks.ingest(str(tmp_path / "in.parquet"), str(tmp_path / f"g{i}.parquet"), features=r)
         for i, r in enumerate([[0, 2], [2, 2]])
     ]
-    from_groups = tasks.concatenate([g["path"] for g in groups], str(tmp_path / "g.parquet"))
+    from_groups = tasks.concatenate(
+        [g["path"] for g in groups], str(tmp_path / "g.parquet"), [g["geo"] for g in groups]
+    )
     _same_frame(geopandas.read_parquet(from_groups["path"]), whole)
 
 

@@ -130,7 +130,10 @@ def ingest(runner: Runner, source: str, staged: Path) -> TaskResult:
             )
             for features in plan
         ],
-        lambda parts, results: ("concatenate", {"parts": [str(p) for p in parts]}),
+        lambda parts, results: (
+            "concatenate",
+            {"parts": [str(p) for p in parts], "geos": [r.facts["geo"] for r in results]},
+        ),
     )
     return _combined(joined, results)
 

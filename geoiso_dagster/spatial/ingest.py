@@ -15,7 +15,6 @@ the workers; parts are put together by `stream.concatenate`).
 """
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import shapely
 
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.spatial import integrity, io
-from geoiso_dagster.spatial.stream import BBOX_FIELDS, bbox_column, writer_options
+from geoiso_dagster.spatial.stream import BBOX_FIELDS, TableSink, bbox_column
 
 GEOMETRY = "geometry"
 
@@ -72,8 +71,10 @@ def ingest_file(
     batch_rows: int = io.SLICE_ROWS,
     group_rows: int = io.ROW_GROUP_ROWS,
     on_batch: Callable[[int, int | None], None] | None = None,
+    part: bool = False,
 ) -> dict:
-    """Stream `source` into GeoParquet at `tmp`; returns the rows written."""
+    """Stream `source` into GeoParquet at `tmp` (`part`: a part file for `concatenate`,
+    see stream.TableSink); returns the rows written and the `geo` metadata."""
     io.check_readable(source)
     suffix = source.suffix.lower()
     if suffix in io.PARQUET_SUFFIXES:
@@ -81,14 +82,14 @@ def ingest_file(
     elif suffix == ".shp":
         integrity.check_shapefile(source)
     with _open(source, features, batch_rows) as src:
-        rows = _write(source, tmp, src, group_rows, on_batch)
+        rows, geo = _write(source, tmp, src, group_rows, on_batch, part)
     if src.expected is not None and rows != src.expected:
         raise BadInputError(
             str(source), f"declares {src.expected} features but {rows} could be read"
         )
     if suffix in (".geojson", ".json"):
         integrity.check_geojson_crs(source, src.crs)
-    return {"rows": rows}
+    return {"rows": rows, "geo": geo}
 
 
 def _guarded(source: Path, batches) -> Iterator[pa.RecordBatch]:
@@ -181,14 +182,16 @@ def _crs(source: Path, declared: str | None) -> pyproj.CRS:
         raise BadInputError(str(source), f"declares a CRS PROJ does not know: {exc}") from exc
 
 
-def _write(source: Path, tmp: Path, src: _Source, group_rows: int, on_batch) -> int:
+def _write(
+    source: Path, tmp: Path, src: _Source, group_rows: int, on_batch, part: bool
+) -> tuple[int, dict]:
     """Check and convert batch by batch; write row groups of `group_rows` rows."""
+    sink = TableSink(tmp, GEOMETRY, part, store_schema=False)
     rows = 0
     pending: list[pa.Table] = []
     types: set[str] = set()
     low, high = np.full(2, np.inf), np.full(2, -np.inf)
     nonfinite: list[int] = []
-    writer = None
     try:
         for batch in src.batches:
             if batch.num_rows == 0:
@@ -215,11 +218,13 @@ def _write(source: Path, tmp: Path, src: _Source, group_rows: int, on_batch) -> 
             pending.append(out)
             rows += out.num_rows
             if sum(t.num_rows for t in pending) >= group_rows:
-                writer = _write_group(writer, tmp, pending)
+                sink.write(pa.concat_tables(pending))
+                pending.clear()
             if on_batch is not None:
                 on_batch(rows, src.expected)
         if pending:
-            writer = _write_group(writer, tmp, pending)
+            sink.write(pa.concat_tables(pending))
+            pending.clear()
         if nonfinite:
             raise BadInputError(
                 str(source),
@@ -228,23 +233,11 @@ def _write(source: Path, tmp: Path, src: _Source, group_rows: int, on_batch) -> 
         if rows == 0:
             raise BadInputError(str(source), "has no features (0 rows)")
         bbox = [*low.tolist(), *high.tolist()] if np.isfinite(low).all() else None
-        writer.add_key_value_metadata({"geo": json.dumps(_geo(src.crs, types, bbox))})
+        geo = _geo(src.crs, types, bbox)
+        sink.close(geo)
     finally:
-        if writer is not None:
-            writer.close()
-    return rows
-
-
-def _write_group(writer: pq.ParquetWriter | None, tmp: Path, pending: list[pa.Table]):
-    """Write the pending slices as one row group (and empty the list)."""
-    table = pa.concat_tables(pending)
-    pending.clear()
-    if writer is None:
-        writer = pq.ParquetWriter(
-            tmp, table.schema, store_schema=False, **writer_options(table.schema, GEOMETRY)
-        )
-    writer.write_table(table, row_group_size=table.num_rows)
-    return writer
+        sink.close()
+    return rows, geo
 
 
 def _geo(crs: pyproj.CRS, types: set[str], bbox: list[float] | None) -> dict:

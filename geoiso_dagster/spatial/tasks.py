@@ -42,7 +42,9 @@ def ingest(source: str, output: str, features: list[int] | None = None) -> dict:
 
     try:
         with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
-            written = ingest_file(Path(source), tmp, features, on_batch=report)
+            written = ingest_file(
+                Path(source), tmp, features, on_batch=report, part=features is not None
+            )
     except OSError as exc:
         raise io.os_error(Path(output), exc, "writing") from exc
     progress(
@@ -50,6 +52,8 @@ def ingest(source: str, output: str, features: list[int] | None = None) -> dict:
         f"in {time.perf_counter() - started:.2f} s",
         features=written["rows"],
     )
+    if features is not None:  # a part file: its facts go to `concatenate`
+        return {"path": output, "rows": written["rows"], "geo": written["geo"]}
     return io.describe(Path(output))
 
 
@@ -59,12 +63,13 @@ def survey(source: str) -> dict:
     return ingest_survey(source)
 
 
-def concatenate(parts: list[str], output: str) -> dict:
-    """Join the parts of a fan-out, in order, into `output` (atomically)."""
+def concatenate(parts: list[str], output: str, geos: list[dict] | None = None) -> dict:
+    """Join the parts of a fan-out, in order, into `output` (atomically); `geos`: the
+    parts' `geo` metadata when their files do not carry it (ingest parts)."""
     faults.at_start("concatenate")
     try:
         with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
-            stream.concatenate([Path(p) for p in parts], tmp)
+            stream.concatenate([Path(p) for p in parts], tmp, geos)
     except OSError as exc:
         raise io.os_error(Path(output), exc, "writing") from exc
     return io.describe(Path(output))
@@ -127,7 +132,15 @@ def reproject(
     try:
         with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
             written = stream.reproject_file(
-                Path(source), tmp, source_crs, target, prepare, check, report, row_groups
+                Path(source),
+                tmp,
+                source_crs,
+                target,
+                prepare,
+                check,
+                report,
+                row_groups,
+                part=row_groups is not None,
             )
     except OSError as exc:
         raise io.os_error(Path(output), exc, "writing") from exc
@@ -136,6 +149,8 @@ def reproject(
         f"in {time.perf_counter() - started:.2f} s"
         + (f" (dropped M values of {measured} measured geometries)" if measured else "")
     )
+    if row_groups is not None:  # a part file: its facts go to `concatenate`
+        return {"path": output, "rows": written["rows"], "transformed": True, "dropped_m": measured}
     facts = io.describe(Path(output))
     facts.update(transformed=True, dropped_m=measured)
     return facts
