@@ -4,6 +4,7 @@ Nothing here may touch GDAL or PROJ state beyond loading the libraries: the
 forkserver has no data open and no threads, which is what makes forking from it safe.
 """
 
+import atexit
 import importlib.machinery
 import os
 import sys
@@ -22,6 +23,11 @@ def adopt_parent_main() -> None:
 
 
 adopt_parent_main()
+
+# The forkserver holds no data, files or locks: when its pool closes it, let it exit at
+# once instead of tearing down pandas & co. (measured: the pool's close waited 0.26 s
+# for that, a quarter of a small file's whole run). Forked workers never run atexit.
+atexit.register(os._exit, 0)
 
 import geopandas  # noqa: E402, F401
 import pyarrow.parquet  # noqa: E402, F401
