@@ -436,3 +436,75 @@ def test_a_refused_row_is_named_by_its_row_in_the_file(tmp_path):
     raw = tasks.ingest(_parquet(frame, tmp_path / "in.parquet"), str(tmp_path / "raw.parquet"))
     with pytest.raises(BadInputError, match=r"2 feature\(s\) .* rows \[60005, 60007\]"):
         tasks.reproject(raw["path"], str(tmp_path / "rep.parquet"), "EPSG:3857")
+
+
+def _shapely_path(geometries: np.ndarray, transformer):
+    from geoiso_dagster.spatial import integrity, stream
+
+    moved = stream.transform(geometries, transformer)
+    present = ~shapely.is_missing(moved) & ~shapely.is_empty(moved)
+    return moved, shapely.bounds(moved), integrity.nonfinite(moved), present
+
+
+@pytest.mark.parametrize("target", ["EPSG:6933", "EPSG:3857", "EPSG:32633"])
+def test_wkb_fast_path_equals_the_shapely_path(naturalearth_shp, target):
+    """The reprojection's fast path (coordinates moved inside the WKB) gives the same
+    coordinates, bit for bit, as decoding, shapely.transform and encoding; the same
+    bounds, non-finite rows and presence; for polygons with holes, multipolygons, 3D,
+    empty and null geometries. Slices it cannot take (points, M, big-endian) are left
+    to the shapely path."""
+    import pyarrow as pa
+    import pyproj
+
+    from geoiso_dagster.spatial import wkb
+
+    countries = geopandas.read_file(naturalearth_shp).geometry.values
+    holed = shapely.Polygon(
+        [(0, 0), (10, 0), (10, 10), (0, 10)], [[(2, 2), (3, 2), (3, 3)], [(5, 5), (6, 5), (6, 6)]]
+    )
+    geometries = np.array(
+        [
+            *countries,
+            holed,
+            shapely.force_3d(holed, z=5.0),
+            shapely.force_3d(countries[4], z=-3.0),
+            shapely.Polygon(),
+            shapely.MultiPolygon(),
+            None,
+        ],
+        dtype=object,
+    )
+    transformer = pyproj.Transformer.from_crs(4326, target, always_xy=True)
+    array = pa.array(shapely.to_wkb(geometries, flavor="iso"), type=pa.binary())
+    fast = wkb.transform(array.slice(3), transformer)  # a slice: offsets into the buffers
+    moved, bounds, nonfinite, present = _shapely_path(geometries[3:], transformer)
+    got = shapely.from_wkb(fast.wkb.to_numpy(zero_copy_only=False))
+    missing = shapely.is_missing(moved)
+    assert (shapely.is_missing(got) == missing).all()
+    assert shapely.equals_exact(got[~missing], moved[~missing], tolerance=0).all()
+    np.testing.assert_array_equal(
+        shapely.get_coordinates(got, include_z=True), shapely.get_coordinates(moved, include_z=True)
+    )
+    np.testing.assert_array_equal(fast.bounds, bounds)
+    assert (fast.nonfinite == nonfinite).all() and (fast.present == present).all()
+    assert (shapely.has_z(got) == shapely.has_z(moved)).all()
+
+    for unsupported in (
+        [shapely.Point(1, 2), holed],
+        [shapely.from_wkt("POLYGON M ((0 0 1, 1 0 1, 1 1 1, 0 0 1))")],
+    ):
+        wkbs = pa.array(shapely.to_wkb(np.array(unsupported), flavor="iso", output_dimension=4))
+        assert wkb.transform(wkbs, transformer) is None
+    big_endian = pa.array([shapely.to_wkb(holed, byte_order=0)], type=pa.binary())
+    assert wkb.transform(big_endian, transformer) is None
+
+
+def test_wkb_fast_path_names_rows_the_target_cannot_hold(tmp_path):
+    """Polygons reaching the pole into Web Mercator are refused by row on the fast path
+    as on the shapely one."""
+    polygons = [shapely.box(i, 0, i + 1, 1) for i in range(30)]
+    polygons[17] = shapely.box(0, 80, 10, 90)
+    frame = geopandas.GeoDataFrame(geometry=polygons, crs=4326)
+    raw = tasks.ingest(_parquet(frame, tmp_path / "in.parquet"), str(tmp_path / "raw.parquet"))
+    with pytest.raises(BadInputError, match=r"1 feature\(s\) .* rows \[17\]"):
+        tasks.reproject(raw["path"], str(tmp_path / "rep.parquet"), "EPSG:3857")

@@ -18,6 +18,7 @@ import pyproj
 import shapely
 
 from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.spatial import integrity, wkb
 from geoiso_dagster.spatial.io import SLICE_ROWS
 
 BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
@@ -168,15 +169,24 @@ def reproject_file(
             slices = []
             for batch in parquet.iter_batches(batch_size=SLICE_ROWS, row_groups=[group]):
                 table = pa.Table.from_batches([batch])
-                geometries = shapely.from_wkb(table[primary].to_numpy(zero_copy_only=False))
-                if prepare is not None:
-                    geometries = prepare(geometries)
-                moved = transform(geometries, transformer)
+                first_row = int(first_rows[group]) + sum(t.num_rows for t in slices)
+                fast = wkb.transform(table[primary].combine_chunks(), transformer)
+                if fast is not None:  # (Multi)Polygons: coordinates moved inside the WKB
+                    moved_wkb, bounds = fast.wkb, fast.bounds
+                    facts = (fast.bounds, fast.nonfinite, fast.present)
+                else:
+                    geometries = shapely.from_wkb(table[primary].to_numpy(zero_copy_only=False))
+                    if prepare is not None:
+                        geometries = prepare(geometries)
+                    moved = transform(geometries, transformer)
+                    bounds = shapely.bounds(moved)
+                    present = ~shapely.is_missing(moved) & ~shapely.is_empty(moved)
+                    facts = (bounds, integrity.nonfinite(moved), present)
+                    moved_wkb = pa.array(shapely.to_wkb(moved, flavor="iso"), type=pa.binary())
                 if check is not None:
-                    check(moved, int(first_rows[group]) + sum(t.num_rows for t in slices))
-                wkb = pa.array(shapely.to_wkb(moved), type=pa.binary())
-                table = table.set_column(table.schema.get_field_index(primary), primary, wkb)
-                box = bbox_column(shapely.bounds(moved))
+                    check(*facts, first_row)
+                table = table.set_column(table.schema.get_field_index(primary), primary, moved_wkb)
+                box = bbox_column(bounds)
                 if "bbox" in table.column_names:
                     table = table.set_column(table.schema.get_field_index("bbox"), "bbox", box)
                 else:

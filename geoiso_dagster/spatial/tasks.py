@@ -17,7 +17,7 @@ from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import atomic_path
 from geoiso_dagster.pool.worker import progress
 from geoiso_dagster.settings import check_aggregations, check_target_crs
-from geoiso_dagster.spatial import faults, integrity, io, stream, thumbnail
+from geoiso_dagster.spatial import faults, io, stream, thumbnail
 from geoiso_dagster.spatial.ingest import ingest_file
 from geoiso_dagster.spatial.ingest import survey as ingest_survey
 from geoiso_dagster.spatial.io import write_geoparquet
@@ -123,8 +123,8 @@ def reproject(
         measured += dropped
         return geometries
 
-    def check(moved: np.ndarray, first_row: int) -> None:
-        _refuse_unrepresentable(moved, first_row, source, target, limits)
+    def check(bounds, nonfinite, present, first_row: int) -> None:
+        _refuse_unrepresentable(bounds, nonfinite, present, first_row, source, target, limits)
 
     def report(done: int, total: int) -> None:
         progress(f"reprojected row group {done} of {total}", row_groups_done=done)
@@ -174,14 +174,19 @@ def _projected_area_of_use(target: pyproj.CRS) -> tuple[float, float, float, flo
 
 
 def _refuse_unrepresentable(
-    moved: np.ndarray, first_row: int, source: str, target: pyproj.CRS, limits
+    bounds: np.ndarray,
+    nonfinite: np.ndarray,
+    present: np.ndarray,
+    first_row: int,
+    source: str,
+    target: pyproj.CRS,
+    limits,
 ) -> None:
     """Refuse features the target CRS cannot hold: non-finite coordinates after the
     transform, or coordinates far outside where the CRS is defined (the poles in Web
-    Mercator come out finite but meaningless, at y = 2.4e8 m)."""
-    present = ~shapely.is_missing(moved) & ~shapely.is_empty(moved)
-    bounds = shapely.bounds(moved)
-    bad = integrity.nonfinite(moved)
+    Mercator come out finite but meaningless, at y = 2.4e8 m). Takes the transformed
+    features' bounds, non-finite mask and presence (neither null nor empty)."""
+    bad = nonfinite.copy()
     where = "non-finite coordinates after the transform"
     if limits is not None:
         minx, miny, maxx, maxy = limits
