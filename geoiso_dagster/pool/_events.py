@@ -5,6 +5,7 @@ while sending cannot wedge the channel for the others (a multiprocessing queue's
 shared write lock can). The socket lives in Linux's abstract namespace: no file.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -43,6 +44,10 @@ class EventListener:
 
     def close(self) -> None:
         self._stopped.set()
+        # Wake the loop now rather than at its next 0.2 s timeout: every pool's close
+        # (a run's teardown) waited for that.
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"", self.address)
         self._thread.join(timeout=2)
         self._sock.close()
 
