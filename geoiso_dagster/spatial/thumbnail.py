@@ -42,7 +42,10 @@ def _fill(mask: np.ndarray, rings: list[np.ndarray]) -> None:
     edges = np.concatenate([np.stack([r[:-1], r[1:]], axis=1) for r in rings])  # (n, 2, 2)
     (x0, y0), (x1, y1) = edges[:, 0].T, edges[:, 1].T
     height, width = mask.shape
-    for row in range(height):
+    # only the rows the rings reach: a region of a thousand spans a few of the map's rows
+    low = max(0, int(np.floor(min(y0.min(), y1.min()) - 0.5)))
+    high = min(height, int(np.ceil(max(y0.max(), y1.max()) + 0.5)))
+    for row in range(low, high):
         y = row + 0.5
         crosses = (y0 <= y) != (y1 <= y)
         if not crosses.any():
