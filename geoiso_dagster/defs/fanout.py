@@ -123,13 +123,8 @@ def ingest(runner: Runner, source: str, staged: Path) -> TaskResult:
     results, joined = _fan_out(
         runner,
         staged,
-        [
-            lambda part, features=features: (
-                "ingest",
-                {"source": source, "output": str(part), "features": features},
-            )
-            for features in plan
-        ],
+        ("ingest", {"source": source}),
+        [{"features": features} for features in plan],
         lambda parts, results: (
             "concatenate",
             {"parts": [str(p) for p in parts], "geos": [r.facts["geo"] for r in results]},
@@ -154,18 +149,8 @@ def reproject(runner: Runner, source: str, staged: Path, target_crs: str) -> Tas
     results, joined = _fan_out(
         runner,
         staged,
-        [
-            lambda part, groups=groups: (
-                "reproject",
-                {
-                    "source": source,
-                    "output": str(part),
-                    "target_crs": target_crs,
-                    "row_groups": groups,
-                },
-            )
-            for groups in plan
-        ],
+        ("reproject", {"source": source, "target_crs": target_crs}),
+        [{"row_groups": groups} for groups in plan],
         lambda parts, results: ("concatenate", {"parts": [str(p) for p in parts]}),
     )
     return _combined(
@@ -176,13 +161,20 @@ def reproject(runner: Runner, source: str, staged: Path, target_crs: str) -> Tas
     )
 
 
-def _fan_out(runner: Runner, staged: Path, parts_calls: list, join) -> tuple[list, TaskResult]:
-    """Run one task per part (each writing a temp file beside `staged`) side by side,
-    then the joining task into `staged`; the part files never outlive this call."""
-    parts = [temp_path_for(staged) for _ in parts_calls]
+def _fan_out(
+    runner: Runner, staged: Path, task: tuple[str, dict], each: list[dict], join
+) -> tuple[list, TaskResult]:
+    """Run `task` (function, shared arguments) once per entry of `each` (that part's own
+    arguments) side by side, each writing a temp file beside `staged`; then the task
+    `join(parts, results)` names, into `staged`. The part files never outlive this call."""
+    function, shared = task
+    parts = [temp_path_for(staged) for _ in each]
     try:
         results = runner.run_all(
-            [make(part) for make, part in zip(parts_calls, parts, strict=True)]
+            [
+                (function, {**shared, **own, "output": str(part)})
+                for own, part in zip(each, parts, strict=True)
+            ]
         )
         function, kwargs = join(parts, results)
         joined = runner.run(function, output=str(staged), **kwargs)
@@ -224,13 +216,8 @@ def dissolve(runner: Runner, source: str, staged: Path, **options) -> TaskResult
     results, joined = _fan_out(
         runner,
         staged,
-        [
-            lambda part, i=i: (
-                "dissolve",
-                {"source": source, "output": str(part), "part": [i, workers], **options},
-            )
-            for i in range(workers)
-        ],
+        ("dissolve", {"source": source, **options}),
+        [{"part": [i, workers]} for i in range(workers)],
         lambda parts, results: (
             "join_dissolved",
             {
