@@ -149,14 +149,14 @@ def _parquet_source(source: Path, features: list[int] | None, batch_rows: int) -
     column = geo.get("columns", {}).get(primary)
     if column is None or primary not in parquet.schema_arrow.names:
         raise BadInputError(str(source), "has no geometry column")
-    crs = io.geoparquet_crs(source)
+    crs = io.geoparquet_crs(source, geo)
     if column.get("encoding", "WKB").upper() != "WKB":
         # GeoArrow-native encodings: decoded whole by geopandas, then streamed as WKB
         # (bounded memory is for WKB, the encoding nearly every writer uses).
         frame = geopandas.read_parquet(source).to_wkb()
         table = pa.Table.from_pandas(pd.DataFrame(frame), preserve_index=False)
         return _Source(iter(table.to_batches(batch_rows)), primary, crs, None, reencode=True)
-    covering = column.get("covering", {}).get("bbox", {}).get("xmin", [None])[0]
+    covering = io.covering_column(geo)
     if features is None:
         groups = list(range(parquet.num_row_groups))
     else:  # a part of a fan-out over row groups: [first group, number of groups]

@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pyproj
 import shapely
@@ -100,26 +99,6 @@ def check_geojson_crs(path: Path, crs: pyproj.CRS) -> None:
         raise BadInputError(str(path), f"declares CRS {declared!r} but was read as {crs.name}")
 
 
-def check_text(frame, path: Path) -> None:
-    """Every text value is valid UTF-8 (GeoParquet must hold UTF-8; GDAL passes bytes on)."""
-    geometry = frame.geometry.name
-    for column in frame.columns:
-        if (
-            column == geometry
-            or frame[column].dtype.kind not in "OSUT"
-            and str(frame[column].dtype) not in ("str", "string")
-        ):
-            continue
-        try:
-            pa.array(frame[column]).validate(full=True)
-        except (pa.ArrowInvalid, pa.ArrowException, TypeError) as exc:
-            raise BadInputError(
-                str(path),
-                f"column {column!r} holds text that is not valid UTF-8 ({exc}); declare the "
-                "file's encoding (a .cpg for shapefiles) or re-encode it as UTF-8",
-            ) from None
-
-
 def nonfinite(geometries: np.ndarray) -> np.ndarray:
     """Mask of geometries with a NaN or infinite coordinate (X, Y, or Z where it has Z).
 
@@ -136,14 +115,3 @@ def nonfinite(geometries: np.ndarray) -> np.ndarray:
         z_owners = np.repeat(with_z, shapely.get_num_coordinates(geometries[with_z]))
         bad[z_owners[~np.isfinite(z)]] = True
     return bad
-
-
-def check_finite(frame, path: Path) -> None:
-    """No NaN or infinite coordinates: GEOS and PROJ give garbage for them."""
-    bad = nonfinite(frame.geometry.values)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise BadInputError(
-            str(path),
-            f"has NaN or infinite coordinates in {len(rows)} rows, e.g. {rows[:5].tolist()}",
-        )

@@ -111,10 +111,12 @@ def read_geoparquet_table(
     values): only the rows whose column holds one of the values, filtered row group by
     row group, so that no more than one group beyond the result is ever decoded."""
     path = Path(path)
-    crs = geoparquet_crs(path)  # also: the file exists and has `geo` metadata
+    if not path.exists():
+        raise BadInputError(str(path), "upstream output does not exist; materialize it first")
     geo = geo_metadata(path)
+    crs = geoparquet_crs(path, geo)
     primary = geo["primary_column"]
-    covering = geo["columns"][primary].get("covering", {}).get("bbox", {}).get("xmin", [None])[0]
+    covering = covering_column(geo)
     try:
         parquet = pq.ParquetFile(path, pre_buffer=False)
         columns = [n for n in parquet.schema_arrow.names if n != covering]
@@ -156,11 +158,13 @@ def write_geoparquet(frame: geopandas.GeoDataFrame, target: str | Path) -> dict:
     return describe(target)
 
 
-def geoparquet_crs(path: Path) -> pyproj.CRS:
-    """The CRS a GeoParquet file declares (its `geo` metadata), refused when it has none."""
+def geoparquet_crs(path: Path, geo: dict | None = None) -> pyproj.CRS:
+    """The CRS a GeoParquet file declares (its `geo` metadata, read here unless given),
+    refused when it has none."""
     if not path.exists():
         raise BadInputError(str(path), "upstream output does not exist; materialize it first")
-    geo = geo_metadata(path)
+    if geo is None:
+        geo = geo_metadata(path)
     column = geo["columns"][geo["primary_column"]]
     if "crs" in column and column["crs"] is None:
         raise BadInputError(str(path), "has an undefined CRS (crs: null)")
@@ -217,6 +221,12 @@ def versions() -> dict[str, str]:
         "geos": shapely.geos_version_string,
         "proj": pyproj.proj_version_str,
     }
+
+
+def covering_column(geo: dict) -> str | None:
+    """The name of the bbox covering column that `geo` metadata declares, if any."""
+    column = geo["columns"][geo["primary_column"]]
+    return column.get("covering", {}).get("bbox", {}).get("xmin", [None])[0]
 
 
 def geo_metadata(path: Path) -> dict:

@@ -93,11 +93,12 @@ def transform(wkb: pa.Array, transformer: pyproj.Transformer) -> Moved | None:
             return None
         sequences: list = []
         ends = np.empty(n, dtype=np.int64)
-        polygons = geoms[np.isin(code, (_POLYGON, 1000 + _POLYGON))]
-        multis = geoms[np.isin(code, (_MULTIPOLYGON, 1000 + _MULTIPOLYGON))]
-        if len(polygons) + len(multis) != len(geoms):
+        is_polygon = np.isin(code, (_POLYGON, 1000 + _POLYGON))
+        is_multi = np.isin(code, (_MULTIPOLYGON, 1000 + _MULTIPOLYGON))
+        if not (is_polygon | is_multi).all():
             return None
-        dims = _header(data, starts[polygons], _POLYGON)
+        polygons, multis = geoms[is_polygon], geoms[is_multi]
+        dims = np.where(code[is_polygon] >= 1000, 3, 2)  # headers checked just above
         ends[polygons] = _rings(data, starts[polygons].copy(), dims, polygons, sequences)
         parts = _u32(data, starts[multis] + 5)
         at = starts[multis] + 9
