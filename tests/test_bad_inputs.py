@@ -14,8 +14,14 @@ STEPS = ("ingest", "reproject", "dissolve")
 
 
 @pytest.fixture(scope="module")
-def pool():
-    with WorkerPool(PoolSettings(max_workers=2)) as pool:
+def root(tmp_path_factory) -> Path:
+    """The data root of the corpus: every case's files live under it (the jail)."""
+    return tmp_path_factory.mktemp("corpus_root").resolve()
+
+
+@pytest.fixture(scope="module")
+def pool(root):
+    with WorkerPool(PoolSettings(max_workers=2, data_root=str(root))) as pool:
         yield pool
 
 
@@ -27,9 +33,9 @@ def test_the_corpus_is_big_enough_and_documented():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_case(case: Case, pool, tmp_path):
-    source_dir, out_dir = tmp_path / "in", tmp_path / "out"
-    source_dir.mkdir()
+def test_case(case: Case, pool, root):
+    source_dir, out_dir = root / case.name / "in", root / case.name / "out"
+    source_dir.mkdir(parents=True)
     out_dir.mkdir()
     current = str(case.build(source_dir))
     kwargs = {

@@ -19,6 +19,14 @@ from geoiso_dagster.spatial.ingest import ingest_file
 from geoiso_dagster.spatial.io import ROW_GROUP_ROWS
 
 
+@pytest.fixture(autouse=True)
+def _any_root(monkeypatch):
+    """These tests call the worker functions in this process, on files in pytest's tmp and
+    in pyogrio's fixtures; the jail (every source inside the data root) is tested on its
+    own in tests/test_jail.py."""
+    monkeypatch.setenv("GEOISO_DATA_ROOT", "/")
+
+
 def _chain(source: Path, tmp_path: Path, crs: str, by: str) -> tuple[dict, dict, dict]:
     raw = tasks.ingest(str(source), str(tmp_path / "raw.parquet"))
     rep = tasks.reproject(raw["path"], str(tmp_path / "rep.parquet"), crs)

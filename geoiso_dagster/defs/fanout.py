@@ -110,20 +110,20 @@ def plan_features(survey: dict, workers: int) -> list[list[int] | None] | None:
     return [[i * share, share] for i in range(workers - 1)] + [[(workers - 1) * share, None]]
 
 
-def ingest(runner: Runner, source: str, staged: Path) -> TaskResult:
+def ingest(runner: Runner, source: str, staged: Path, layer: str | None = None) -> TaskResult:
     """The ingest task, fanned out over ranges of features when the file is large
     enough to be worth it (the survey is a task too: the input is not trusted here)."""
     plan = None
     if runner.max_workers >= 2 and _size(source) >= FAN_OUT_MIN_BYTES:
-        survey = runner.run("survey", source=source)
+        survey = runner.run("survey", source=source, layer=layer)
         plan = plan_features(survey.facts, runner.max_workers)
     if plan is None:
-        return runner.run("ingest", source=source, output=str(staged))
+        return runner.run("ingest", source=source, output=str(staged), layer=layer)
     runner.log(f"fanning the ingest out over {len(plan)} workers: features {plan}")
     results, joined = _fan_out(
         runner,
         staged,
-        ("ingest", {"source": source}),
+        ("ingest", {"source": source, "layer": layer}),
         [{"features": features} for features in plan],
         lambda parts, results: (
             "concatenate",

@@ -6,6 +6,10 @@ the forkserver that workers are forked from is started with them, and each worke
 applies them again (plus GDAL's own config options) in its initializer.
 """
 
+from pathlib import Path
+
+from geoiso_dagster import paths
+
 # One thread each: the pool already runs one worker per core, and GDAL's or Arrow's
 # own threads on top of that only oversubscribe the machine.
 _SINGLE_THREADED = {
@@ -29,6 +33,11 @@ DEFAULT_WORKER_ENV: dict[str, str] = {
     # Arrow's own allocator (mimalloc) keeps freed memory for reuse; the system one
     # gives it back. Measured at 1M polygons: a dissolve part peaked 80 MB lower, as fast.
     "ARROW_DEFAULT_MEMORY_POOL": "system",
+    # The source jail (spatial/sources.py, pool/gdal_jail.py): no GDAL plugin drivers, no
+    # /vsicurl/ (or other network file) access, no SQLite access outside the database.
+    "GDAL_DRIVER_PATH": "disable",
+    "CPL_VSIL_CURL_ALLOWED_FILENAME": "/geoiso/network-access-is-off",
+    "OGR_SQLITE_ALLOW_EXTERNAL_ACCESS": "NO",
 }
 
 # Variables GDAL reads through CPLGetConfigOption: applied with
@@ -36,10 +45,14 @@ DEFAULT_WORKER_ENV: dict[str, str] = {
 GDAL_CONFIG_PREFIXES = ("GDAL_", "CPL_", "OGR_", "OSR_", "SHAPE_", "GPKG_")
 
 
-def worker_env(gdal_cachemax_mb: int, overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """The full worker environment: defaults, the GDAL block cache size, then overrides."""
+def worker_env(
+    gdal_cachemax_mb: int, overrides: dict[str, str] | None = None, data_root: str | None = None
+) -> dict[str, str]:
+    """The full worker environment: defaults, the GDAL block cache size, the data root
+    (the jail every source must stay in; default: this process's), then overrides."""
     env = dict(DEFAULT_WORKER_ENV)
     env["GDAL_CACHEMAX"] = str(int(gdal_cachemax_mb))
+    env[paths.DATA_ROOT_ENV] = str(Path(data_root).resolve() if data_root else paths.data_root())
     env.update(overrides or {})
     return env
 

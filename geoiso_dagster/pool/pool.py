@@ -30,6 +30,7 @@ from geoiso_dagster.errors import (
     WorkerCrashedError,
     WorkerTimeoutError,
 )
+from geoiso_dagster.formats import ALLOWED_GDAL_DRIVERS
 from geoiso_dagster.pool import _forkserver
 from geoiso_dagster.pool._events import EventListener
 from geoiso_dagster.pool.env import worker_env
@@ -65,6 +66,10 @@ class PoolSettings:
     warm_up: bool = True
     # The module whose functions tasks name; tests point it at their own module.
     task_module: str = TASK_MODULE
+    # The folder every source a task opens must stay in (None: $GEOISO_DATA_ROOT or ./data).
+    data_root: str | None = None
+    # GDAL drivers left registered in the workers (None: all; see gdal_jail.py).
+    allowed_gdal_drivers: frozenset[str] | None = ALLOWED_GDAL_DRIVERS
 
     def __post_init__(self) -> None:
         if self.start_method not in START_METHODS:
@@ -74,7 +79,7 @@ class PoolSettings:
 
     @property
     def env(self) -> dict[str, str]:
-        return worker_env(self.gdal_cachemax_mb, self.env_overrides)
+        return worker_env(self.gdal_cachemax_mb, self.env_overrides, self.data_root)
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,7 @@ class WorkerPool:
             owner_create_time=me.create_time(),
             events_address=self._events.address,
             task_module=s.task_module,
+            allowed_gdal_drivers=s.allowed_gdal_drivers,
             warm_up=s.warm_up,
             reused=s.max_tasks_per_worker != 1,
         )
@@ -270,7 +276,7 @@ class WorkerPool:
                 f"{what}: {message}: the address-space backstop stopped an allocation; "
                 f"memory_limit_mb={self.settings.memory_limit_mb}"
             )
-        raise TaskError(f"{what} failed: {message}\n{envelope.get('traceback', '')}")
+        raise TaskError(f"{what} failed: {message}", traceback=envelope.get("traceback", ""))
 
     def _expired(self, what: str, exc: pebble.ProcessExpired) -> GeoisoError:
         code = exc.exitcode

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import psutil
 
 from geoiso_dagster.errors import BadInputError, TransientIOError
+from geoiso_dagster.pool import gdal_jail
 from geoiso_dagster.pool._events import EventSender
 from geoiso_dagster.pool.env import gdal_config_options
 
@@ -37,6 +38,7 @@ class WorkerSettings:
     owner_create_time: float
     events_address: str
     task_module: str
+    allowed_gdal_drivers: frozenset[str] | None = None
     warm_up: bool = True
     reused: bool = False  # the worker runs more than one task: hand memory back between
 
@@ -76,6 +78,8 @@ def initialize(settings: WorkerSettings) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.update(settings.env)
     _apply_geo_config(settings.env)
+    if settings.allowed_gdal_drivers is not None:
+        gdal_jail.restrict_drivers(settings.allowed_gdal_drivers)
     if settings.warm_up:
         _warm_up()
     if settings.address_space_limit_bytes:

@@ -28,7 +28,7 @@ import pyproj
 import shapely
 
 from geoiso_dagster.errors import BadInputError
-from geoiso_dagster.spatial import integrity, io
+from geoiso_dagster.spatial import integrity, io, sources
 from geoiso_dagster.spatial.stream import BBOX_FIELDS, TableSink, bbox_column
 
 GEOMETRY = "geometry"
@@ -43,25 +43,62 @@ class _Source:
         self.expected, self.reencode, self.drop = expected, reencode, set(drop)
 
 
-def survey(source: str | Path) -> dict:
+def survey(source: str | Path, layer: str | None = None) -> dict:
     """How a source can be split: its feature count (-1: unknown without a full read),
     and either the rows of each GeoParquet row group or whether GDAL can start reading at
-    any feature without reading those before it (fast SetNextByIndex)."""
+    any feature without reading those before it (fast SetNextByIndex). An archive is
+    never split: it is unpacked once, by the one task that reads it."""
     path = Path(source)
+    sources.check_source_files(path)
     io.check_readable(path)
-    if path.suffix.lower() in io.PARQUET_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix in sources.ARCHIVE_SUFFIXES:
+        return {"features": -1, "splittable": False}
+    if suffix in io.PARQUET_SUFFIXES:
         integrity.check_parquet(path)
         with io.reading(path):
             metadata = pq.ParquetFile(path).metadata
         groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
         return {"features": metadata.num_rows, "row_groups": groups, "splittable": len(groups) > 1}
-    with io.reading(path):
-        info = pyogrio.read_info(path)
+    info = gdal_info(path, str(path), layer)
     return {
         "features": int(info["features"]),
         "splittable": info["features"] > 0
         and bool(info.get("capabilities", {}).get("fast_set_next_by_index")),
     }
+
+
+def gdal_info(path: Path, what: str, layer: str | None) -> dict:
+    """pyogrio's read_info of the one layer to read, once the driver GDAL detects is the
+    one the suffix names. A file with several layers must be told which (config `layer`):
+    reading the first and ignoring the rest would publish part of the data."""
+    try:
+        with io.reading(path):
+            layers = pyogrio.list_layers(path)
+    except BadInputError as exc:
+        if "not recognized" not in exc.cause:
+            raise
+        raise BadInputError(
+            what,
+            f"is not readable as {sources.FORMATS.get(path.suffix.lower())} data, the format "
+            f"its suffix names (formats allowed here: {sorted(sources.ALLOWED_SUFFIXES)})",
+        ) from None
+    names = [str(name) for name, _ in layers]
+    if layer is None and len(names) > 1:
+        with io.reading(path):
+            counts = [pyogrio.read_info(path, layer=n)["features"] for n in names]
+        listed = ", ".join(f"{n!r} ({c} features)" for n, c in zip(names, counts, strict=True))
+        raise BadInputError(
+            what,
+            f"has {len(names)} layers: {listed}; name the one to read with the setting "
+            '`layer` (raw_features config, or "layer" in the file\'s .geoiso.json sidecar)',
+        )
+    if layer is not None and layer not in names:
+        raise BadInputError(what, f"has no layer {layer!r}; its layers: {names}")
+    with io.reading(path):
+        info = pyogrio.read_info(path, layer=layer)
+    sources.check_driver(path, info.get("driver"))
+    return info
 
 
 def ingest_file(
@@ -72,23 +109,36 @@ def ingest_file(
     group_rows: int = io.ROW_GROUP_ROWS,
     on_batch: Callable[[int, int | None], None] | None = None,
     part: bool = False,
+    layer: str | None = None,
 ) -> dict:
     """Stream `source` into GeoParquet at `tmp` (`part`: a part file for `concatenate`,
-    see stream.TableSink); returns the rows written and the `geo` metadata."""
+    see stream.TableSink); returns the rows written and the `geo` metadata. The source
+    passes the jail first (spatial/sources.py); a `.zip` is unpacked beside `tmp` and its
+    one dataset read, every error still naming the archive."""
+    with sources.opened(source, tmp) as (path, what):
+        try:
+            return _ingest(path, tmp, features, batch_rows, group_rows, on_batch, part, layer)
+        except BadInputError as exc:
+            if path == source:
+                raise
+            raise BadInputError(what, f"(member {path.name}) {exc.cause}") from None
+
+
+def _ingest(source, tmp, features, batch_rows, group_rows, on_batch, part, layer) -> dict:
     io.check_readable(source)
     suffix = source.suffix.lower()
     if suffix in io.PARQUET_SUFFIXES:
         integrity.check_parquet(source)
     elif suffix == ".shp":
         integrity.check_shapefile(source)
-    with _open(source, features, batch_rows) as src:
+    with _open(source, features, batch_rows, layer) as src:
+        if suffix in (".geojson", ".json"):  # before any row: the cause, not its symptom
+            integrity.check_geojson_crs(source, src.crs)
         rows, geo = _write(source, tmp, src, group_rows, on_batch, part)
     if src.expected is not None and rows != src.expected:
         raise BadInputError(
             str(source), f"declares {src.expected} features but {rows} could be read"
         )
-    if suffix in (".geojson", ".json"):
-        integrity.check_geojson_crs(source, src.crs)
     return {"rows": rows, "geo": geo}
 
 
@@ -105,7 +155,9 @@ def _guarded(source: Path, batches) -> Iterator[pa.RecordBatch]:
 
 
 @contextlib.contextmanager
-def _open(source: Path, features: list[int] | None, batch_rows: int) -> Iterator[_Source]:
+def _open(
+    source: Path, features: list[int] | None, batch_rows: int, layer: str | None
+) -> Iterator[_Source]:
     if source.suffix.lower() in io.PARQUET_SUFFIXES:
         with io.reading(source):
             src = _parquet_source(source, features, batch_rows)
@@ -113,8 +165,7 @@ def _open(source: Path, features: list[int] | None, batch_rows: int) -> Iterator
         yield src
         return
     skip, count = features if features is not None else (0, None)
-    with io.reading(source):
-        declared = pyogrio.read_info(source)["features"]
+    declared = gdal_info(source, str(source), layer)["features"]
     expected = None
     if declared >= 0:
         expected = declared - skip if count is None else min(count, declared - skip)
@@ -122,7 +173,9 @@ def _open(source: Path, features: list[int] | None, batch_rows: int) -> Iterator
     with contextlib.ExitStack() as stack:
         with io.reading(source):
             meta, reader = stack.enter_context(
-                pyogrio.open_arrow(source, use_pyarrow=True, batch_size=batch_rows, **options)
+                pyogrio.open_arrow(
+                    source, layer=layer, use_pyarrow=True, batch_size=batch_rows, **options
+                )
             )
         geometry = meta.get("geometry_name") or "wkb_geometry"
         if geometry not in reader.schema.names:
@@ -192,6 +245,8 @@ def _write(
     types: set[str] = set()
     low, high = np.full(2, np.inf), np.full(2, -np.inf)
     nonfinite: list[int] = []
+    outside: list[int] = []
+    limits = io.coordinate_limits(src.crs)
     try:
         for batch in src.batches:
             if batch.num_rows == 0:
@@ -206,6 +261,9 @@ def _write(
             bad = integrity.nonfinite(geometries)
             nonfinite.extend((np.flatnonzero(bad) + rows).tolist())
             bounds = shapely.bounds(geometries)
+            outside.extend(
+                (np.flatnonzero(io.outside_limits(bounds, limits) & ~bad) + rows).tolist()
+            )
             if not np.isnan(bounds).all():
                 low = np.fmin(low, np.nanmin(bounds[:, :2], axis=0))
                 high = np.fmax(high, np.nanmax(bounds[:, 2:], axis=0))
@@ -230,6 +288,13 @@ def _write(
                 str(source),
                 f"has NaN or infinite coordinates in {len(nonfinite)} rows, e.g. {nonfinite[:5]}",
             )
+        if outside:
+            raise BadInputError(
+                str(source),
+                f"has coordinates outside what its CRS ({io.crs_label(src.crs)}) can hold "
+                f"({_limits_text(src.crs, limits)}) in {len(outside)} rows, e.g. {outside[:5]}; "
+                "is the declared CRS the data's real one?",
+            )
         if rows == 0:
             raise BadInputError(str(source), "has no features (0 rows)")
         bbox = [*low.tolist(), *high.tolist()] if np.isfinite(low).all() else None
@@ -238,6 +303,12 @@ def _write(
     finally:
         sink.close()
     return rows, geo
+
+
+def _limits_text(crs: pyproj.CRS, limits: tuple[float, float, float, float]) -> str:
+    if crs.is_geographic:
+        return f"longitude within +/-{limits[2]:g}, latitude within +/-{limits[3]:.6g}"
+    return f"within {limits[2]:g} units of the origin"
 
 
 def _geo(crs: pyproj.CRS, types: set[str], bbox: list[float] | None) -> dict:

@@ -6,6 +6,7 @@ Each raises BadInputError naming the file and what is wrong with it.
 import re
 import struct
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +17,21 @@ import shapely
 from geoiso_dagster.errors import BadInputError
 
 _SHP_HEADER = 100
-_GEOJSON_CRS = re.compile(
-    rb'"crs"\s*:\s*\{\s*"type"\s*:\s*"name"\s*,\s*"properties"\s*:\s*\{\s*"name"\s*:\s*"([^"]+)"'
-)
+# A GeoJSON 'crs' member (GeoJSON 2008; RFC 7946 dropped it) and, within its object, its type
+# and the name of a named CRS. Any position in the file: a writer may put it after features.
+_GEOJSON_CRS_MEMBER = re.compile(rb'"crs"\s*:\s*\{')
+_GEOJSON_CRS_TYPE = re.compile(rb'^\s*"type"\s*:\s*"([^"]*)"|[,{]\s*"type"\s*:\s*"([^"]*)"')
+_GEOJSON_CRS_NAME = re.compile(rb'"name"\s*:\s*"([^"]+)"')
+_CHUNK = 2**20
+_LOOKAHEAD = 4096
 
 
 def _sidecar(shp: Path, suffix: str) -> Path | None:
-    for candidate in shp.parent.iterdir():
-        if candidate.name.lower() == (shp.stem + suffix).lower():
-            return candidate
+    """A part of a shapefile as GDAL finds it: the .shp's exact stem, the suffix as
+    written or in upper case (never another file whose name differs only in case)."""
+    for name in (shp.stem + suffix, shp.stem + suffix.upper()):
+        if (shp.parent / name).exists():
+            return shp.parent / name
     return None
 
 
@@ -81,14 +88,52 @@ def check_parquet(path: Path) -> None:
         raise BadInputError(str(path), f"has duplicate column names: {duplicates}")
 
 
-def check_geojson_crs(path: Path, crs: pyproj.CRS) -> None:
-    """GDAL reads an unknown GeoJSON 'crs' member as WGS 84; refuse that silent guess."""
+def shapes_with_geometry(shp: Path) -> int:
+    """How many records the .shx indexes with a shape (a null shape's record is 4 bytes)."""
+    shx = _sidecar(shp, ".shx")
+    index = shx.read_bytes() if shx else b""
+    return sum(length > 2 for _, length in struct.iter_unpack(">ii", index[_SHP_HEADER:]))
+
+
+def _geojson_crs_members(path: Path) -> Iterator[bytes]:
+    """The text after each '"crs": {' in the file (up to 4 kB each), read in 1 MiB chunks
+    that overlap by 4 kB, so that a member across a chunk boundary is still seen whole."""
+    buffer = b""
     with path.open("rb") as handle:
-        head = handle.read(65536)
-    match = _GEOJSON_CRS.search(head)
-    if match is None:
-        return
-    declared = match.group(1).decode("utf-8", "replace")
+        while True:
+            chunk = handle.read(_CHUNK)
+            buffer += chunk
+            limit = len(buffer) if not chunk else max(0, len(buffer) - _LOOKAHEAD)
+            for match in _GEOJSON_CRS_MEMBER.finditer(buffer):
+                if match.start() < limit:
+                    yield buffer[match.end() : match.end() + _LOOKAHEAD]
+            if not chunk:
+                return
+            buffer = buffer[limit:]
+
+
+def check_geojson_crs(path: Path, crs: pyproj.CRS) -> None:
+    """GDAL reads a GeoJSON 'crs' member it does not understand as WGS 84 (an unknown
+    name, a 'link' to a file or URL, an 'EPSG' type): refuse that silent guess. Only a
+    named CRS that PROJ knows and GDAL read as such is accepted."""
+    for member in _geojson_crs_members(path):
+        found = _GEOJSON_CRS_TYPE.search(member)
+        kind = next((g for g in found.groups() if g is not None), b"") if found else b""
+        if kind != b"name":
+            raise BadInputError(
+                str(path),
+                f"declares its CRS with a 'crs' member of type {kind.decode(errors='replace')!r}"
+                ", which is not read here (only a named CRS, e.g. "
+                '{"type": "name", "properties": {"name": "EPSG:3857"}}); GDAL would label '
+                "its coordinates WGS 84 whatever they are",
+            )
+        name = _GEOJSON_CRS_NAME.search(member)
+        if name is None:
+            raise BadInputError(str(path), "declares a named CRS without a name")
+        _check_named_crs(path, name.group(1).decode("utf-8", "replace"), crs)
+
+
+def _check_named_crs(path: Path, declared: str, crs: pyproj.CRS) -> None:
     try:
         known = pyproj.CRS.from_user_input(declared)
     except pyproj.exceptions.CRSError:

@@ -1,0 +1,67 @@
+"""Leave only the allowed GDAL drivers registered in a worker: an allow-list, enforced by
+GDAL itself.
+
+GDAL registers ~180 drivers at load, among them formats that open other files or URLs
+(OGR VRT, GML with xlinks, WFS, HTTP, ...). pyogrio offers no way to restrict the drivers
+an open may use, so every driver not on the list is unregistered through GDAL's C API,
+in every copy of libgdal the process has loaded (pyogrio's bundled one and, when the
+osgeo bindings are installed, the system one). pyogrio registers drivers once, at import,
+so the list stays as left. No geo import here: the worker's initializer calls this after
+the geo stack is loaded.
+"""
+
+import ctypes
+import re
+
+_LIBGDAL = re.compile(r"(/\S*libgdal[^/\s]*\.so[^/\s]*)$")
+
+
+def loaded_libgdal() -> list[str]:
+    """Paths of the libgdal copies mapped into this process."""
+    found = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            match = _LIBGDAL.search(line.strip())
+            if match:
+                found.add(match.group(1))
+    return sorted(found)
+
+
+def _bind(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    lib.GDALGetDriverCount.restype = ctypes.c_int
+    lib.GDALGetDriver.restype = ctypes.c_void_p
+    lib.GDALGetDriver.argtypes = [ctypes.c_int]
+    lib.GDALGetDriverShortName.restype = ctypes.c_char_p
+    lib.GDALGetDriverShortName.argtypes = [ctypes.c_void_p]
+    lib.GDALDeregisterDriver.restype = None
+    lib.GDALDeregisterDriver.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def registered(lib: ctypes.CDLL) -> list[str]:
+    return [
+        lib.GDALGetDriverShortName(lib.GDALGetDriver(i)).decode()
+        for i in range(lib.GDALGetDriverCount())
+    ]
+
+
+def restrict_drivers(allowed: frozenset[str]) -> dict[str, list[str]]:
+    """Unregister every driver not in `allowed`; return what stays registered, by library.
+
+    Raises RuntimeError when no libgdal is loaded (the caller loads the geo stack first) or
+    when a driver outside the list is still registered afterwards."""
+    libraries = loaded_libgdal()
+    if not libraries:
+        raise RuntimeError("no libgdal is loaded in this process: nothing to restrict")
+    left = {}
+    for path in libraries:
+        lib = _bind(path)
+        for index in reversed(range(lib.GDALGetDriverCount())):
+            handle = lib.GDALGetDriver(index)
+            if lib.GDALGetDriverShortName(handle).decode() not in allowed:
+                lib.GDALDeregisterDriver(handle)
+        left[path] = registered(lib)
+        if set(left[path]) - allowed:
+            raise RuntimeError(f"GDAL drivers outside the allow-list remain in {path}")
+    return left

@@ -1,0 +1,211 @@
+"""The source jail: what a source file may make a worker open, checked before GDAL sees it.
+
+A source is untrusted. Three rules, each an allow-list:
+
+1. Formats. The file's suffix names its format, and the driver GDAL detects must be that
+   format's (`FORMATS`); every other GDAL driver is unregistered in the workers (see
+   pool/gdal_jail.py), so a VRT, a GML with xlinks, a WFS URL or a `.shz` never opens.
+   None of the allowed formats can reference another file or a URL.
+2. Files. Every file the format may open (the source, a shapefile's parts, SQLite's
+   `-wal`/`-shm`/`-journal`) must be a regular file that resolves inside the data root;
+   a directory, a FIFO or a link out of the root refuses the source.
+3. Archives. A `.zip` is never opened by GDAL (its `/vsizip/` would skip the checks
+   made on real files): it is unpacked here, member by member, into a private folder
+   beside the output, with limits, and the one dataset inside is checked like any other.
+"""
+
+import contextlib
+import os
+import shutil
+import stat
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from geoiso_dagster import formats, paths
+from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.fsutil import temp_path_for
+
+FORMATS = formats.GDAL_FORMATS
+PARQUET_SUFFIXES = formats.PARQUET_SUFFIXES
+ARCHIVE_SUFFIXES = formats.ARCHIVE_SUFFIXES
+ALLOWED_DRIVERS = formats.ALLOWED_GDAL_DRIVERS
+ALLOWED_SUFFIXES = formats.SOURCE_SUFFIXES
+# Archive limits: what a delivered zip legitimately holds, and no zip bomb.
+MAX_ARCHIVE_MEMBERS = 200
+MAX_UNPACKED_BYTES = 8 * 2**30
+MAX_COMPRESSION_RATIO = 200
+
+
+def suffix_of(path: Path) -> str:
+    return path.suffix.lower()
+
+
+def check_format(path: Path, what: str | None = None) -> str:
+    """The format's suffix, or BadInputError naming the allow-list."""
+    suffix = suffix_of(path)
+    if suffix not in ALLOWED_SUFFIXES:
+        raise BadInputError(
+            what or str(path),
+            f"format {suffix or '(no suffix)'!r} is not on the allow-list "
+            f"{sorted(ALLOWED_SUFFIXES)}; convert it first (ogr2ogr -f GPKG)",
+        )
+    return suffix
+
+
+def companions(path: Path) -> list[Path]:
+    """Every file beside `path` that its format may open, as named on disk (exact stem)."""
+    names = sorted(set(formats.companion_names(path.name)))
+    return [path.parent / n for n in names if os.path.lexists(path.parent / n)]
+
+
+def check_inside(path: Path, root: Path, what: str) -> None:
+    """`path` is a regular file (after links) that resolves inside `root`."""
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise BadInputError(what, f"{path.name} does not exist (or is a dangling link)") from None
+    except (OSError, RuntimeError) as exc:  # a link loop
+        raise BadInputError(what, f"{path.name} cannot be resolved: {exc}") from None
+    if not resolved.is_relative_to(root):
+        where = f"is a link to {resolved}," if path.is_symlink() else "lies"
+        raise BadInputError(what, f"{path.name} {where} outside the data root {root}")
+    mode = resolved.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (FIFO, device...)"
+        raise BadInputError(what, f"{path.name} is {kind}; a source is one regular file")
+
+
+def jail_root() -> Path:
+    """The data root of this worker (the pool puts GEOISO_DATA_ROOT in its environment)."""
+    return paths.data_root().resolve()
+
+
+def check_source_files(source: Path) -> None:
+    """Rules 1 and 2 for `source` and each file its format may open."""
+    what = str(source)
+    check_format(source, what)
+    root = jail_root()
+    check_inside(source, root, what)
+    for part in companions(source):
+        check_inside(part, root, what)
+    if suffix_of(source) == ".gpkg":
+        _check_no_pending_wal(source)
+
+
+def _check_no_pending_wal(gpkg: Path) -> None:
+    """A GeoPackage in WAL mode keeps committed rows in `<file>-wal` until a checkpoint:
+    the main file alone is stale, and a copy of it silently loses them. Refused with the
+    fix; a WAL-mode file whose log was checkpointed (QGIS leaves these) reads fine."""
+    wal = gpkg.with_name(gpkg.name + "-wal")
+    if os.path.lexists(wal) and wal.stat().st_size > 0:
+        raise BadInputError(
+            str(gpkg),
+            f"has un-checkpointed changes in {wal.name} (SQLite write-ahead log, "
+            f"{wal.stat().st_size} bytes); close the program writing it, or run "
+            f"sqlite3 {gpkg.name} 'PRAGMA wal_checkpoint(TRUNCATE)', then deliver the "
+            "file again (a copy of the main file alone would be missing those rows)",
+        )
+
+
+def check_driver(source: Path, driver: str | None) -> None:
+    """The driver GDAL detected is the one the suffix names (checks are per format)."""
+    expected = FORMATS.get(suffix_of(source))
+    if driver != expected:
+        raise BadInputError(
+            str(source),
+            f"is named {suffix_of(source)} but its content is {driver or 'unknown'} data; "
+            f"rename it to its real format (allowed: {sorted(ALLOWED_DRIVERS)})",
+        )
+
+
+@contextlib.contextmanager
+def opened(source: Path, scratch_beside: Path) -> Iterator[tuple[Path, str]]:
+    """(the file to read, how to name it in errors): the source itself once checked, or
+    the one dataset inside a `.zip`, unpacked into a private folder beside
+    `scratch_beside` (inside the data root) that is removed afterwards."""
+    check_source_files(source)
+    if suffix_of(source) not in ARCHIVE_SUFFIXES:
+        yield source, str(source)
+        return
+    folder = temp_path_for(scratch_beside)
+    folder.mkdir(parents=True)
+    try:
+        inner = unpack(source, folder)
+        yield inner, str(source)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def unpack(archive: Path, folder: Path) -> Path:
+    """Unpack the members of `archive` into `folder` (flat: only base names, no links,
+    bounded in count and size, the real bytes counted) and return its one dataset."""
+    what = str(archive)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            _check_members(what, archive, members)
+            written = 0
+            for member in members:
+                target = folder / _member_name(what, member)
+                if target.exists():
+                    raise BadInputError(what, f"holds {target.name} twice")
+                with zf.open(member) as src, open(target, "xb") as out:
+                    while chunk := src.read(2**20):
+                        written += len(chunk)
+                        if written > MAX_UNPACKED_BYTES:
+                            raise BadInputError(
+                                what, f"unpacks to more than {MAX_UNPACKED_BYTES} bytes"
+                            )
+                        out.write(chunk)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
+        raise BadInputError(what, f"is not a readable zip archive: {exc}") from None
+    except zipfile.error as exc:  # pragma: no cover - zipfile's other errors
+        raise BadInputError(what, f"is not a readable zip archive: {exc}") from None
+    datasets = [
+        p
+        for p in sorted(folder.iterdir())
+        if suffix_of(p) in (*FORMATS, *PARQUET_SUFFIXES) and suffix_of(p) != ".json"
+    ]
+    if len(datasets) != 1:
+        names = [p.name for p in datasets] or sorted(p.name for p in folder.iterdir())
+        raise BadInputError(
+            what,
+            f"must hold exactly one dataset (.shp with its parts, .gpkg, .geojson, .fgb or "
+            f"GeoParquet); it holds {names}",
+        )
+    return datasets[0]
+
+
+def _member_name(what: str, member: zipfile.ZipInfo) -> str:
+    name = member.filename.replace("\\", "/").rsplit("/", 1)[-1]
+    if not name or name in (".", "..") or name.startswith(".") or "\x00" in name:
+        raise BadInputError(what, f"holds a member with an unusable name: {member.filename!r}")
+    return name
+
+
+def _check_members(what: str, archive: Path, members: list[zipfile.ZipInfo]) -> None:
+    if not members:
+        raise BadInputError(what, "is an empty zip archive")
+    if len(members) > MAX_ARCHIVE_MEMBERS:
+        raise BadInputError(
+            what, f"holds {len(members)} files; at most {MAX_ARCHIVE_MEMBERS} are unpacked"
+        )
+    for member in members:
+        mode = member.external_attr >> 16
+        if mode and not (stat.S_ISREG(mode) or mode & 0o170000 == 0):
+            raise BadInputError(
+                what, f"member {member.filename!r} is a link or special file; only files"
+            )
+        if member.flag_bits & 0x1:
+            raise BadInputError(what, f"member {member.filename!r} is encrypted")
+    declared = sum(m.file_size for m in members)
+    size = max(1, archive.stat().st_size)
+    # Small archives may compress very well (a .dbf of blanks); the ratio matters at scale.
+    bomb = declared > 2**27 and declared / size > MAX_COMPRESSION_RATIO
+    if declared > MAX_UNPACKED_BYTES or bomb:
+        raise BadInputError(
+            what,
+            f"declares {declared} unpacked bytes from {size} (ratio limit "
+            f"{MAX_COMPRESSION_RATIO}, size limit {MAX_UNPACKED_BYTES}): refused as a zip bomb",
+        )
