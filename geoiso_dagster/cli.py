@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from geoiso_dagster import inbox, paths
-from geoiso_dagster.errors import GeoisoError
+from geoiso_dagster import formats, inbox, paths
+from geoiso_dagster.errors import BadInputError, GeoisoError
 from geoiso_dagster.fsutil import atomic_path
 
 
@@ -41,13 +41,19 @@ def add(files: list[str]) -> list[str]:
         source = Path(name)
         if not source.is_file():
             raise GeoisoError(f"{source}: no such file")
-        key = paths.check_partition_key(source.name)
+        inbox.check_source_name(source)
+        key = source.name
+        if why := inbox.pending_wal(source):
+            raise BadInputError(str(source), why.replace("waits for", "needs"))
+        inbox.read_sidecar(source)  # a bad sidecar refuses its file here, not in a run
         target = paths.source_path(key, root)
         if source.resolve() != target.resolve():
             # Sidecars first, the main file last: a watcher never sees a .shp whose
-            # .shx or .dbf has not arrived yet.
+            # .shx or .dbf has not arrived yet. SQLite's -wal/-shm stay behind: a
+            # GeoPackage with changes in its log was refused above.
             for part in inbox.companions(source):
-                _copy_atomic(part, target.with_name(part.name))
+                if not part.name.endswith(formats.SQLITE_PARTS):
+                    _copy_atomic(part, target.with_name(part.name))
             _copy_atomic(source, target)
         keys.append(key)
     with DagsterInstance.get() as instance:

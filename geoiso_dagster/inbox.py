@@ -6,23 +6,25 @@ No geo imports.
 
 import hashlib
 import json
+import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from geoiso_dagster import formats
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.paths import check_partition_key, data_root, inbox_dir
-from geoiso_dagster.settings import check_aggregations, check_target_crs
+from geoiso_dagster.settings import check_aggregations, check_layer, check_target_crs
 
 CONFIG_SIDECAR_SUFFIX = ".geoiso.json"
-# A shapefile is a .shp plus these; GDAL cannot read it without the required ones.
-SHAPEFILE_REQUIRED = (".shx", ".dbf")
-SHAPEFILE_OPTIONAL = (".prj", ".cpg", ".qix", ".sbn", ".sbx", ".shp.xml")
-_SHAPEFILE_PARTS = SHAPEFILE_REQUIRED + SHAPEFILE_OPTIONAL
+MAX_SIDECAR_BYTES = 64 * 2**10
+SHAPEFILE_REQUIRED = formats.SHAPEFILE_REQUIRED
 # Names that partial downloads, editors and copy tools use while a file is unfinished.
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
-# Which asset's config each sidecar setting belongs to.
+# Which asset's config each sidecar setting belongs to, and the type its value must have.
 SIDECAR_SETTINGS = {
+    "layer": "raw_features",
     "target_crs": "reprojected_features",
     "dissolve_by": "dissolved_regions",
     "aggfunc": "dissolved_regions",
@@ -42,17 +44,13 @@ class InboxFile:
         return f"{self.key}@{self.fingerprint}"
 
 
-def _stem_matches(main: Path, other: Path, suffix: str) -> bool:
-    return other.name.lower() == (main.stem + suffix).lower()
-
-
 def shapefile_parts(shp: Path) -> dict[str, Path]:
-    """The sidecar files of a shapefile that exist beside it, by suffix (any case)."""
+    """The parts of a shapefile that exist beside it, by lower-case suffix: the .shp's
+    exact stem, the suffix as written or in upper case (as GDAL looks them up)."""
     found = {}
-    for candidate in shp.parent.iterdir():
-        for suffix in _SHAPEFILE_PARTS:
-            if _stem_matches(shp, candidate, suffix):
-                found[suffix] = candidate
+    for name in formats.companion_names(shp.name):
+        if os.path.lexists(shp.parent / name):
+            found.setdefault(name[len(shp.stem) :].lower(), shp.parent / name)
     return found
 
 
@@ -61,57 +59,126 @@ def config_sidecar(path: Path) -> Path:
 
 
 def companions(path: Path) -> list[Path]:
-    """Files that travel with `path`: a shapefile's parts and the settings sidecar."""
-    files = list(shapefile_parts(path).values()) if path.suffix.lower() == ".shp" else []
-    sidecar = config_sidecar(path)
-    if sidecar.exists():
-        files.append(sidecar)
-    return files
+    """Files that travel with `path`: what its format may open beside it (a shapefile's
+    parts, SQLite's -wal) and the settings sidecar."""
+    names = sorted(set(formats.companion_names(path.name))) + [config_sidecar(path).name]
+    return [path.parent / n for n in names if os.path.lexists(path.parent / n)]
 
 
-def read_sidecar(path: Path) -> dict:
-    """Run config from `<file>.geoiso.json`, e.g. {"target_crs": "EPSG:6933",
-    "dissolve_by": "continent"}. Unknown settings are refused, not ignored."""
-    sidecar = config_sidecar(path)
-    if not sidecar.exists():
-        return {}
+def _read_small_regular_file(path: Path, root: Path | None) -> str:
+    """The text of `path`, refusing what could hang or flood the reader: a FIFO or
+    device (opened non-blocking, then checked), a link out of `root`, a large file."""
+    where = str(path)
+    resolved = path.resolve()
+    if root is not None and not resolved.is_relative_to(root):
+        raise BadInputError(where, f"is a link to {resolved}, outside the data root")
     try:
-        settings = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BadInputError(str(sidecar), f"is not valid JSON: {exc}") from exc
+        fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise BadInputError(where, f"cannot be opened: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise BadInputError(where, "is not a regular file (a FIFO, device or folder)")
+        if info.st_size > MAX_SIDECAR_BYTES:
+            raise BadInputError(where, f"is {info.st_size} bytes; at most {MAX_SIDECAR_BYTES}")
+        data = handle.read(MAX_SIDECAR_BYTES + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(where, f"is not UTF-8 text: {exc}") from None
+
+
+def read_sidecar(path: Path, root: Path | None = None) -> dict:
+    """Run config from `<file>.geoiso.json`, e.g. {"target_crs": "EPSG:6933",
+    "dissolve_by": "continent"}. Unknown settings are refused, not ignored; every value's
+    type is checked before the value itself; whatever is wrong raises BadInputError
+    naming the sidecar (never another exception type, never a hang)."""
+    sidecar = config_sidecar(path)
+    if not os.path.lexists(sidecar):
+        return {}
+    text = _read_small_regular_file(sidecar, root)
+    try:
+        settings = json.loads(text)
+    except RecursionError:
+        raise BadInputError(str(sidecar), "is nested too deeply to be a settings file") from None
+    except ValueError as exc:
+        raise BadInputError(str(sidecar), f"is not valid JSON: {exc}") from None
     if not isinstance(settings, dict):
         raise BadInputError(str(sidecar), "must hold a JSON object")
-    unknown = sorted(set(settings) - set(SIDECAR_SETTINGS))
+    unknown = sorted(str(k) for k in set(settings) - set(SIDECAR_SETTINGS))
     if unknown:
         raise BadInputError(
             str(sidecar), f"unknown settings {unknown}; known: {sorted(SIDECAR_SETTINGS)}"
         )
-    ops: dict = {}
-    if "target_crs" in settings and isinstance(settings["target_crs"], str):
-        check_target_crs(settings["target_crs"], where=str(sidecar))
-    if isinstance(settings.get("aggfunc", ""), str) and isinstance(
-        settings.get("aggregations", {}), dict
-    ):
-        check_aggregations(
-            settings.get("aggfunc", "first"), settings.get("aggregations", {}), where=str(sidecar)
-        )
     for name, value in settings.items():
-        valid = isinstance(value, dict) if name == "aggregations" else isinstance(value, str)
-        if not valid or (
-            name == "aggregations"
-            and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-        ):
-            raise BadInputError(str(sidecar), f"setting {name!r} has the wrong type: {value!r}")
+        valid = (
+            isinstance(value, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+            if name == "aggregations"
+            else isinstance(value, str)
+        )
+        if not valid:
+            expected = (
+                "an object of column: aggregation names" if name == "aggregations" else "text"
+            )
+            raise BadInputError(
+                str(sidecar), f"setting {name!r} must be {expected}, not {str(value)[:80]!r}"
+            )
+    if "target_crs" in settings:
+        check_target_crs(settings["target_crs"], where=str(sidecar))
+    if "layer" in settings:
+        check_layer(settings["layer"], where=str(sidecar))
+    check_aggregations(
+        settings.get("aggfunc", "first"), settings.get("aggregations", {}), where=str(sidecar)
+    )
+    ops: dict = {}
+    for name, value in settings.items():
         ops.setdefault(SIDECAR_SETTINGS[name], {"config": {}})["config"][name] = value
     return {"ops": ops} if ops else {}
 
 
+def why_not_a_source(name: str) -> str | None:
+    """Why a file named `name` is never a source on its own, or None."""
+    lower = name.lower()
+    if lower.startswith("."):
+        return "it is hidden"
+    if lower.endswith(TEMP_SUFFIXES):
+        return "it has a temporary name"
+    if lower.endswith(CONFIG_SIDECAR_SUFFIX):
+        return "it is a settings sidecar; add the file it belongs to"
+    if lower.endswith(formats.SHAPEFILE_PARTS) or lower.endswith(formats.SQLITE_PARTS):
+        return "it is a part of another file (shapefile part, SQLite log); add the main file"
+    return None
+
+
+def check_source_name(path: Path) -> None:
+    """A name that may be a source: a candidate, a safe partition key, an allowed format."""
+    why = why_not_a_source(path.name)
+    if why is None and path.suffix.lower() not in formats.SOURCE_SUFFIXES:
+        why = (
+            f"its format {path.suffix or '(no suffix)'!r} is not on the allow-list "
+            f"{sorted(formats.SOURCE_SUFFIXES)}"
+        )
+    if why:
+        raise BadInputError(path.name, f"is not a source file: {why}")
+    check_partition_key(path.name)
+
+
+def pending_wal(path: Path) -> str | None:
+    """Why a GeoPackage is not ready: its SQLite write-ahead log holds changes."""
+    wal = path.with_name(path.name + "-wal")
+    if path.suffix.lower() == ".gpkg" and os.path.lexists(wal) and wal.stat().st_size > 0:
+        return (
+            f"{wal.name} holds changes not yet in the file (SQLite WAL); waits for a "
+            "checkpoint (close the program writing it)"
+        )
+    return None
+
+
 def is_candidate(path: Path) -> bool:
-    """A file that may be a source: not hidden, not temporary, not someone's sidecar."""
-    name = path.name.lower()
-    if name.startswith(".") or name.endswith(TEMP_SUFFIXES) or name.endswith(CONFIG_SIDECAR_SUFFIX):
-        return False
-    return not any(name.endswith(suffix) for suffix in _SHAPEFILE_PARTS)
+    """A file that may be a source: not hidden, not temporary, not another's part."""
+    return why_not_a_source(path.name) is None
 
 
 def _fingerprint(files: list[Path]) -> str:
@@ -143,26 +210,44 @@ def scan(root: Path | None = None, settle_s: float = 5.0, now: float | None = No
             continue
         name = path.name
         try:
-            check_partition_key(name)
-            if path.is_symlink() and not path.resolve().is_relative_to(root):
-                raise BadInputError(name, f"is a link to {path.resolve()}, outside the data root")
-            if not path.is_file():
-                continue
-            files = [path, *companions(path)]
-            if path.suffix.lower() == ".shp":
-                missing = [s for s in SHAPEFILE_REQUIRED if s not in shapefile_parts(path)]
-                if missing:
-                    result.waiting[name] = f"shapefile waits for its {', '.join(missing)}"
-                    continue
-            youngest = max(f.stat().st_mtime for f in files)
-            if now - youngest < settle_s:
-                result.waiting[name] = f"changed {now - youngest:.1f} s ago; waits {settle_s:g} s"
-                continue
-            config = read_sidecar(path)
+            item, waiting = _look_at(path, root, settle_s, now)
         except BadInputError as exc:
-            result.refused[name] = str(exc)
+            result.refused[name] = exc.cause if exc.path == name else str(exc)
             continue
         except FileNotFoundError:
             continue  # moved away while we looked
-        result.ready.append(InboxFile(name, path, _fingerprint(files), config))
+        except Exception as exc:  # noqa: BLE001 - one file never stops the scan of others
+            result.refused[name] = f"could not be looked at: {type(exc).__name__}: {exc}"
+            continue
+        if item is not None:
+            result.ready.append(item)
+        elif waiting:
+            result.waiting[name] = waiting
     return result
+
+
+def _look_at(path: Path, root: Path, settle_s: float, now: float):
+    """(InboxFile, None) when `path` is ready, (None, why) while it waits, (None, None)
+    for what is not a file; BadInputError when it is refused."""
+    check_source_name(path)
+    if path.is_symlink() and not path.resolve().is_relative_to(root):
+        raise BadInputError(path.name, f"is a link to {path.resolve()}, outside the data root")
+    if not path.is_file():
+        return None, None
+    files = [path, *companions(path)]
+    for part in files:
+        if not part.resolve().is_relative_to(root):
+            raise BadInputError(path.name, f"{part.name} is a link out of the data root")
+        if not part.is_file():
+            raise BadInputError(path.name, f"{part.name} is not a regular file")
+    if path.suffix.lower() == ".shp":
+        missing = [s for s in SHAPEFILE_REQUIRED if s not in shapefile_parts(path)]
+        if missing:
+            return None, f"shapefile waits for its {', '.join(missing)}"
+    if why := pending_wal(path):
+        return None, why
+    youngest = max(f.stat().st_mtime for f in files)
+    if now - youngest < settle_s:
+        return None, f"changed {now - youngest:.1f} s ago; waits {settle_s:g} s"
+    config = read_sidecar(path, root)
+    return InboxFile(path.name, path, _fingerprint(files), config), None
