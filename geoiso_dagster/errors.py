@@ -50,4 +50,9 @@ class MemoryLimitError(WorkerError):
 
 
 class TaskError(GeoisoError):
-    """The task raised an exception nobody classified: a bug. Not retried."""
+    """The task raised an exception nobody classified: a bug. Not retried. The message is
+    one line; the worker's traceback is kept apart, for whoever debugs it."""
+
+    def __init__(self, message: str, traceback: str = "") -> None:
+        super().__init__(message)
+        self.traceback = traceback

@@ -6,18 +6,37 @@ writer can sweep the leftovers of a writer that was killed.
 """
 
 import contextlib
+import hashlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 
 TEMP_MARKER = ".tmp-"
+# A temp name is '.' + the target's name + '.tmp-<pid>-<token>', once per writer in the
+# chain (run process, worker, fan-out part: three at most). File systems allow 255 bytes
+# a name; a long target name is shortened to this many bytes, keeping its start and a hash
+# of the whole, so that every temp of every key stays well under the limit.
+TEMP_BASE_MAX = 120
+
+
+def _short(name: str) -> str:
+    if len(name.encode()) <= TEMP_BASE_MAX:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    head = name.encode()[: TEMP_BASE_MAX - 17].decode("utf-8", "ignore")
+    return f"{head}~{digest}"
 
 
 def temp_path_for(target: Path) -> Path:
-    return target.with_name(f".{target.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+    """A temp name beside `target`, for one writer (this process). The temp of a temp
+    appends this writer to the chain rather than shortening again, so the sweep still
+    knows every writer of it."""
+    base = target.name if TEMP_MARKER in target.name else _short(target.name)
+    return target.with_name(f".{base}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def _writer_pids(name: str) -> list[int]:
@@ -37,13 +56,16 @@ def sweep_stale_temps(target: Path) -> list[Path]:
     removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
-    prefix = f"{target.name}{TEMP_MARKER}"
+    prefix = f"{_short(target.name)}{TEMP_MARKER}"
     for candidate in target.parent.iterdir():
         if not (candidate.name.startswith(".") and candidate.name.lstrip(".").startswith(prefix)):
             continue
         if all(psutil.pid_exists(pid) for pid in _writer_pids(candidate.name)):
             continue  # every writer still alive: in progress
-        candidate.unlink(missing_ok=True)
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)  # an unpacked archive
+        else:
+            candidate.unlink(missing_ok=True)
         removed.append(candidate)
     return removed
 

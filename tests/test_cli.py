@@ -11,6 +11,7 @@ import psutil
 import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance
 
+from geoiso_dagster.defs.checks import CHECKS_BY_ASSET
 from geoiso_dagster.paths import ASSET_NAMES, output_path
 from tests.live import materialize_command
 
@@ -79,8 +80,12 @@ def test_add_then_materialize_with_the_dagster_cli(cli_env, data_root, tmp_path)
                 run.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION
             ).records
             evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in records]
-            assert len(evaluations) == 10
+            assert len(evaluations) == sum(len(c) for c in CHECKS_BY_ASSET.values()) == 14
             assert all(e.passed for e in evaluations)
+            assert {e.check_name for e in evaluations} >= {
+                "coordinates_in_crs_range",
+                "counts_match_source",
+            }
     finally:
         os.environ.pop("DAGSTER_HOME")
 

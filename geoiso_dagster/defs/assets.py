@@ -3,6 +3,7 @@ source file. The steps here only orchestrate: the work runs in the worker pool."
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Optional
 
 from dagster import (
     AssetCheckResult,
@@ -28,7 +29,7 @@ from geoiso_dagster.defs.retries import run_task
 from geoiso_dagster.errors import BadInputError, UnsafeNameError
 from geoiso_dagster.fsutil import publish, sweep_stale_temps, temp_path_for
 from geoiso_dagster.pool import TaskResult
-from geoiso_dagster.settings import check_aggregations, check_target_crs
+from geoiso_dagster.settings import check_aggregations, check_layer, check_target_crs
 
 GROUP = "geo"
 # Dagster concurrency pool of the heavy steps; dagster.yaml limits how many runs use it.
@@ -46,6 +47,14 @@ _STEP_FACTS = (
 )
 # Downstream waits until its upstream's blocking checks passed (or pass in this run).
 _AFTER_CHECKS = AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
+
+
+class IngestConfig(Config):
+    layer: Optional[str] = Field(
+        default=None,
+        description="The layer to read, required when the source holds several (a "
+        "GeoPackage with two tables); a file with one layer needs none.",
+    )
 
 
 class ReprojectConfig(Config):
@@ -163,16 +172,24 @@ def _geo_asset(name: str, upstream: AssetsDefinition | None, library: str):
 
 
 @_geo_asset("raw_features", upstream=None, library="gdal")
-def raw_features(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool):
-    """The source file as GDAL reads it (any vector format, or GeoParquet), stored as
-    GeoParquet 1.1. Refused with a clear error when it has no CRS or no features."""
+def raw_features(
+    context: AssetExecutionContext, config: IngestConfig, spatial_pool: SpatialWorkerPool
+):
+    """The source file as stored in GeoParquet 1.1: GeoPackage, shapefile (also zipped),
+    GeoJSON, FlatGeobuf or GeoParquet. Refused with a clear error when it has no CRS,
+    no features, or several layers and no `layer` setting."""
     source, output = _paths(context, "raw_features", None)
+    if config.layer is not None:
+        _checked(check_layer, config.layer)
     yield from _produce(
         context,
         spatial_pool,
         "raw_features",
         output,
-        lambda staged: fanout.ingest(fanout.StepRunner(context, spatial_pool), source, staged),
+        lambda staged: fanout.ingest(
+            fanout.StepRunner(context, spatial_pool), source, staged, layer=config.layer
+        ),
+        inspect_kwargs={"source": source, "layer": config.layer},
     )
 
 

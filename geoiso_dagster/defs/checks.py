@@ -13,6 +13,8 @@ ROW_COUNT = "row_count_matches"
 CRS = "crs_matches_target"
 VALID = "geometries_valid_nonempty"
 UNIQUE_KEYS = "dissolve_keys_unique"
+IN_RANGE = "coordinates_in_crs_range"
+SOURCE_COUNTS = "counts_match_source"
 
 _DESCRIPTIONS = {
     READABLE: "The file reads back as GeoParquet 1.1 with a bbox covering column, and its "
@@ -21,11 +23,17 @@ _DESCRIPTIONS = {
     CRS: "The file's CRS equals the target CRS (compared with pyproj, not as text).",
     VALID: "Every geometry is present, non-empty and valid.",
     UNIQUE_KEYS: "Each dissolve key appears exactly once.",
+    IN_RANGE: "The file's bbox (from its bbox column's statistics) lies where its CRS can "
+    "hold coordinates: latitude within +/-90 and longitude within +/-360 degrees, or within "
+    "1e8 m of a projected CRS's origin.",
+    SOURCE_COUNTS: "Rows equal the feature count the source file itself declares, and for a "
+    "shapefile the rows with a geometry equal the shapes its .shx index lists (read again "
+    "from the source, independently of the step).",
 }
 CHECKS_BY_ASSET = {
-    "raw_features": (READABLE, ROW_COUNT),
-    "reprojected_features": (READABLE, ROW_COUNT, CRS),
-    "dissolved_regions": (READABLE, ROW_COUNT, CRS, VALID, UNIQUE_KEYS),
+    "raw_features": (READABLE, ROW_COUNT, IN_RANGE, SOURCE_COUNTS),
+    "reprojected_features": (READABLE, ROW_COUNT, CRS, IN_RANGE),
+    "dissolved_regions": (READABLE, ROW_COUNT, CRS, VALID, UNIQUE_KEYS, IN_RANGE),
 }
 
 
@@ -73,7 +81,27 @@ def _judge(name: str, written: dict, seen: dict) -> tuple[bool, dict]:
     if name == UNIQUE_KEYS:
         duplicates = seen.get("duplicate_keys")
         return duplicates == 0, {"duplicate_keys": -1 if duplicates is None else duplicates}
+    if name == IN_RANGE:
+        return bool(seen["in_crs_range"]), {
+            "bbox": seen["bbox_seen"] or [],
+            "crs_limits": seen["crs_limits"],
+        }
+    if name == SOURCE_COUNTS:
+        return _judge_source_counts(seen)
     raise ValueError(f"unknown check {name!r}")
+
+
+def _judge_source_counts(seen: dict) -> tuple[bool, dict]:
+    if "source_error" in seen:
+        return False, {"error": seen["source_error"]}
+    declared, shapes = seen.get("source_features"), seen.get("source_geometries")
+    metadata = {"rows": seen["rows"], "source_declares": -1 if declared is None else declared}
+    ok = declared is None or declared < 0 or declared == seen["rows"]
+    if shapes is not None:
+        present = seen["present_geometries"]
+        metadata.update(with_geometry=-1 if present is None else present, source_shapes=shapes)
+        ok = ok and present == shapes
+    return ok, metadata
 
 
 def check_results(asset: str, written: dict, seen: dict) -> list[AssetCheckResult]:

@@ -8,7 +8,7 @@ import random
 from dagster import Failure, MetadataValue, OpExecutionContext, RetryRequested
 
 from geoiso_dagster.defs.resources import SpatialWorkerPool
-from geoiso_dagster.errors import BadInputError, GeoisoError, MemoryLimitError
+from geoiso_dagster.errors import BadInputError, GeoisoError, MemoryLimitError, TaskError
 from geoiso_dagster.pool import TaskResult
 
 MAX_ATTEMPTS = 3
@@ -68,6 +68,12 @@ def _raise_for(context: OpExecutionContext, exc: BaseException) -> None:
         raise Failure(description=str(exc), allow_retries=False) from None
     if not isinstance(exc, GeoisoError):
         raise exc
+    if isinstance(exc, TaskError):
+        raise Failure(
+            description=f"Internal error (a bug, not a problem with your data): {exc}",
+            metadata={"traceback": MetadataValue.text(exc.traceback)},
+            allow_retries=False,
+        ) from None
     if not exc.retryable:
         raise Failure(description=str(exc), allow_retries=False) from None
     attempt = context.retry_number + 1

@@ -3,11 +3,13 @@
 import contextlib
 import errno
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import geopandas
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
@@ -16,6 +18,7 @@ import pyproj
 import shapely
 
 from geoiso_dagster.errors import BadInputError, TransientIOError
+from geoiso_dagster.formats import PARQUET_SUFFIXES  # noqa: F401 - one definition
 from geoiso_dagster.fsutil import atomic_path
 from geoiso_dagster.spatial import faults
 
@@ -25,7 +28,6 @@ ROW_GROUP_ROWS = 50_000
 # Rows decoded at a time while streaming: a row group is built from slices, so that only
 # a fifth of a group's shapes is ever alive (the WKB of the rest waits in Arrow).
 SLICE_ROWS = 10_000
-PARQUET_SUFFIXES = (".parquet", ".geoparquet")
 # shapely.get_type_id -> the names GeoParquet's geometry_types use
 GEOMETRY_TYPE_NAMES = {
     0: "Point",
@@ -209,6 +211,71 @@ def _bbox(parquet: pq.ParquetFile, column: dict) -> list[float]:
     return [float(v) for v in (*lows, *highs)]
 
 
+# Beyond this distance from a projected CRS's origin a coordinate is no place on Earth
+# (2.5 times the equator): 1e8 m, in the CRS's own unit.
+PROJECTED_LIMIT_M = 1e8
+
+
+def coordinate_limits(crs: pyproj.CRS) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) that coordinates in `crs` can take at all: longitude
+    within +/-360 degrees (data east of the antimeridian may run past 180) and latitude
+    within +/-90 for a geographic CRS, in its angular unit; otherwise within 1e8 m of the
+    origin, in its linear unit. Used by ingest (refuse), reproject and the asset check."""
+    axis = crs.axis_info[0] if crs.axis_info else None
+    factor = axis.unit_conversion_factor if axis and axis.unit_conversion_factor else 1.0
+    if crs.is_geographic:
+        lon, lat = 2 * math.pi / factor, (math.pi / 2) / factor
+        lat *= 1 + 1e-9  # rounding at the poles
+        return -lon, -lat, lon, lat
+    limit = PROJECTED_LIMIT_M / factor
+    return -limit, -limit, limit, limit
+
+
+def outside_limits(bounds, limits) -> "np.ndarray":
+    """Rows of `bounds` (n x 4: minx, miny, maxx, maxy; NaN for no geometry) that reach
+    outside `limits`."""
+    minx, miny, maxx, maxy = limits
+    with np.errstate(invalid="ignore"):
+        return (
+            (bounds[:, 0] < minx)
+            | (bounds[:, 1] < miny)
+            | (bounds[:, 2] > maxx)
+            | (bounds[:, 3] > maxy)
+        )
+
+
+def covering_statistics(
+    parquet: pq.ParquetFile, geo: dict
+) -> tuple[list[float] | None, int | None]:
+    """(the file's bbox, rows without a box: missing or empty geometries), from the row
+    group statistics of the bbox covering column alone: no data page is read. (None,
+    None) where the file has no covering or no statistics."""
+    covering = covering_column(geo)
+    if covering is None:
+        return None, None
+    metadata = parquet.metadata
+    index = {metadata.schema.column(i).path: i for i in range(metadata.num_columns)}
+    wanted = [index.get(f"{covering}.{name}") for name in ("xmin", "ymin", "xmax", "ymax")]
+    if None in wanted:
+        return None, None
+    lows, highs, boxless = [math.inf, math.inf], [-math.inf, -math.inf], 0
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        stats = [row_group.column(i).statistics for i in wanted]
+        if any(s is None or not s.has_null_count for s in stats):
+            return None, None
+        boxless += stats[0].null_count
+        if stats[0].null_count == row_group.num_rows:
+            continue
+        if not all(s.has_min_max for s in stats):
+            return None, None
+        lows = [min(lows[0], stats[0].min), min(lows[1], stats[1].min)]
+        highs = [max(highs[0], stats[2].max), max(highs[1], stats[3].max)]
+    if not math.isfinite(lows[0]):
+        return None, boxless
+    return [*lows, *highs], boxless
+
+
 def crs_label(crs: pyproj.CRS) -> str:
     """EPSG:xxxx when the CRS has an authority code, else its name."""
     authority = crs.to_authority()
@@ -227,6 +294,14 @@ def covering_column(geo: dict) -> str | None:
     """The name of the bbox covering column that `geo` metadata declares, if any."""
     column = geo["columns"][geo["primary_column"]]
     return column.get("covering", {}).get("bbox", {}).get("xmin", [None])[0]
+
+
+def read_schema(path: Path) -> pa.Schema:
+    """The Arrow schema of an upstream GeoParquet output, named by file when unreadable."""
+    if not path.exists():
+        raise BadInputError(str(path), "upstream output does not exist; materialize it first")
+    with reading(path):
+        return pq.read_schema(path)
 
 
 def geo_metadata(path: Path) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 import geopandas
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pyproj
 import shapely
@@ -17,8 +18,8 @@ from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import atomic_path
 from geoiso_dagster.pool.worker import progress
 from geoiso_dagster.settings import check_aggregations, check_target_crs
-from geoiso_dagster.spatial import faults, io, stream, thumbnail
-from geoiso_dagster.spatial.ingest import ingest_file
+from geoiso_dagster.spatial import faults, integrity, io, sources, stream, thumbnail
+from geoiso_dagster.spatial.ingest import gdal_info, ingest_file
 from geoiso_dagster.spatial.ingest import survey as ingest_survey
 from geoiso_dagster.spatial.io import write_geoparquet
 
@@ -26,7 +27,9 @@ FEATURE_COUNT_COLUMN = "feature_count"
 _POLYGONAL = {"Polygon", "MultiPolygon"}
 
 
-def ingest(source: str, output: str, features: list[int] | None = None) -> dict:
+def ingest(
+    source: str, output: str, features: list[int] | None = None, layer: str | None = None
+) -> dict:
     """raw_features: any vector file or GeoParquet -> GeoParquet, unchanged, streamed in
     batches (see spatial/ingest.py). With `features` = [skip, count] (GDAL sources) or
     [first row group, row groups] (GeoParquet), only that range: one part of a fan-out."""
@@ -43,7 +46,12 @@ def ingest(source: str, output: str, features: list[int] | None = None) -> dict:
     try:
         with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
             written = ingest_file(
-                Path(source), tmp, features, on_batch=report, part=features is not None
+                Path(source),
+                tmp,
+                features,
+                on_batch=report,
+                part=features is not None,
+                layer=layer,
             )
     except OSError as exc:
         raise io.os_error(Path(output), exc, "writing") from exc
@@ -57,10 +65,10 @@ def ingest(source: str, output: str, features: list[int] | None = None) -> dict:
     return io.describe(Path(output))
 
 
-def survey(source: str) -> dict:
+def survey(source: str, layer: str | None = None) -> dict:
     """How many features a source holds and whether ranges of them can be read alone."""
     faults.at_start("survey")
-    return ingest_survey(source)
+    return ingest_survey(source, layer)
 
 
 def concatenate(parts: list[str], output: str, geos: list[dict] | None = None) -> dict:
@@ -90,11 +98,21 @@ def drop_m(geometries: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _parse_crs(value: str, path: str) -> pyproj.CRS:
+    """The target CRS, parsed here in a worker (under the pool's timeout) after the text
+    passed the allow-list grammar; it must be horizontal: a vertical, geocentric or
+    engineering CRS has no x and y to put features in."""
     check_target_crs(value, where=path)
     try:
-        return pyproj.CRS.from_user_input(value)
+        crs = pyproj.CRS.from_user_input(value)
     except pyproj.exceptions.CRSError as exc:
         raise BadInputError(path, f"target_crs {value!r} is not a CRS PROJ knows: {exc}") from exc
+    if not (crs.is_geographic or crs.is_projected) or crs.is_geocentric:
+        raise BadInputError(
+            path,
+            f"target_crs {value[:80]!r} is a {crs.type_name}, not a horizontal (geographic "
+            "or projected) CRS; features need one with x and y axes",
+        )
+    return crs
 
 
 def reproject(
@@ -161,16 +179,21 @@ def reproject(
 AREA_OF_USE_MARGIN = 0.5
 
 
-def _projected_area_of_use(target: pyproj.CRS) -> tuple[float, float, float, float] | None:
+def _projected_area_of_use(target: pyproj.CRS) -> tuple[float, float, float, float]:
+    """Where coordinates in `target` are meaningful: its area of use, projected, with a
+    margin; never beyond what the CRS can hold at all (io.coordinate_limits: latitude
+    within +/-90 however wide the margin)."""
+    hard = io.coordinate_limits(target)
     area = target.area_of_use
     if area is None:
-        return None
+        return hard
     to_target = pyproj.Transformer.from_crs("EPSG:4326", target, always_xy=True)
     minx, miny, maxx, maxy = to_target.transform_bounds(*area.bounds, densify_pts=21)
     if not np.isfinite([minx, miny, maxx, maxy]).all():
-        return None
+        return hard
     dx, dy = (maxx - minx) * AREA_OF_USE_MARGIN, (maxy - miny) * AREA_OF_USE_MARGIN
-    return minx - dx, miny - dy, maxx + dx, maxy + dy
+    soft = (minx - dx, miny - dy, maxx + dx, maxy + dy)
+    return (*np.maximum(soft[:2], hard[:2]).tolist(), *np.minimum(soft[2:], hard[2:]).tolist())
 
 
 def _refuse_unrepresentable(
@@ -188,22 +211,11 @@ def _refuse_unrepresentable(
     features' bounds, non-finite mask and presence (neither null nor empty)."""
     bad = nonfinite.copy()
     where = "non-finite coordinates after the transform"
-    if limits is not None:
-        minx, miny, maxx, maxy = limits
-        outside = (
-            present
-            & ~bad
-            & (
-                (bounds[:, 0] < minx)
-                | (bounds[:, 1] < miny)
-                | (bounds[:, 2] > maxx)
-                | (bounds[:, 3] > maxy)
-            )
-        )
-        if outside.any():
-            area = target.area_of_use.name.split(".")[0]
-            where = f"far outside where it is defined ({area})"
-        bad |= outside
+    outside = present & ~bad & io.outside_limits(bounds, limits)
+    if outside.any():
+        area = target.area_of_use.name.split(".")[0] if target.area_of_use else "its range"
+        where = f"far outside where it is defined ({area})"
+    bad |= outside
     if bad.any():
         rows = np.flatnonzero(bad) + first_row
         raise BadInputError(
@@ -259,6 +271,7 @@ def dissolve(
     writes no file and says so.
     """
     faults.at_start("dissolve")
+    _check_dissolve_columns(source, dissolve_by)
     read = _read_for_dissolve(source, dissolve_by, part)
     if read is None:  # a part of a fan-out with no group of its own
         return {"path": None, "rows": 0, "dropped_null_keys": 0}
@@ -322,10 +335,12 @@ def dissolve(
     agg = {c: aggregations.get(c, aggfunc) for c in columns if c != dissolve_by}
     try:
         result = grouped.agg(agg) if agg else pd.DataFrame(index=grouped.size().index)
-    except (AttributeError, TypeError, ValueError) as exc:
+    except Exception as exc:  # pandas raises many types for a column it cannot aggregate
         raise BadInputError(
-            source, f"aggregation failed ({aggfunc=}, {aggregations=}): {exc}"
-        ) from exc
+            source,
+            f"aggregation failed ({aggfunc=}, {aggregations=}): {type(exc).__name__}: {exc}; "
+            "choose an aggregation that fits the column's type (per column: aggregations)",
+        ) from None
     result[FEATURE_COUNT_COLUMN] = grouped.size()
     result = result.reset_index()
     result[geometry_name] = [unions[key] for key in result[dissolve_by]]
@@ -338,9 +353,9 @@ def dissolve(
         groups=len(result),
         repaired=repaired_count,
     )
-    facts = write_geoparquet(result, output)
+    facts = _write_dissolved(result, output, source)
     if part is None:
-        facts["thumbnail_png"] = _thumbnail(result)
+        facts.update(_thumbnail(result))
     facts.update(
         repaired_geometries=repaired_count,
         dropped_null_keys=null_keys,
@@ -383,8 +398,66 @@ def _null_keys(source: str, dissolve_by: str) -> int:
     return int(pq.read_table(source, columns=[dissolve_by]).column(0).null_count)
 
 
-def _thumbnail(result) -> str:
-    return base64.b64encode(thumbnail.render(result.geometry.values)).decode()
+def _thumbnail(result) -> dict:
+    """{"thumbnail_png": base64 PNG}, or {} when the map cannot be drawn: the map is a
+    picture in the catalog, never a reason to fail a dissolve that is otherwise good."""
+    try:
+        return {
+            "thumbnail_png": base64.b64encode(thumbnail.render(result.geometry.values)).decode()
+        }
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        progress(f"no map drawn for this output: {type(exc).__name__}: {exc}")
+        return {}
+
+
+def _write_dissolved(result, output: str, source: str) -> dict:
+    """write_geoparquet, with values an aggregation made that Parquet cannot hold (mixed
+    types, say) named as the input's problem."""
+    try:
+        return write_geoparquet(result, output)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        raise BadInputError(
+            source, f"the aggregated columns cannot be written: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+# Arrow types a dissolve key may have: values that name a region. Lists, structs, maps and
+# binary blobs do not (pandas cannot even group by them).
+def _is_key_type(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if hasattr(kind, "storage_type"):  # an extension type (GDAL JSON text): judge its storage
+        kind = kind.storage_type
+    return (
+        pa.types.is_null(kind)  # every key null: refused as such, further on
+        or
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_integer(kind)
+        or pa.types.is_floating(kind)
+        or pa.types.is_boolean(kind)
+        or pa.types.is_decimal(kind)
+        or pa.types.is_temporal(kind)
+    )
+
+
+def _check_dissolve_columns(source: str, dissolve_by: str) -> None:
+    """The key names a column of a type that can name regions, and the data has no column
+    of the name the dissolve writes its count into (it would be overwritten)."""
+    schema = io.read_schema(Path(source))
+    if dissolve_by == FEATURE_COUNT_COLUMN or FEATURE_COUNT_COLUMN in schema.names:
+        raise BadInputError(
+            source,
+            f"has a column {FEATURE_COUNT_COLUMN!r}, the name the dissolve gives its count of "
+            "features per region; rename that column at the source (its values would be "
+            "overwritten)",
+        )
+    if dissolve_by in schema.names and not _is_key_type(schema.field(dissolve_by).type):
+        raise BadInputError(
+            source,
+            f"dissolve_by column {dissolve_by!r} holds {schema.field(dissolve_by).type} values; "
+            "a dissolve key must be text, a number, a boolean or a date",
+        )
 
 
 def join_dissolved(parts: list[str | None], output: str, dissolve_by: str, source: str) -> dict:
@@ -395,8 +468,8 @@ def join_dissolved(parts: list[str | None], output: str, dissolve_by: str, sourc
         raise BadInputError(source, "has no polygonal geometries to dissolve")
     result = pd.concat(frames, ignore_index=True).sort_values(dissolve_by, kind="stable")
     result = geopandas.GeoDataFrame(result.reset_index(drop=True), crs=frames[0].crs)
-    facts = write_geoparquet(result, output)
-    facts["thumbnail_png"] = _thumbnail(result)
+    facts = _write_dissolved(result, output, source)
+    facts.update(_thumbnail(result))
     return facts
 
 
@@ -441,13 +514,17 @@ def inspect(
     expected_crs_of: str | None = None,
     unique_key: str | None = None,
     geometries: str = "sample",
+    source: str | None = None,
+    layer: str | None = None,
 ) -> dict:
     """Independent facts about a file just written, for the asset checks: read back from
     disk, trusting nothing the writer said.
 
     `geometries`: "all" decodes and validates every geometry (the dissolved output, one
     row per region); "sample" decodes the first row group only, so that checking a
-    million-row input does not cost as much as producing it.
+    million-row input does not cost as much as producing it. Every output's bbox (from
+    the covering column's statistics) is compared with what its CRS can hold; with
+    `source` (raw_features), the source's own declared counts are read again.
     """
     target = Path(path)
     facts: dict = {"path": path, "readable": False}
@@ -494,12 +571,43 @@ def inspect(
     if expected is not None:
         facts["expected_crs"] = io.crs_label(expected)
         facts["crs_matches"] = bool(crs.equals(expected))
+    bbox, boxless = io.covering_statistics(parquet, geo)
+    limits = io.coordinate_limits(crs)
+    facts["bbox_seen"] = bbox
+    facts["crs_limits"] = list(limits)
+    facts["present_geometries"] = None if boxless is None else facts["rows"] - boxless
+    if bbox is None:  # no statistics (not ours), or no geometry to be out of range
+        facts["in_crs_range"] = facts["present_geometries"] == 0
+    else:
+        facts["in_crs_range"] = not io.outside_limits(np.array([bbox], dtype=float), limits)[0]
+    facts["in_crs_range"] = bool(facts["in_crs_range"])
+    if source is not None:
+        facts.update(_declared_counts(Path(source), target, layer))
     if unique_key is not None:
         if unique_key in parquet.schema_arrow.names:
             keys = parquet.read(columns=[unique_key]).column(0).to_pandas()
             facts["duplicate_keys"] = int(keys.duplicated().sum())
         else:
             facts["duplicate_keys"] = None
+    return facts
+
+
+def _declared_counts(source: Path, scratch_beside: Path, layer: str | None) -> dict:
+    """What the source itself declares, read again here and not taken from the step: its
+    feature count (-1 unknown), and for a shapefile the records its index gives a shape."""
+    facts: dict = {"source_features": None, "source_geometries": None}
+    try:
+        with sources.opened(source, scratch_beside) as (path, _):
+            suffix = path.suffix.lower()
+            if suffix in io.PARQUET_SUFFIXES:
+                facts["source_features"] = int(pq.ParquetFile(path).metadata.num_rows)
+            else:
+                info = gdal_info(path, str(source), layer)
+                facts["source_features"] = int(info["features"])
+                if suffix == ".shp":
+                    facts["source_geometries"] = integrity.shapes_with_geometry(path)
+    except BadInputError as exc:
+        facts["source_error"] = exc.cause
     return facts
 
 
@@ -514,6 +622,7 @@ def environment() -> dict:
         "env": {k: os.environ.get(k) for k in (*keys, "OMP_NUM_THREADS", "MALLOC_ARENA_MAX")},
         "gdal_config": {k: pyogrio.get_gdal_config_option(k) for k in keys},
         "proj_network": pyproj.network.is_network_enabled(),
+        "gdal_drivers": sorted(pyogrio.list_drivers()),
         "versions": io.versions(),
     }
     try:
