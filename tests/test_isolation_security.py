@@ -41,6 +41,10 @@ def _run(key: str, config=None):
         "+proj=longlat +geoidgrids=@./x.gtx",
         "+proj=longlat +nadgrids=~/grid.gsb",
         "C:\\grids\\x.gsb",
+        "+proj=longlat +ellps=GRS80 +nadgrids=@x,/abs/path/grid.gsb",
+        'GEOGCS["x",EXTENSION["PROJ4","+proj=longlat +nadgrids=/tmp/fifo.gsb"]]',
+        '{"type": "BoundCRS", "transformation": {"parameters": [{"parameter_file": "/x"}]}}',
+        "[" * 15_000 + "]" * 15_000,
         "",
         "x" * 20_001,
     ],
@@ -111,3 +115,34 @@ def test_a_bad_config_value_is_a_clear_non_retried_failure(data_root):
     (failure,) = failures
     assert failure.step_key == "reprojected_features"
     assert "Bad config" in failure.step_failure_data.user_failure_data.description
+
+
+def _two_layer_gpkg(path):
+    import geopandas
+    from shapely.geometry import box
+
+    frame = geopandas.GeoDataFrame(
+        {"region_id": [1, 1, 2]}, geometry=[box(0, 0, 1, 1), box(1, 0, 2, 1), box(5, 5, 6, 6)]
+    ).set_crs(4326)
+    frame.iloc[:1].to_file(path, layer="small")
+    frame.to_file(path, layer="large")
+
+
+def test_a_file_with_several_layers_needs_one_named(data_root):
+    _two_layer_gpkg(data_root / "inbox" / "two.gpkg")
+    result, failures, retries = _run("two.gpkg")
+    assert not result.success and retries == []
+    (failure,) = failures
+    assert failure.step_key == "raw_features"
+    description = failure.step_failure_data.user_failure_data.description
+    assert "has 2 layers: 'small' (1 features), 'large' (3 features)" in description
+    assert not (data_root / "warehouse" / "raw_features" / "two.gpkg.parquet").exists()
+
+    config = {"ops": {"raw_features": {"config": {"layer": "large"}}}}
+    result, failures, _ = _run("two.gpkg", config)
+    assert result.success and failures == []
+    checks = [e for e in result.get_asset_check_evaluations()]
+    assert checks and all(c.passed for c in checks)
+    assert {c.check_name for c in checks} >= {"counts_match_source", "coordinates_in_crs_range"}
+    rows = result.asset_materializations_for_node("dissolved_regions")[0].metadata
+    assert rows["dagster/row_count"].value == 2

@@ -230,6 +230,141 @@ def _valid_area(total: float):
     return verify
 
 
+# -- the jail and silent wrong results (issue 9): files that tried to escape or mislead --
+
+OUTSIDE_GPKG = FIXTURES / "test_gpkg_nulls.gpkg"  # a real GeoPackage outside the data root
+
+
+def _vrt(name: str, source: str) -> Callable[[Path], Path]:
+    text = (
+        '<OGRVRTDataSource><OGRVRTLayer name="x"><SrcDataSource>'
+        f"{source}</SrcDataSource></OGRVRTLayer></OGRVRTDataSource>"
+    )
+    return _text(name, text)
+
+
+def _dbf_link_outside(folder: Path) -> Path:
+    shp = _shapefile("linked_dbf")(folder)
+    shp.with_suffix(".dbf").unlink()
+    shp.with_suffix(".dbf").symlink_to(NATURAL_EARTH.with_suffix(".dbf"))
+    return shp
+
+
+def _fifo_dbf(folder: Path) -> Path:
+    import os
+
+    shp = _shapefile("fifo_dbf")(folder)
+    shp.with_suffix(".dbf").unlink()
+    os.mkfifo(shp.with_suffix(".dbf"))
+    return shp
+
+
+def _directory_named_gpkg(folder: Path) -> Path:
+    path = folder / "folder.gpkg"
+    path.mkdir()
+    for part in NATURAL_EARTH.parent.glob("naturalearth_lowres.*"):
+        (path / part.name).symlink_to(part)
+    return path
+
+
+def _zipped(name: str, mutate=None, arcdir: str = ""):
+    def build(folder: Path) -> Path:
+        import zipfile
+
+        work = folder / "parts"
+        work.mkdir()
+        shp = _shapefile("countries", mutate=mutate)(work)
+        path = folder / name
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for part in sorted(work.iterdir()):
+                archive.write(part, arcdir + part.name)
+        shutil.rmtree(work)
+        assert shp.suffix == ".shp"
+        return path
+
+    return build
+
+
+def _zip_with_link(folder: Path) -> Path:
+    import zipfile
+
+    path = folder / "link.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        info = zipfile.ZipInfo("countries.shp")
+        info.external_attr = 0o120777 << 16  # a symbolic link member
+        archive.writestr(info, "/etc/passwd")
+    return path
+
+
+def _zip_bomb(folder: Path) -> Path:
+    import zipfile
+
+    path = folder / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("big.geojson", "w") as member:
+            block = b" " * 2**20
+            for _ in range(200):  # 200 MiB of blanks: about 200 kB deflated
+                member.write(block)
+    return path
+
+
+def _pending_wal(folder: Path) -> Path:
+    path = folder / "edited.gpkg"
+    _frame([box(i, 0, i + 1, 1) for i in range(10)], region_id=list(range(10))).to_file(
+        path, layer="parcels"
+    )
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("DELETE FROM parcels WHERE fid > 5")
+    db.commit()
+    # Left open on purpose: the -wal now holds the committed delete, as while QGIS edits.
+    _OPEN_DATABASES.append(db)
+    assert path.with_name(path.name + "-wal").stat().st_size > 0
+    return path
+
+
+_OPEN_DATABASES: list = []
+
+
+def _two_layers(folder: Path) -> Path:
+    path = folder / "two_layers.gpkg"
+    _frame([box(0, 0, 1, 1)] * 5, region_id=[1] * 5).to_file(path, layer="small")
+    _frame([box(0, 0, 1, 1)] * 20, region_id=[2] * 20).to_file(path, layer="large")
+    return path
+
+
+def _crs_link_geojson() -> str:
+    doc = json.loads(_geojson([_feature({"type": "Point", "coordinates": [600000, 100000]})]))
+    doc["crs"] = {"type": "link", "properties": {"href": "3857.proj4", "type": "proj4"}}
+    return json.dumps(doc)
+
+
+def _case_siblings(folder: Path) -> Path:
+    _shapefile("world")(folder)
+    return _shapefile("World")(folder)
+
+
+def _list_and_struct(folder: Path) -> Path:
+    path = folder / "nested.parquet"
+    _frame([box(0, 0, 1, 1), box(1, 0, 2, 1)], region_id=[1, 2]).to_parquet(path)
+    table = pq.read_table(path)
+    table = table.append_column("tags", pa.array([["a"], ["b", "c"]]))
+    table = table.append_column("owner", pa.array([{"id": 1}, {"id": 2}]))
+    pq.write_table(table.replace_schema_metadata(table.schema.metadata), path)
+    return path
+
+
+BOUND_CRS_WITH_FILE = (
+    'BOUNDCRS[SOURCECRS[GEOGCRS["x",DATUM["d",ELLIPSOID["e",6378137,298.257223563]],'
+    'CS[ellipsoidal,2],AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925]]],'
+    'TARGETCRS[GEOGCRS["WGS 84",DATUM["d",ELLIPSOID["e",6378137,298.257223563]],'
+    'CS[ellipsoidal,2],AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925]]],'
+    'ABRIDGEDTRANSFORMATION["t",METHOD["NTv2"],'
+    'PARAMETERFILE["Latitude and longitude difference file","/tmp/geoiso-probe.gsb"]]]'
+)
+
+
 BOWTIE = Polygon([(0, 0), (2, 2), (2, 0), (0, 2), (0, 0)])
 # A ring that touches itself at one point, enclosing a hole: the "inverted" hole form.
 SELF_TOUCHING = Polygon([(0, 0), (4, 0), (4, 4), (2, 4), (3, 2), (1, 2), (2, 4), (0, 4), (0, 0)])
@@ -527,4 +662,171 @@ CASES: list[Case] = [
         "duplicate column names",
     ),
     Case("curved_geometries", "CurvePolygons (GeoPackage)", _curves, "ingest", "CONVERT_TO_LINEAR"),
+    # -- the jail --
+    Case(
+        "vrt_named_gpkg",
+        "an OGR VRT named .gpkg reading a GeoPackage outside the data root",
+        _vrt("outside.gpkg", str(OUTSIDE_GPKG)),
+        "ingest",
+        "is not readable as GPKG",
+    ),
+    Case(
+        "vrt_to_url",
+        "an OGR VRT (.vrt) whose source is a /vsicurl/ URL",
+        _vrt("remote.vrt", "/vsicurl/http://127.0.0.1:9/x.geojson"),
+        "ingest",
+        "is not on the allow-list",
+    ),
+    Case(
+        "unknown_format",
+        "a CSV with WKT: not an allowed format",
+        _text("points.csv", 'WKT,region_id\n"POINT (1 1)",1\n'),
+        "ingest",
+        "is not on the allow-list",
+    ),
+    Case(
+        "dbf_linked_outside",
+        "a shapefile whose .dbf is a symlink to a file outside the data root",
+        _dbf_link_outside,
+        "ingest",
+        "outside the data root",
+    ),
+    Case(
+        "dbf_is_a_fifo",
+        "a shapefile whose .dbf is a FIFO (reading it would hang)",
+        _fifo_dbf,
+        "ingest",
+        "not a regular file",
+    ),
+    Case(
+        "directory_named_gpkg",
+        "a directory named x.gpkg holding symlinks to a shapefile elsewhere",
+        _directory_named_gpkg,
+        "ingest",
+        "is a directory",
+    ),
+    Case(
+        "zip_with_a_link",
+        "a zip whose member is a symbolic link to /etc/passwd",
+        _zip_with_link,
+        "ingest",
+        "is a link or special file",
+    ),
+    Case(
+        "zip_bomb",
+        "200 MiB of blanks in a 200 kB zip",
+        _zip_bomb,
+        "ingest",
+        "zip bomb",
+    ),
+    # -- silently wrong results --
+    Case(
+        "zipped_truncated_shp",
+        "a zipped shapefile whose .shp is cut in half (GDAL's /vsizip/ reads null geometries)",
+        _zipped("cut.zip", mutate=_truncate(".shp", 0.5)),
+        "ingest",
+        "is truncated: 112 of 177 records",
+    ),
+    Case(
+        "zipped_shapefile",
+        "a good zipped shapefile, its parts in a folder inside the archive",
+        _zipped("countries.zip", arcdir="countries/"),
+        target_crs="EPSG:6933",
+        dissolve_by="continent",
+        verify=_rows(8),
+    ),
+    Case(
+        "geojson_crs_link",
+        "GeoJSON whose crs member is a link to a projected CRS, coordinates in metres",
+        _text("linked_crs.geojson", _crs_link_geojson()),
+        "ingest",
+        "of type 'link'",
+    ),
+    Case(
+        "gpkg_pending_wal",
+        "a GeoPackage in WAL mode whose -wal holds committed deletes",
+        _pending_wal,
+        "ingest",
+        "un-checkpointed changes in edited.gpkg-wal",
+    ),
+    Case(
+        "gpkg_two_layers",
+        "a GeoPackage with two layers (5 and 20 rows) and no layer named",
+        _two_layers,
+        "ingest",
+        "has 2 layers: 'small' (5 features), 'large' (20 features)",
+    ),
+    Case(
+        "feature_count_column",
+        "a source that already has a feature_count column",
+        _parquet(
+            "counted.parquet",
+            lambda: _frame([box(0, 0, 1, 1)], region_id=[1], feature_count=[42]),
+        ),
+        "dissolve",
+        "has a column 'feature_count'",
+    ),
+    Case(
+        "latitude_1e308",
+        "a latitude of 1e308 in WGS 84 (a geographic target would copy it through)",
+        _parquet("far.parquet", lambda: _frame([box(0, 0, 1, 1e308)])),
+        "ingest",
+        "outside what its CRS (EPSG:4326) can hold",
+        target_crs="EPSG:4326",
+    ),
+    Case(
+        "projected_1e308",
+        "x = 1e308 m in Web Mercator",
+        _parquet("far_m.parquet", lambda: _frame([box(0, 0, 1e308, 1)], crs="EPSG:3857")),
+        "ingest",
+        "within 1e+08 units of the origin",
+    ),
+    Case(
+        "vertical_target_crs",
+        "target_crs EPSG:5714 (mean sea level height: a vertical CRS)",
+        _parquet("sea_level.parquet", lambda: _frame([box(0, 0, 1, 1)])),
+        "reproject",
+        "not a horizontal",
+        target_crs="EPSG:5714",
+    ),
+    Case(
+        "target_crs_grid_path",
+        "target_crs +nadgrids=@x,/abs/path/grid.gsb (PROJ would open the file)",
+        _parquet("grid.parquet", lambda: _frame([box(0, 0, 1, 1)])),
+        "reproject",
+        "names a file path",
+        target_crs="+proj=longlat +ellps=GRS80 +nadgrids=@x,/tmp/geoiso-probe.gsb",
+    ),
+    Case(
+        "target_crs_parameterfile",
+        "target_crs: a WKT BOUNDCRS whose PARAMETERFILE names an absolute path",
+        _parquet("bound.parquet", lambda: _frame([box(0, 0, 1, 1)])),
+        "reproject",
+        "PARAMETERFILE",
+        target_crs=BOUND_CRS_WITH_FILE,
+    ),
+    Case(
+        "dissolve_by_list_column",
+        "dissolve_by names a list-valued column",
+        _list_and_struct,
+        "dissolve",
+        "holds list<",
+        dissolve_by="tags",
+    ),
+    Case(
+        "dissolve_by_struct_column",
+        "dissolve_by names a struct column",
+        _list_and_struct,
+        "dissolve",
+        "holds struct<",
+        dissolve_by="owner",
+    ),
+    Case(
+        "case_different_siblings",
+        "World.shp beside world.shp: each takes only its exact-stem parts",
+        _case_siblings,
+        target_crs="EPSG:6933",
+        dissolve_by="continent",
+        verify=_rows(8),
+    ),
 ]
