@@ -111,13 +111,18 @@ def _why_not_wkt(text: str) -> str | None:
     if _WKT_FILE.search(text):
         return "references a grid or parameter file (PARAMETERFILE, PROJ4_GRIDS); not allowed"
     for match in _WKT_QUOTED.finditer(text):
-        quoted = match.group(1)
-        if "+" in quoted and "=" in quoted:  # an EXTENSION["PROJ4", "+proj=..."]
-            why = _why_not_proj_string(quoted)
-            if why:
-                return why
-        elif _PATHLIKE.search(quoted.replace(" / ", " ")):
-            return f"holds a path-like value {quoted[:40]!r}; files are never referenced"
+        if why := _why_not_value(match.group(1)):
+            return why
+    return None
+
+
+def _why_not_value(value: str) -> str | None:
+    """A text value inside WKT or PROJJSON: an embedded PROJ string (EXTENSION["PROJ4",
+    "+proj=..."]) obeys the PROJ-string rules; anything else may not look like a path."""
+    if "+" in value and "=" in value:
+        return _why_not_proj_string(value)
+    if _PATHLIKE.search(value.replace(" / ", " ")):
+        return f"holds a path-like value {value[:40]!r}; files are never referenced"
     return None
 
 
@@ -140,13 +145,8 @@ def _why_not_projjson(text: str) -> str | None:
                 stack.append((child, depth + 1, str(child_key)))
         elif isinstance(node, list):
             stack.extend((child, depth + 1, key) for child in node)
-        elif isinstance(node, str) and key != "$schema":
-            if "+" in node and "=" in node:
-                why = _why_not_proj_string(node)
-                if why:
-                    return why
-            elif _PATHLIKE.search(node.replace(" / ", " ")):
-                return f"holds a path-like value {node[:40]!r}; files are never referenced"
+        elif isinstance(node, str) and key != "$schema" and (why := _why_not_value(node)):
+            return why
     return None
 
 

@@ -14,6 +14,7 @@ from dagster import (
 )
 
 from geoiso_dagster.defs.assets import geo_assets
+from geoiso_dagster.defs.checks import CHECKS_BY_ASSET
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import MAX_WAIT_S, MIN_WAIT_S
@@ -97,7 +98,7 @@ def test_three_assets_with_metadata_and_passed_checks(instance, data_root, count
             assert key in md, key
         assert md["worker_peak_rss_mb"].value > 50
     checks = result.get_asset_check_evaluations()
-    assert len(checks) == 2 + 3 + 5
+    assert len(checks) == sum(len(names) for names in CHECKS_BY_ASSET.values()) == 14
     assert all(c.passed for c in checks)
     assert _leftover_temps(data_root) == []
 
@@ -113,7 +114,7 @@ def test_bad_input_fails_once_and_keeps_the_good_output(
     assert not result.success
     _, message = _failure(result)
     assert str(data_root / "inbox" / countries) in message
-    assert "cannot be read as vector data" in message
+    assert "is not readable as GPKG data, the format its suffix names" in message
     assert _events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
     assert result.asset_materializations_for_node("reprojected_features") == []
     assert _snapshot(data_root, countries) == good
@@ -153,8 +154,10 @@ def test_failed_blocking_check_stops_downstream_and_publishes_nothing(
     result = _run(instance, countries, task_module="tests.tasks_lying_inspect")
     assert not result.success
     failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
+    # The file holds one row fewer than the step said, and than the source declares.
     assert [(c.asset_key, c.check_name) for c in failed] == [
-        (AssetKey("raw_features"), "row_count_matches")
+        (AssetKey("raw_features"), "row_count_matches"),
+        (AssetKey("raw_features"), "counts_match_source"),
     ]
     assert result.asset_materializations_for_node("raw_features") == []
     started = {e.step_key for e in _events(result, DagsterEventType.STEP_START)}

@@ -140,15 +140,22 @@ def test_hostile_sidecars_refuse_only_their_own_files(data_root, monkeypatch, ca
     assert "names a file path" in refused["grid.gpkg"]
 
 
-def test_sensor_waits_for_a_geopackage_whose_wal_holds_changes(data_root, monkeypatch):
-    monkeypatch.setenv("GEOISO_INBOX_SETTLE_S", "0")
-    path = data_root / "inbox" / "edited.gpkg"
-    geopandas.GeoDataFrame({"a": [1, 2]}, geometry=[box(0, 0, 1, 1)] * 2, crs=4326).to_file(path)
+def _gpkg_with_pending_wal(path: Path) -> sqlite3.Connection:
+    """A GeoPackage in WAL mode with a committed delete still in its -wal, as while QGIS
+    edits it; the caller closes the connection (which checkpoints)."""
+    frame = geopandas.GeoDataFrame({"a": [1, 2]}, geometry=[box(0, 0, 1, 1)] * 2, crs=4326)
+    frame.to_file(path, layer="edited")
     db = sqlite3.connect(path)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA wal_autocheckpoint=0")
     db.execute("DELETE FROM edited WHERE fid = 2")
     db.commit()
+    return db
+
+
+def test_sensor_waits_for_a_geopackage_whose_wal_holds_changes(data_root, monkeypatch):
+    monkeypatch.setenv("GEOISO_INBOX_SETTLE_S", "0")
+    db = _gpkg_with_pending_wal(data_root / "inbox" / "edited.gpkg")
     try:
         with instance_for_test() as instance:
             waiting = _tick(instance)
@@ -197,12 +204,7 @@ def test_geoiso_add_refuses_a_geopackage_whose_wal_would_be_left_behind(
     data_root, dagster_home, tmp_path, capsys
 ):
     path = tmp_path / "edited.gpkg"
-    geopandas.GeoDataFrame({"a": [1, 2]}, geometry=[box(0, 0, 1, 1)] * 2, crs=4326).to_file(path)
-    db = sqlite3.connect(path)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA wal_autocheckpoint=0")
-    db.execute("DELETE FROM edited WHERE fid = 2")
-    db.commit()
+    db = _gpkg_with_pending_wal(path)
     try:
         assert cli.main(["add", str(path)]) == 2
         assert "edited.gpkg-wal holds changes" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import geopandas
 import psutil
@@ -44,11 +45,14 @@ def _make_sources(folder: Path, naturalearth_shp: Path) -> dict[str, Path]:
 
 
 def _serial(source: Path, work: Path, target_crs: str) -> Path:
-    raw = tasks.ingest(str(source), str(work / f"{source.name}.raw.parquet"))
-    rep = tasks.reproject(raw["path"], str(work / f"{source.name}.rep.parquet"), target_crs)
-    return Path(
-        tasks.dissolve(rep["path"], str(work / f"{source.name}.dis.parquet"), "region_id")["path"]
-    )
+    """The reference: the same steps in this process, with the test's folder (staging and
+    work both under it) as the data root the source must stay in."""
+    root = os.path.commonpath([source, work])
+    with mock.patch.dict(os.environ, {"GEOISO_DATA_ROOT": root}):
+        raw = tasks.ingest(str(source), str(work / f"{source.name}.raw.parquet"))
+        rep = tasks.reproject(raw["path"], str(work / f"{source.name}.rep.parquet"), target_crs)
+        dis = tasks.dissolve(rep["path"], str(work / f"{source.name}.dis.parquet"), "region_id")
+    return Path(dis["path"])
 
 
 class WorkerSampler(threading.Thread):

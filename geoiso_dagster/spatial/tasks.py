@@ -430,8 +430,7 @@ def _is_key_type(kind: pa.DataType) -> bool:
         kind = kind.storage_type
     return (
         pa.types.is_null(kind)  # every key null: refused as such, further on
-        or
-        pa.types.is_string(kind)
+        or pa.types.is_string(kind)
         or pa.types.is_large_string(kind)
         or pa.types.is_integer(kind)
         or pa.types.is_floating(kind)
