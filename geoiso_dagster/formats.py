@@ -30,12 +30,17 @@ SHAPEFILE_PARTS = SHAPEFILE_REQUIRED + SHAPEFILE_OPTIONAL
 SQLITE_PARTS = ("-wal", "-shm", "-journal")
 
 
+def part_names(stem: str, suffix: str) -> tuple[str, str]:
+    """How GDAL names a shapefile part: the exact stem, the suffix as written or upper."""
+    return stem + suffix, stem + suffix.upper()
+
+
 def companion_names(name: str) -> list[str]:
     """Names of the files beside source `name` that its format may open (exact stem)."""
     lower = name.lower()
     if lower.endswith(".shp"):
         stem = name[: -len(".shp")]
-        return [stem + s for part in SHAPEFILE_PARTS for s in (part, part.upper())]
+        return [n for part in SHAPEFILE_PARTS for n in part_names(stem, part)]
     if lower.endswith(".gpkg"):
         return [name + part for part in SQLITE_PARTS]
     return []

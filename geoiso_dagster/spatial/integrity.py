@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pyproj
 import shapely
 
+from geoiso_dagster import formats
 from geoiso_dagster.errors import BadInputError
 
 _SHP_HEADER = 100
@@ -29,7 +30,7 @@ _LOOKAHEAD = 4096
 def _sidecar(shp: Path, suffix: str) -> Path | None:
     """A part of a shapefile as GDAL finds it: the .shp's exact stem, the suffix as
     written or in upper case (never another file whose name differs only in case)."""
-    for name in (shp.stem + suffix, shp.stem + suffix.upper()):
+    for name in formats.part_names(shp.stem, suffix):
         if (shp.parent / name).exists():
             return shp.parent / name
     return None
