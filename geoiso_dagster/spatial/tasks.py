@@ -103,7 +103,7 @@ def _parse_crs(value: str, path: str) -> pyproj.CRS:
     engineering CRS has no x and y to put features in."""
     check_target_crs(value, where=path)
     try:
-        crs = pyproj.CRS.from_user_input(value)
+        crs = io.parse_crs(value)
     except pyproj.exceptions.CRSError as exc:
         raise BadInputError(path, f"target_crs {value!r} is not a CRS PROJ knows: {exc}") from exc
     if not (crs.is_geographic or crs.is_projected) or crs.is_geocentric:
