@@ -77,3 +77,32 @@ def slow_progress(seconds: float) -> dict:
     progress("started the slow part", step=1)
     time.sleep(seconds)
     return {"done": True}
+
+
+def leave_state_behind(folder: str) -> dict:
+    """What a careless task might do to its process: set a variable and a GDAL option,
+    change folder and umask. The worker must undo it before its next task."""
+    import pyogrio
+
+    os.environ["GEOISO_LEFT_BEHIND"] = "yes"
+    os.environ["GDAL_NUM_THREADS"] = "ALL_CPUS"
+    pyogrio.set_gdal_config_options({"OGR_GEOJSON_MAX_OBJ_SIZE": "1", "GDAL_CACHEMAX": "1"})
+    os.chdir(folder)
+    os.umask(0o000)
+    return {"pid": os.getpid()}
+
+
+def look_at_state() -> dict:
+    import pyogrio
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return {
+        "pid": os.getpid(),
+        "left_behind": os.environ.get("GEOISO_LEFT_BEHIND"),
+        "gdal_num_threads_env": os.environ.get("GDAL_NUM_THREADS"),
+        "max_obj_size": pyogrio.get_gdal_config_option("OGR_GEOJSON_MAX_OBJ_SIZE"),
+        "cachemax": pyogrio.get_gdal_config_option("GDAL_CACHEMAX"),
+        "cwd": os.getcwd(),
+        "umask": umask,
+    }

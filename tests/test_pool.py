@@ -245,3 +245,25 @@ def test_workers_do_not_rerun_the_parents_main_module(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"dagster": False}
+
+
+def test_what_a_task_changes_in_its_worker_is_undone_before_the_next(tmp_path):
+    """Workers are reused across the files of a run: what one file's task left changed
+    in the process (environment, GDAL options, folder, umask) never reaches the next."""
+    settings = PoolSettings(max_workers=1, task_module="tests.pool_tasks", gdal_cachemax_mb=64)
+    with WorkerPool(settings) as pool:
+        before = pool.run("look_at_state")
+        careless = pool.run("leave_state_behind", folder=str(tmp_path))
+        after = pool.run("look_at_state")
+    assert before.pid == careless.pid == after.pid  # the same worker served all three
+    assert after.facts == before.facts
+    assert str(before.facts["cachemax"]) == "64" and before.facts["left_behind"] is None
+    assert set(careless.restored) == {
+        "environment variable GEOISO_LEFT_BEHIND",
+        "environment variable GDAL_NUM_THREADS",
+        "working folder",
+        "umask",
+        "GDAL option OGR_GEOJSON_MAX_OBJ_SIZE",
+        "GDAL option GDAL_CACHEMAX",
+    }
+    assert before.restored == after.restored == ()

@@ -65,3 +65,46 @@ def restrict_drivers(allowed: frozenset[str]) -> dict[str, list[str]]:
         if set(left[path]) - allowed:
             raise RuntimeError(f"GDAL drivers outside the allow-list remain in {path}")
     return left
+
+
+def _bind_config(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.CPLGetConfigOptions.restype = ctypes.POINTER(ctypes.c_char_p)
+    lib.CPLGetConfigOptions.argtypes = []
+    lib.CSLDestroy.restype = None
+    lib.CSLDestroy.argtypes = [ctypes.POINTER(ctypes.c_char_p)]
+    lib.CPLSetConfigOption.restype = None
+    lib.CPLSetConfigOption.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    return lib
+
+
+def config_options() -> dict[str, dict[str, str]]:
+    """Every GDAL configuration option set in this process, by libgdal copy."""
+    found = {}
+    for path in loaded_libgdal():
+        lib = _bind_config(ctypes.CDLL(path))
+        options = lib.CPLGetConfigOptions()
+        values: dict[str, str] = {}
+        index = 0
+        while options and options[index] is not None:
+            key, _, value = options[index].decode("utf-8", "replace").partition("=")
+            values[key] = value
+            index += 1
+        if options:
+            lib.CSLDestroy(options)
+        found[path] = values
+    return found
+
+
+def restore_config_options(baseline: dict[str, dict[str, str]]) -> list[str]:
+    """Put GDAL's configuration back to `baseline` (from config_options); return the
+    names of the options that had changed."""
+    changed = []
+    for path, now in config_options().items():
+        was = baseline.get(path, {})
+        lib = _bind_config(ctypes.CDLL(path))
+        for key in sorted(set(was) | set(now)):
+            if was.get(key) != now.get(key):
+                value = was.get(key)
+                lib.CPLSetConfigOption(key.encode(), None if value is None else value.encode())
+                changed.append(f"GDAL option {key}")
+    return changed

@@ -91,6 +91,9 @@ class TaskResult:
     peak_rss_mb: float
     duration_s: float
     tasks_run: int
+    # What the task left changed in its worker (environment, working folder, umask, GDAL
+    # options) and the worker put back before its next task.
+    restored: tuple[str, ...] = ()
 
 
 ProgressCallback = Callable[[dict], None]
@@ -265,6 +268,7 @@ class WorkerPool:
                 peak_rss_mb=worker["peak_rss_mb"],
                 duration_s=worker["duration_s"],
                 tasks_run=worker["tasks_run"],
+                restored=tuple(worker.get("restored", ())),
             )
         kind, message = envelope["kind"], envelope["message"]
         if kind == "bad_input":
