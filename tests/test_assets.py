@@ -14,7 +14,7 @@ from dagster import (
 )
 
 from geoiso_dagster.defs.assets import geo_assets
-from geoiso_dagster.defs.checks import CHECKS_BY_ASSET
+from geoiso_dagster.defs.checks import CRITERIA_BY_ASSET
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import MAX_WAIT_S, MIN_WAIT_S
@@ -98,8 +98,11 @@ def test_three_assets_with_metadata_and_passed_checks(instance, data_root, count
             assert key in md, key
         assert md["worker_peak_rss_mb"].value > 50
     checks = result.get_asset_check_evaluations()
-    assert len(checks) == sum(len(names) for names in CHECKS_BY_ASSET.values()) == 14
+    assert len(checks) == len(CRITERIA_BY_ASSET) == 3  # one per asset, for this file
     assert all(c.passed for c in checks)
+    for check in checks:
+        names = CRITERIA_BY_ASSET[check.asset_key.to_user_string()]
+        assert [n for n in names if check.metadata[n].value["passed"]] == list(names)
     assert _leftover_temps(data_root) == []
 
 
@@ -156,9 +159,11 @@ def test_failed_blocking_check_stops_downstream_and_publishes_nothing(
     failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
     # The file holds one row fewer than the step said, and than the source declares.
     assert [(c.asset_key, c.check_name) for c in failed] == [
-        (AssetKey("raw_features"), "row_count_matches"),
-        (AssetKey("raw_features"), "counts_match_source"),
+        (AssetKey("raw_features"), "integrity")
     ]
+    assert failed[0].metadata["failed"].value == "row_count_matches, counts_match_source"
+    seen = failed[0].metadata["row_count_matches"].value
+    assert seen["passed"] is False and seen["in_file"] == seen["reported"] + 1 == 178
     assert result.asset_materializations_for_node("raw_features") == []
     started = {e.step_key for e in _events(result, DagsterEventType.STEP_START)}
     assert started == {"raw_features"}  # nothing downstream ran on the failed output

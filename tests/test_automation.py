@@ -16,7 +16,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 
 from geoiso_dagster.definitions import defs
-from geoiso_dagster.defs.checks import CHECKS_BY_ASSET, ROW_COUNT
+from geoiso_dagster.defs.checks import CHECK
 
 KEY = "c.gpkg"
 
@@ -35,18 +35,17 @@ def test_reprojected_follows_raw_only_when_its_blocking_checks_passed(check_pass
         target = AssetCheckEvaluationTargetMaterializationData(
             storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
         )
-        for check_name in CHECKS_BY_ASSET["raw_features"]:
-            instance.report_runless_asset_event(
-                AssetCheckEvaluation(
-                    asset_key=AssetKey("raw_features"),
-                    check_name=check_name,
-                    passed=check_passed or check_name != ROW_COUNT,
-                    severity=AssetCheckSeverity.ERROR,
-                    blocking=True,
-                    partition=KEY,
-                    target_materialization_data=target,
-                )
+        instance.report_runless_asset_event(
+            AssetCheckEvaluation(
+                asset_key=AssetKey("raw_features"),
+                check_name=CHECK,
+                passed=check_passed,
+                severity=AssetCheckSeverity.ERROR,
+                blocking=True,
+                partition=KEY,
+                target_materialization_data=target,
             )
+        )
         second = evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
         expected = {KEY} if check_passed else set()
         # Passed: reprojected is requested, and dissolved with it in the same tick (its own

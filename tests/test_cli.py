@@ -11,7 +11,7 @@ import psutil
 import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance
 
-from geoiso_dagster.defs.checks import CHECKS_BY_ASSET
+from geoiso_dagster.defs.checks import CRITERIA_BY_ASSET
 from geoiso_dagster.paths import ASSET_NAMES, output_path
 from tests.live import materialize_command
 
@@ -80,12 +80,14 @@ def test_add_then_materialize_with_the_dagster_cli(cli_env, data_root, tmp_path)
                 run.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION
             ).records
             evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in records]
-            assert len(evaluations) == sum(len(c) for c in CHECKS_BY_ASSET.values()) == 14
-            assert all(e.passed for e in evaluations)
-            assert {e.check_name for e in evaluations} >= {
-                "coordinates_in_crs_range",
-                "counts_match_source",
-            }
+            # One check per asset, a verdict per criterion in its metadata.
+            assert sorted(e.asset_key.to_user_string() for e in evaluations) == sorted(ASSET_NAMES)
+            assert all(e.passed and e.check_name == "integrity" for e in evaluations)
+            for e in evaluations:
+                criteria = CRITERIA_BY_ASSET[e.asset_key.to_user_string()]
+                assert e.metadata["failed"].value == "none"
+                assert all(e.metadata[c].value["passed"] is True for c in criteria)
+            assert sum(len(c) for c in CRITERIA_BY_ASSET.values()) == 14
     finally:
         os.environ.pop("DAGSTER_HOME")
 

@@ -1,6 +1,7 @@
 """raw_features -> reprojected_features -> dissolved_regions, one GeoParquet file per
 source file. The steps here only orchestrate: the work runs in the worker pool."""
 
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
@@ -10,41 +11,32 @@ from dagster import (
     AssetExecutionContext,
     AssetsDefinition,
     AutomationCondition,
+    BackfillPolicy,
     Config,
     Failure,
     MaterializeResult,
-    MetadataValue,
-    TableColumn,
-    TableSchema,
     asset,
 )
+from dagster._utils.warnings import BetaWarning  # not exported; the one to silence here
 from pydantic import Field
 
 from geoiso_dagster import paths
 from geoiso_dagster.defs import fanout
-from geoiso_dagster.defs.checks import check_results, check_specs
+from geoiso_dagster.defs.batch import produce_batch
+from geoiso_dagster.defs.checks import check_specs
+from geoiso_dagster.defs.envelope import FileWork, metadata, stage_and_judge
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
-from geoiso_dagster.defs.retries import run_task
 from geoiso_dagster.errors import BadInputError, UnsafeNameError
 from geoiso_dagster.fsutil import publish, sweep_stale_temps, temp_path_for
-from geoiso_dagster.pool import TaskResult
 from geoiso_dagster.settings import check_aggregations, check_layer, check_target_crs
 
 GROUP = "geo"
 # Dagster concurrency pool of the heavy steps; dagster.yaml limits how many runs use it.
 POOL = "geoiso_workers"
-# Step-specific facts that go to the catalog as they are.
-_STEP_FACTS = (
-    "transformed",
-    "dropped_m",
-    "repaired_geometries",
-    "dropped_null_keys",
-    "dropped_non_polygonal",
-    "coverage_union_groups",
-    "unary_union_groups",
-    "fanned_out_over",
-)
+# A run may carry this many source files (partitions) at most: the sensor's batches and
+# the UI's backfills are cut to it (DESIGN.md, Run model).
+BATCH_MAX_FILES = 100
 # Downstream waits until its upstream's blocking checks passed (or pass in this run).
 _AFTER_CHECKS = AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
 
@@ -73,14 +65,11 @@ class DissolveConfig(Config):
     )
 
 
-def _paths(context: AssetExecutionContext, asset_name: str, upstream: str | None):
-    """(source, final output) of this step's partition, both inside the data root."""
-    try:
-        key = context.partition_key
-        output = paths.output_path(asset_name, key)
-        source = paths.output_path(upstream, key) if upstream else paths.source_path(key)
-    except UnsafeNameError as exc:
-        raise Failure(description=f"Bad input: {exc}", allow_retries=False) from None
+def _source_and_output(key: str, asset_name: str, upstream: str | None) -> tuple[str, Path]:
+    """(source, final output) of this step for partition `key`, both inside the data root;
+    UnsafeNameError (bad input) for a key that could escape it."""
+    output = paths.output_path(asset_name, key)
+    source = paths.output_path(upstream, key) if upstream else paths.source_path(key)
     return str(source), output
 
 
@@ -92,64 +81,47 @@ def _checked(check, *args) -> None:
         raise Failure(description=f"Bad config: {exc.cause}", allow_retries=False) from None
 
 
-def _metadata(result: TaskResult, path: Path) -> dict:
-    facts = result.facts
-    metadata = {
-        "dagster/row_count": MetadataValue.int(facts["rows"]),
-        "dagster/column_schema": TableSchema(
-            columns=[TableColumn(name=c["name"], type=c["type"]) for c in facts["columns"]]
-        ),
-        "dagster/uri": MetadataValue.text(path.as_uri()),
-        "path": MetadataValue.path(str(path)),
-        "crs": MetadataValue.text(facts["crs"]),
-        "crs_name": MetadataValue.text(facts["crs_name"]),
-        "bbox": MetadataValue.json({"minx_miny_maxx_maxy": facts["bbox"]}),
-        "geometry_types": MetadataValue.text(", ".join(facts["geometry_types"])),
-        "bytes": MetadataValue.int(facts["bytes"]),
-        "row_groups": MetadataValue.int(facts["row_groups"]),
-        "duration_s": MetadataValue.float(result.duration_s),
-        "worker_peak_rss_mb": MetadataValue.float(result.peak_rss_mb),
-        "worker_pid": MetadataValue.int(result.pid),
-    }
-    for library, version in facts["versions"].items():
-        metadata[f"{library}_version"] = MetadataValue.text(version)
-    if "thumbnail_png" in facts:
-        metadata["map"] = MetadataValue.md(
-            f"![{facts['rows']} regions](data:image/png;base64,{facts['thumbnail_png']})"
-        )
-    for extra in _STEP_FACTS:
-        if extra in facts:
-            metadata[extra] = facts[extra]
-    return metadata
-
-
-def _produce(
+def _step(
     context: AssetExecutionContext,
     pool: SpatialWorkerPool,
     asset_name: str,
-    output: Path,
-    function: str | Callable[[Path], TaskResult],
-    inspect_kwargs: dict | None = None,
-    **task_kwargs,
+    plan: Callable[[str], FileWork],
+) -> Iterator:
+    """The step for one file (a run of one partition) or for a batch (a run over a range
+    of partitions, defs/batch.py); `plan` says what to do for a partition key."""
+    if not context.has_partition_key:
+        yield from produce_batch(context, pool, asset_name, context.partition_keys, plan)
+        return
+    try:
+        work = plan(context.partition_key)
+    except UnsafeNameError as exc:
+        raise Failure(description=f"Bad input: {exc}", allow_retries=False) from None
+    yield from _produce(context, pool, asset_name, work)
+
+
+def _produce(
+    context: AssetExecutionContext, pool: SpatialWorkerPool, asset_name: str, work: FileWork
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
     """Run the task into a staged file, read it back in a worker and judge it; publish it
     under its final name only when every check passed. A failed check leaves the previous
     good output in place and fails the step (the checks are blocking), so nothing
     downstream runs on it."""
+    output = work.output
     sweep_stale_temps(output)
     staged = temp_path_for(output)
     try:
-        if callable(function):  # a step that plans its own tasks (fanout)
-            result = function(staged)
-        else:
-            result = run_task(context, pool, function, output=str(staged), **task_kwargs)
-        seen = run_task(context, pool, "inspect", path=str(staged), **(inspect_kwargs or {}))
-        checks = check_results(asset_name, result.facts, seen.facts)
-        if all(check.passed for check in checks):
+        judged = stage_and_judge(fanout.StepRunner(context, pool), asset_name, work, staged)
+        if judged.passed:
             publish(staged, output)
-            yield MaterializeResult(metadata=_metadata(result, output), check_results=checks)
+            yield MaterializeResult(
+                metadata=metadata(judged.result, output), check_results=judged.checks
+            )
         else:
-            yield from checks
+            context.log.error(
+                f"{asset_name}: blocking check failed on {', '.join(judged.failed_checks())}; "
+                f"{output.name} keeps its previous version"
+            )
+            yield from judged.checks
     finally:
         staged.unlink(missing_ok=True)
         sweep_stale_temps(output)  # what a killed worker of this step left behind
@@ -157,18 +129,26 @@ def _produce(
 
 def _geo_asset(name: str, upstream: AssetsDefinition | None, library: str):
     """The shared shape of the three assets: one GeoParquet file per source file,
-    published only with its blocking checks passed; downstream follows upstream."""
-    return asset(
-        name=name,
-        partitions_def=source_files,
-        group_name=GROUP,
-        deps=[upstream] if upstream else None,
-        output_required=False,
-        check_specs=check_specs(name),
-        automation_condition=_AFTER_CHECKS if upstream else None,
-        kinds={"geoparquet", library},
-        pool=POOL,
-    )
+    published only with its blocking checks passed; downstream follows upstream; a
+    backfill from the UI runs its files in batches, like the sensor."""
+
+    def decorate(fn):
+        with warnings.catch_warnings():  # backfill_policy is a Dagster beta parameter
+            warnings.simplefilter("ignore", BetaWarning)
+            return asset(
+                name=name,
+                partitions_def=source_files,
+                group_name=GROUP,
+                deps=[upstream] if upstream else None,
+                output_required=False,
+                check_specs=check_specs(name),
+                automation_condition=_AFTER_CHECKS if upstream else None,
+                kinds={"geoparquet", library},
+                pool=POOL,
+                backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=BATCH_MAX_FILES),
+            )(fn)
+
+    return decorate
 
 
 @_geo_asset("raw_features", upstream=None, library="gdal")
@@ -178,19 +158,18 @@ def raw_features(
     """The source file as stored in GeoParquet 1.1: GeoPackage, shapefile (also zipped),
     GeoJSON, FlatGeobuf or GeoParquet. Refused with a clear error when it has no CRS,
     no features, or several layers and no `layer` setting."""
-    source, output = _paths(context, "raw_features", None)
     if config.layer is not None:
         _checked(check_layer, config.layer)
-    yield from _produce(
-        context,
-        spatial_pool,
-        "raw_features",
-        output,
-        lambda staged: fanout.ingest(
-            fanout.StepRunner(context, spatial_pool), source, staged, layer=config.layer
-        ),
-        inspect_kwargs={"source": source, "layer": config.layer},
-    )
+
+    def plan(key: str) -> FileWork:
+        source, output = _source_and_output(key, "raw_features", None)
+        return FileWork(
+            output,
+            lambda runner, staged: fanout.ingest(runner, source, staged, layer=config.layer),
+            {"source": source, "layer": config.layer},
+        )
+
+    yield from _step(context, spatial_pool, "raw_features", plan)
 
 
 @_geo_asset("reprojected_features", upstream=raw_features, library="proj")
@@ -199,18 +178,17 @@ def reprojected_features(
 ):
     """raw_features in the target CRS (config target_crs, default EPSG:4326). When the
     source is already in that CRS the geometries are copied untouched."""
-    source, output = _paths(context, "reprojected_features", "raw_features")
     _checked(check_target_crs, config.target_crs)
-    yield from _produce(
-        context,
-        spatial_pool,
-        "reprojected_features",
-        output,
-        lambda staged: fanout.reproject(
-            fanout.StepRunner(context, spatial_pool), source, staged, config.target_crs
-        ),
-        inspect_kwargs={"expected_crs": config.target_crs},
-    )
+
+    def plan(key: str) -> FileWork:
+        source, output = _source_and_output(key, "reprojected_features", "raw_features")
+        return FileWork(
+            output,
+            lambda runner, staged: fanout.reproject(runner, source, staged, config.target_crs),
+            {"expected_crs": config.target_crs},
+        )
+
+    yield from _step(context, spatial_pool, "reprojected_features", plan)
 
 
 @_geo_asset("dissolved_regions", upstream=reprojected_features, library="geos")
@@ -220,27 +198,22 @@ def dissolved_regions(
     """One valid (multi)polygon per value of config dissolve_by: invalid geometries
     repaired with make_valid, only polygonal parts kept, other columns aggregated, plus
     a feature_count column."""
-    source, output = _paths(context, "dissolved_regions", "reprojected_features")
     _checked(check_aggregations, config.aggfunc, dict(config.aggregations))
-    yield from _produce(
-        context,
-        spatial_pool,
-        "dissolved_regions",
-        output,
-        lambda staged: fanout.dissolve(
-            fanout.StepRunner(context, spatial_pool),
-            source,
-            staged,
-            dissolve_by=config.dissolve_by,
-            aggfunc=config.aggfunc,
-            aggregations=dict(config.aggregations),
-        ),
-        inspect_kwargs={
-            "expected_crs_of": source,
-            "unique_key": config.dissolve_by,
-            "geometries": "all",
-        },
-    )
+    options = {
+        "dissolve_by": config.dissolve_by,
+        "aggfunc": config.aggfunc,
+        "aggregations": dict(config.aggregations),
+    }
+
+    def plan(key: str) -> FileWork:
+        source, output = _source_and_output(key, "dissolved_regions", "reprojected_features")
+        return FileWork(
+            output,
+            lambda runner, staged: fanout.dissolve(runner, source, staged, **options),
+            {"expected_crs_of": source, "unique_key": config.dissolve_by, "geometries": "all"},
+        )
+
+    yield from _step(context, spatial_pool, "dissolved_regions", plan)
 
 
 geo_assets = [raw_features, reprojected_features, dissolved_regions]

@@ -8,7 +8,7 @@ import random
 from dagster import Failure, MetadataValue, OpExecutionContext, RetryRequested
 
 from geoiso_dagster.defs.resources import SpatialWorkerPool
-from geoiso_dagster.errors import BadInputError, GeoisoError, MemoryLimitError, TaskError
+from geoiso_dagster.errors import BadInputError, GeoisoError, TaskError
 from geoiso_dagster.pool import TaskResult
 
 MAX_ATTEMPTS = 3
@@ -57,25 +57,25 @@ def run_tasks(
     return results
 
 
-def _raise_for(context: OpExecutionContext, exc: BaseException) -> None:
+def describe_failure(exc: GeoisoError) -> tuple[str, dict]:
+    """What the user reads about a failure that will not be retried, and its metadata:
+    one wording for a single-file step and for a file of a batch."""
     if isinstance(exc, BadInputError):
-        raise Failure(
-            description=f"Bad input: {exc}",
-            metadata={"file": MetadataValue.path(exc.path), "cause": exc.cause},
-            allow_retries=False,
-        ) from None
-    if isinstance(exc, MemoryLimitError):
-        raise Failure(description=str(exc), allow_retries=False) from None
+        return f"Bad input: {exc}", {"file": MetadataValue.path(exc.path), "cause": exc.cause}
+    if isinstance(exc, TaskError):
+        return (
+            f"Internal error (a bug, not a problem with your data): {exc}",
+            {"traceback": MetadataValue.text(exc.traceback)},
+        )
+    return str(exc), {}
+
+
+def _raise_for(context: OpExecutionContext, exc: BaseException) -> None:
     if not isinstance(exc, GeoisoError):
         raise exc
-    if isinstance(exc, TaskError):
-        raise Failure(
-            description=f"Internal error (a bug, not a problem with your data): {exc}",
-            metadata={"traceback": MetadataValue.text(exc.traceback)},
-            allow_retries=False,
-        ) from None
     if not exc.retryable:
-        raise Failure(description=str(exc), allow_retries=False) from None
+        description, metadata = describe_failure(exc)
+        raise Failure(description=description, metadata=metadata, allow_retries=False) from None
     attempt = context.retry_number + 1
     if attempt >= MAX_ATTEMPTS:
         raise Failure(

@@ -1,0 +1,225 @@
+"""A step over a batch of source files (a run over a range of partitions), with the
+semantics of a one-file step kept per file.
+
+Each file goes through the same envelope as alone (defs/envelope.py), side by side on
+the run's workers: its transient faults are retried for it alone (3 attempts, 5-60 s),
+its bad input or failed checks fail it alone. Files that passed are published and get
+their own materialization, metadata and check results (per partition). When every file
+passed, the step ends as one materialization of the range, so the next step runs. When
+some failed, the step records the good files, then fails naming each bad one with its
+cause (not retried); the remainder sensor (defs/sensors.py) carries the good files on
+through the next steps.
+"""
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dagster import (
+    AssetCheckEvaluation,
+    AssetExecutionContext,
+    AssetKey,
+    AssetMaterialization,
+    DagsterEventType,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    Output,
+)
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,  # not exported; what a check points at
+)
+
+from geoiso_dagster.defs.envelope import FileWork, Judged, metadata, stage_and_judge
+from geoiso_dagster.defs.fanout import PoolRunner
+from geoiso_dagster.defs.resources import SpatialWorkerPool
+from geoiso_dagster.defs.retries import MAX_ATTEMPTS, backoff_seconds, describe_failure
+from geoiso_dagster.errors import BadInputError, GeoisoError
+from geoiso_dagster.fsutil import publish, sweep_stale_temps, temp_path_for
+
+# Metadata key of a batch step's failure: {partition key: cause}, read by the sensor
+# that carries the other files of the batch on.
+FAILED_FILES = "failed_files"
+_MESSAGE_FILES = 20  # files named in the failure's text (all of them are in its metadata)
+
+
+@dataclass
+class Outcome:
+    key: str
+    work: FileWork | None = None
+    staged: Path | None = None
+    judged: Judged | None = None
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.judged is not None and self.judged.passed
+
+    @property
+    def cause(self) -> str:
+        if self.error is not None:
+            return self.error
+        failed = self.judged.failed_checks() if self.judged else []
+        return f"blocking checks failed: {', '.join(failed)}"
+
+
+def _one_file(
+    runner: PoolRunner,
+    asset_name: str,
+    key: str,
+    plan: Callable[[str], FileWork],
+    stop: threading.Event,
+) -> Outcome:
+    outcome = Outcome(key)
+    try:
+        outcome.work = plan(key)
+    except BadInputError as exc:
+        outcome.error = describe_failure(exc)[0]
+        return outcome
+    output = outcome.work.output
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        sweep_stale_temps(output)
+        staged = temp_path_for(output)
+        try:
+            outcome.judged = stage_and_judge(runner, asset_name, outcome.work, staged)
+        except GeoisoError as exc:
+            staged.unlink(missing_ok=True)
+            if not exc.retryable:
+                outcome.error = describe_failure(exc)[0]
+                return outcome
+            if attempt == MAX_ATTEMPTS or stop.is_set():
+                outcome.error = f"{exc} (attempt {attempt} of {MAX_ATTEMPTS}; giving up)"
+                return outcome
+            wait = backoff_seconds(attempt - 1)
+            outcome.warnings.append(
+                f"{type(exc).__name__}: {exc}; attempt {attempt} of {MAX_ATTEMPTS}, "
+                f"retrying in {wait:.1f} s"
+            )
+            stop.wait(wait)
+            continue
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        if outcome.judged.passed:
+            outcome.staged = staged
+        else:
+            staged.unlink(missing_ok=True)
+        return outcome
+    raise AssertionError("unreachable")
+
+
+def _run_files(
+    context: AssetExecutionContext,
+    pool: SpatialWorkerPool,
+    asset_name: str,
+    keys: Sequence[str],
+    plan: Callable[[str], FileWork],
+) -> list[Outcome]:
+    """Every file through the envelope, as many at once as the pool has workers."""
+    runner = PoolRunner(pool.pool)
+    stop = threading.Event()
+    outcomes: dict[str, Outcome] = {}
+    threads = ThreadPoolExecutor(max(1, pool.max_workers), thread_name_prefix="geoiso-file")
+    try:
+        futures = [threads.submit(_one_file, runner, asset_name, k, plan, stop) for k in keys]
+        for future in as_completed(futures):
+            outcome = future.result()
+            outcomes[outcome.key] = outcome
+            for line in outcome.warnings:
+                context.log.warning(f"{outcome.key}: {line}")
+            if not outcome.passed:
+                context.log.error(f"{asset_name} {outcome.key}: {outcome.cause}")
+    except BaseException:
+        stop.set()  # interrupted (run terminated) or a bug: no file waits out a backoff
+        threads.shutdown(wait=False, cancel_futures=True)
+        for outcome in outcomes.values():
+            if outcome.staged is not None:
+                outcome.staged.unlink(missing_ok=True)
+        raise
+    threads.shutdown()
+    return [outcomes[k] for k in keys]
+
+
+def _targets(
+    context: AssetExecutionContext, asset_key: AssetKey
+) -> dict[str, AssetCheckEvaluationTargetMaterializationData]:
+    """The materialization of each partition of `asset_key` this run recorded."""
+    found, cursor = {}, None
+    while True:
+        page = context.instance.get_records_for_run(
+            context.run_id, cursor=cursor, of_type=DagsterEventType.ASSET_MATERIALIZATION
+        )
+        for record in page.records:
+            event = record.event_log_entry.dagster_event
+            if event is not None and event.asset_key == asset_key and event.partition:
+                found[event.partition] = AssetCheckEvaluationTargetMaterializationData(
+                    storage_id=record.storage_id,
+                    run_id=context.run_id,
+                    timestamp=record.event_log_entry.timestamp,
+                )
+        if not page.has_more:
+            return found
+        cursor = page.cursor
+
+
+def produce_batch(
+    context: AssetExecutionContext,
+    pool: SpatialWorkerPool,
+    asset_name: str,
+    keys: Sequence[str],
+    plan: Callable[[str], FileWork],
+) -> Iterator:
+    started = time.monotonic()
+    outcomes = _run_files(context, pool, asset_name, keys, plan)
+    good = [o for o in outcomes if o.passed]
+    bad = [o for o in outcomes if not o.passed]
+    asset_key = AssetKey(asset_name)
+    for o in good:
+        publish(o.staged, o.work.output)
+    if not bad:
+        for o in good:
+            context.add_asset_metadata(
+                metadata(o.judged.result, o.work.output), partition_key=o.key
+            )
+        yield MaterializeResult()
+    else:
+        for o in good:
+            yield AssetMaterialization(
+                asset_key=asset_key,
+                partition=o.key,
+                metadata=metadata(o.judged.result, o.work.output),
+            )
+    targets = _targets(context, asset_key)
+    for o in outcomes:
+        for check in o.judged.checks if o.judged else []:
+            yield AssetCheckEvaluation(
+                asset_key=asset_key,
+                check_name=str(check.check_name),
+                passed=check.passed,
+                metadata=check.metadata,
+                target_materialization_data=targets.get(o.key),
+                severity=check.severity,
+                blocking=True,
+                partition=o.key,
+            )
+    if not bad:  # the step's check outputs (the results are the per-file ones above)
+        for check_key in context.selected_asset_check_keys:
+            name = context.assets_def.get_output_name_for_asset_check_key(check_key)
+            yield Output(None, output_name=name)
+    context.log.info(
+        f"{asset_name}: {len(good)} of {len(keys)} files published in "
+        f"{time.monotonic() - started:.1f} s"
+    )
+    if bad:
+        named = "; ".join(f"{o.key}: {o.cause}" for o in bad[:_MESSAGE_FILES])
+        more = f"; and {len(bad) - _MESSAGE_FILES} more" if len(bad) > _MESSAGE_FILES else ""
+        raise Failure(
+            description=f"{len(bad)} of {len(keys)} files failed in {asset_name} (each alone; "
+            f"the other {len(good)} were published and go on): {named}{more}",
+            metadata={FAILED_FILES: MetadataValue.json({o.key: o.cause for o in bad})},
+            allow_retries=False,
+        )

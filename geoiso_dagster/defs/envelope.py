@@ -1,0 +1,91 @@
+"""The envelope every geo step puts around a file's work, shared by a one-file run and a
+batch: the task writes a staged file, a worker reads it back, the blocking checks judge
+it, and only a file that passed is published, with the standard metadata."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dagster import AssetCheckResult, MetadataValue, TableColumn, TableSchema
+
+from geoiso_dagster.defs.checks import check_results
+from geoiso_dagster.defs.fanout import Runner
+from geoiso_dagster.pool import TaskResult
+
+# Step-specific facts that go to the catalog as they are.
+_STEP_FACTS = (
+    "transformed",
+    "dropped_m",
+    "repaired_geometries",
+    "dropped_null_keys",
+    "dropped_non_polygonal",
+    "coverage_union_groups",
+    "unary_union_groups",
+    "fanned_out_over",
+)
+
+
+@dataclass(frozen=True)
+class FileWork:
+    """One step's work on one source file: where it publishes, how it produces the staged
+    file (on a runner, so that the same plan serves a one-file step and a batch), and
+    what the read-back is told to expect."""
+
+    output: Path
+    produce: Callable[[Runner, Path], TaskResult]
+    inspect_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Judged:
+    """A staged file with the step's result, the read-back and the checks' verdicts."""
+
+    result: TaskResult
+    checks: list[AssetCheckResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def failed_checks(self) -> list[str]:
+        """The criteria that failed (defs/checks.py), by name."""
+        return [str(check.metadata["failed"].value) for check in self.checks if not check.passed]
+
+
+def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Path) -> Judged:
+    """Produce `staged` and judge it; raises what the runner raises."""
+    result = work.produce(runner, staged)
+    seen = runner.run("inspect", path=str(staged), **work.inspect_kwargs)
+    return Judged(result, check_results(asset_name, result.facts, seen.facts))
+
+
+def metadata(result: TaskResult, path: Path) -> dict:
+    """The catalog entry of a published file (DESIGN.md, Metadata)."""
+    facts = result.facts
+    entry = {
+        "dagster/row_count": MetadataValue.int(facts["rows"]),
+        "dagster/column_schema": TableSchema(
+            columns=[TableColumn(name=c["name"], type=c["type"]) for c in facts["columns"]]
+        ),
+        "dagster/uri": MetadataValue.text(path.as_uri()),
+        "path": MetadataValue.path(str(path)),
+        "crs": MetadataValue.text(facts["crs"]),
+        "crs_name": MetadataValue.text(facts["crs_name"]),
+        "bbox": MetadataValue.json({"minx_miny_maxx_maxy": facts["bbox"]}),
+        "geometry_types": MetadataValue.text(", ".join(facts["geometry_types"])),
+        "bytes": MetadataValue.int(facts["bytes"]),
+        "row_groups": MetadataValue.int(facts["row_groups"]),
+        "duration_s": MetadataValue.float(result.duration_s),
+        "worker_peak_rss_mb": MetadataValue.float(result.peak_rss_mb),
+        "worker_pid": MetadataValue.int(result.pid),
+    }
+    for library, version in facts["versions"].items():
+        entry[f"{library}_version"] = MetadataValue.text(version)
+    if "thumbnail_png" in facts:
+        entry["map"] = MetadataValue.md(
+            f"![{facts['rows']} regions](data:image/png;base64,{facts['thumbnail_png']})"
+        )
+    for extra in _STEP_FACTS:
+        if extra in facts:
+            entry[extra] = facts[extra]
+    return entry
