@@ -38,6 +38,8 @@ class InboxFile:
     path: Path
     fingerprint: str
     run_config: dict = field(default_factory=dict)
+    size: int = 0  # bytes of the file and its companions
+    changed: float = 0.0  # when the file or a companion last changed (changed_at)
 
     @property
     def run_key(self) -> str:
@@ -181,11 +183,17 @@ def is_candidate(path: Path) -> bool:
     return why_not_a_source(path.name) is None
 
 
+def changed_at(info: os.stat_result) -> float:
+    """When a file last changed, content or inode: moving a file in (which keeps its
+    mtime) counts as a change, as does writing it."""
+    return max(info.st_mtime, info.st_ctime)
+
+
 def _fingerprint(files: list[Path]) -> str:
     parts = []
     for f in sorted(files):
         st = f.stat()
-        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -194,23 +202,38 @@ class Scan:
     ready: list[InboxFile] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    unchanged: int = 0  # candidates not changed since `since`: not looked at again
 
 
-def scan(root: Path | None = None, settle_s: float = 5.0, now: float | None = None) -> Scan:
+def scan(
+    root: Path | None = None,
+    settle_s: float = 5.0,
+    now: float | None = None,
+    since: float | None = None,
+) -> Scan:
     """Look at the inbox once. A file is ready when it, its parts and its sidecar have
-    not changed for `settle_s` seconds; a shapefile also needs its .shx and .dbf."""
+    not changed for `settle_s` seconds; a shapefile also needs its .shx and .dbf.
+
+    With `since`, a candidate whose every file last changed at or before it is counted
+    as unchanged and not looked at again: one directory listing and one lstat per entry,
+    so that an inbox of ten thousand processed files costs milliseconds."""
     root = (root or data_root()).resolve()
     inbox = inbox_dir(root)
     result = Scan()
-    if not inbox.is_dir():
-        return result
     now = time.time() if now is None else now
-    for path in sorted(inbox.iterdir()):
-        if not is_candidate(path):
+    try:
+        with os.scandir(inbox) as listing:
+            entries = {entry.name: entry for entry in listing}
+    except (FileNotFoundError, NotADirectoryError):
+        return result
+    for name in sorted(entries):
+        if why_not_a_source(name) is not None:
             continue
-        name = path.name
+        if since is not None and _unchanged_since(entries, name, since):
+            result.unchanged += 1
+            continue
         try:
-            item, waiting = _look_at(path, root, settle_s, now)
+            item, waiting = _look_at(inbox / name, root, settle_s, now)
         except BadInputError as exc:
             result.refused[name] = exc.cause if exc.path == name else str(exc)
             continue
@@ -224,6 +247,22 @@ def scan(root: Path | None = None, settle_s: float = 5.0, now: float | None = No
         elif waiting:
             result.waiting[name] = waiting
     return result
+
+
+def _unchanged_since(entries: dict[str, os.DirEntry], name: str, since: float) -> bool:
+    """Whether `name`, its parts and its sidecar all last changed at or before `since`
+    (a link is always looked at: its target's changes do not show on it)."""
+    names = [name, *formats.companion_names(name), name + CONFIG_SIDECAR_SUFFIX]
+    for each in names:
+        entry = entries.get(each)
+        if entry is None:
+            continue
+        try:
+            if entry.is_symlink() or changed_at(entry.stat(follow_symlinks=False)) > since:
+                return False
+        except FileNotFoundError:
+            return False
+    return True
 
 
 def _look_at(path: Path, root: Path, settle_s: float, now: float):
@@ -246,8 +285,10 @@ def _look_at(path: Path, root: Path, settle_s: float, now: float):
             return None, f"shapefile waits for its {', '.join(missing)}"
     if why := pending_wal(path):
         return None, why
-    youngest = max(f.stat().st_mtime for f in files)
+    infos = [f.stat() for f in files]
+    youngest = max(changed_at(info) for info in infos)
     if now - youngest < settle_s:
         return None, f"changed {now - youngest:.1f} s ago; waits {settle_s:g} s"
     config = read_sidecar(path, root)
-    return InboxFile(path.name, path, _fingerprint(files), config), None
+    size = sum(info.st_size for info in infos)
+    return InboxFile(path.name, path, _fingerprint(files), config, size, youngest), None

@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import geopandas
 import pyarrow.parquet as pq
 import pytest
 
@@ -40,7 +41,7 @@ CATALOG = """query Asset($path: [String!]!, $partition: String!) {
       ... on PathMetadataEntry { path }
       ... on MarkdownMetadataEntry { mdStr } } } } } }"""
 CHECKS = """query Checks($path: [String!]!, $name: String!) {
-  assetCheckExecutions(assetKey: {path: $path}, checkName: $name, limit: 5) {
+  assetCheckExecutions(assetKey: {path: $path}, checkName: $name, limit: 50) {
     runId status evaluation { partition } } }"""
 
 
@@ -153,20 +154,14 @@ def test_a_dropped_file_is_processed_by_the_sensor(server, naturalearth_shp, tmp
     run = _wait_sensor_run(server, "dropped.gpkg")
     assert run["status"] == "SUCCESS"
     assert pq.ParquetFile(dissolved).metadata.num_rows == 8
-    for name in (
-        "readable_geoparquet",
-        "row_count_matches",
-        "crs_matches_target",
-        "geometries_valid_nonempty",
-        "dissolve_keys_unique",
-    ):
-        executions = server.graphql(CHECKS, {"path": ["dissolved_regions"], "name": name})
+    for asset in ASSET_NAMES:
+        executions = server.graphql(CHECKS, {"path": [asset], "name": "integrity"})
         statuses = [
             e["status"]
             for e in executions["assetCheckExecutions"]
             if (e["evaluation"] or {}).get("partition") == "dropped.gpkg"
         ]
-        assert statuses and statuses[0] == "SUCCEEDED", (name, statuses, executions)
+        assert statuses and statuses[0] == "SUCCEEDED", (asset, statuses, executions)
     print(f"drop -> dissolved output: {latency:.1f} s (settle 1 s, sensor interval 5 s)")
 
 
@@ -191,6 +186,77 @@ def test_a_bad_file_fails_once_clearly_and_others_are_unaffected(server, tmp_pat
     assert _wait_sensor_run(server, "fine.gpkg")["status"] == "SUCCESS"
     time.sleep(12)  # two more sensor ticks: the bad file is not retried by the sensor
     assert len(_sensor_runs(server, "broken.geojson")) == 1
+
+
+def _tags(run: dict) -> dict:
+    return {t["key"]: t["value"] for t in run["tags"]}
+
+
+def test_a_batch_with_a_bad_file_fails_it_alone_and_carries_the_others_on(
+    server, naturalearth_shp, tmp_path
+):
+    """Five files dropped at once travel as two batch runs (one per run slot); the bad
+    one fails its batch's first step with its own message, no retry; its neighbours are
+    carried on by the remainder sensor; every good file ends with its own outputs,
+    materializations and passed checks."""
+    countries = geopandas.read_file(naturalearth_shp)
+    countries["region_id"] = countries["continent"]
+    names = [f"batch_{i}.gpkg" for i in range(5)]
+    rows = {}
+    for i, name in enumerate(names):
+        if name == "batch_2.gpkg":
+            (tmp_path / name).write_bytes(b"not a GeoPackage" * 64)
+            continue
+        part = countries.iloc[i :: 5]
+        part.to_file(tmp_path / name, layer="countries")
+        rows[name] = len(part)
+    for name in names:
+        _drop(server, tmp_path / name, name)
+    outputs = {n: output_path("dissolved_regions", n, server.data_root) for n in rows}
+    deadline = time.monotonic() + 240
+    while not all(p.exists() for p in outputs.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert all(p.exists() for p in outputs.values())
+    time.sleep(12)  # two more sensor ticks: nothing runs the bad file again
+    runs = [
+        r
+        for r in server.graphql(RUNS)["runsOrError"]["results"]
+        if _tags(r).get("dagster/asset_partition_range_start", "").startswith("batch_")
+    ]
+    by_start = {
+        _tags(r)["dagster/asset_partition_range_start"]: r
+        for r in runs
+        if "geoiso/remainder_of" not in _tags(r)
+    }
+    failed = [r for r in runs if r["status"] == "FAILURE"]
+    assert len(failed) == 1 and len(runs) == 3, [(r["status"], _tags(r)) for r in runs]
+    assert _tags(failed[0])["dagster/asset_partition_range_end"] == "batch_2.gpkg"
+    events = server.graphql(FAILURES, {"id": failed[0]["runId"]})["logsForRun"]["events"]
+    assert not any(e["__typename"] == "ExecutionStepUpForRetryEvent" for e in events)
+    (failure,) = [e for e in events if e["__typename"] == "ExecutionStepFailureEvent"]
+    assert failure["stepKey"] == "raw_features"
+    text = failure["error"]["message"]
+    assert "1 of 3 files failed in raw_features" in text
+    assert "batch_2.gpkg: Bad input:" in text and "not readable as GPKG" in text
+    remainders = [r for r in runs if "geoiso/remainder_of" in _tags(r)]
+    assert [_tags(r)["geoiso/remainder_of"] for r in remainders] == [failed[0]["runId"]]
+    assert remainders[0]["status"] == "SUCCESS"
+    assert by_start["batch_3.gpkg"]["status"] == "SUCCESS"  # the other batch
+    assert _tags(remainders[0])["dagster/asset_partition_range_end"] == "batch_1.gpkg"
+    for name, count in rows.items():
+        raw = server.graphql(CATALOG, {"path": ["raw_features"], "partition": name})
+        (entry,) = raw["assetOrError"]["assetMaterializations"]
+        meta = {m["label"]: m for m in entry["metadataEntries"]}
+        assert meta["dagster/row_count"]["intValue"] == count, name  # its own metadata
+        for asset in ASSET_NAMES:
+            executions = server.graphql(CHECKS, {"path": [asset], "name": "integrity"})
+            mine = [
+                e["status"]
+                for e in executions["assetCheckExecutions"]
+                if (e["evaluation"] or {}).get("partition") == name
+            ]
+            assert mine[:1] == ["SUCCEEDED"], (name, asset, executions)
+    assert not output_path("raw_features", "batch_2.gpkg", server.data_root).exists()
 
 
 def test_stopping_the_server_leaves_no_process(tmp_path):

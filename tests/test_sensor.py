@@ -1,11 +1,15 @@
 """The inbox sensor through build_sensor_context on a real (temporary) instance."""
 
 import json
+import os
+import time
 
 import pytest
 from dagster import build_sensor_context, instance_for_test
 
 from geoiso_dagster.definitions import defs
+from geoiso_dagster.defs import sensors
+from geoiso_dagster.defs.assets import BATCH_MAX_FILES
 from geoiso_dagster.defs.partitions import source_files
 
 SENSOR = defs.resolve_sensor_def("inbox_sensor")
@@ -90,16 +94,24 @@ def test_sidecar_settings_become_run_config(data_root, instance):
     }
 
 
-def test_bad_sidecar_and_unsafe_name_are_refused_once(data_root, instance):
+def test_bad_sidecar_and_unsafe_name_are_refused_once(data_root, instance, monkeypatch):
     inbox = data_root / "inbox"
     (inbox / "b.gpkg").write_bytes(b"x")
     (inbox / "b.gpkg.geoiso.json").write_text(json.dumps({"target_srs": "EPSG:3857"}))
     (inbox / "bad,name.gpkg").write_bytes(b"x")
     first = tick(instance)
     assert first.run_requests == []
-    cursor = json.loads(first.cursor)
-    assert "unknown settings ['target_srs']" in cursor["b.gpkg"]
-    assert "bad,name.gpkg" in cursor
+    message = first.skip_reason.skip_message
+    assert "b.gpkg.geoiso.json: unknown settings ['target_srs']" in message
+    assert "bad,name.gpkg" in message
+    # Once the clock margin has passed, unchanged files are not looked at (nor reported)
+    # again: the cursor says they were handled.
+    monkeypatch.setattr(sensors, "CLOCK_MARGIN_S", 0.0)
+    time.sleep(0.05)
+    second = tick(instance, first.cursor)
+    third = tick(instance, second.cursor)
+    assert "b.gpkg" not in third.skip_reason.skip_message
+    assert "(2 unchanged)" in third.skip_reason.skip_message
 
 
 def test_symlink_out_of_the_data_root_is_refused(data_root, instance, tmp_path):
@@ -108,4 +120,109 @@ def test_symlink_out_of_the_data_root_is_refused(data_root, instance, tmp_path):
     (data_root / "inbox" / "link.gpkg").symlink_to(outside)
     result = tick(instance)
     assert result.run_requests == []
-    assert "outside the data root" in json.loads(result.cursor)["link.gpkg"]
+    assert "link.gpkg: is a link to" in result.skip_reason.skip_message
+    assert "outside the data root" in result.skip_reason.skip_message
+
+
+def _covered(instance, request) -> list[str]:
+    """The partition keys a run request covers: its one key, or its range's keys."""
+    if request.partition_key:
+        return [request.partition_key]
+    keys = instance.get_dynamic_partitions(source_files.name)
+    start, end = request.tags[sensors.RANGE_START], request.tags[sensors.RANGE_END]
+    return keys[keys.index(start) : keys.index(end) + 1]
+
+
+def test_files_of_one_tick_travel_in_batches_each_file_once(data_root, instance):
+    inbox = data_root / "inbox"
+    names = [f"tile_{i:03d}.gpkg" for i in range(250)]
+    for name in names:
+        (inbox / name).write_bytes(b"x")
+    # Settings of their own: a run alone. A large file: a run alone (sparse, no disk used).
+    (inbox / "tile_007.gpkg.geoiso.json").write_text(json.dumps({"target_crs": "EPSG:6933"}))
+    with open(inbox / "tile_100.gpkg", "wb") as big:
+        big.truncate(sensors.BATCH_MAX_FILE_BYTES)
+    result = tick(instance)
+    assert instance.get_dynamic_partitions(source_files.name) == names
+    covered = [_covered(instance, r) for r in result.run_requests]
+    assert sorted(k for keys in covered for k in keys) == names  # every file exactly once
+    alone = sorted(keys[0] for keys in covered if len(keys) == 1)
+    assert alone == ["tile_007.gpkg", "tile_100.gpkg"]
+    batches = [r for r in result.run_requests if not r.partition_key]
+    sizes = sorted(int(r.tags[sensors.BATCH_TAG]) for r in batches)
+    assert sum(sizes) == 248 and max(sizes) <= BATCH_MAX_FILES
+    # 248 files, 4 batches' worth (a multiple of the 2 run slots) of 62; the two files
+    # that run alone cut the range in three, so one more batch.
+    assert sizes == [7, 25, 30, 62, 62, 62], sizes
+    (own,) = [r for r in result.run_requests if r.partition_key == "tile_007.gpkg"]
+    assert own.run_config["ops"]["reprojected_features"]["config"]["target_crs"] == "EPSG:6933"
+    assert len({r.run_key for r in result.run_requests}) == len(result.run_requests)
+
+
+def test_changed_files_run_again_with_their_neighbours(data_root, instance, monkeypatch):
+    monkeypatch.setattr(sensors, "CLOCK_MARGIN_S", 0.0)
+    inbox = data_root / "inbox"
+    for i in range(5):
+        (inbox / f"d{i}.gpkg").write_bytes(b"x")
+    first = tick(instance)
+    time.sleep(0.05)
+    for i in (1, 2, 4):
+        (inbox / f"d{i}.gpkg").write_bytes(b"changed")
+    second = tick(instance, first.cursor)
+    # Three files, two run slots: a batch of the neighbours d1, d2 (a range), and d4.
+    covered = [_covered(instance, r) for r in second.run_requests]
+    assert covered == [["d1.gpkg", "d2.gpkg"], ["d4.gpkg"]]
+    assert not second.dynamic_partitions_requests
+
+
+def test_a_file_listed_late_but_stamped_early_is_not_lost(data_root, instance, monkeypatch):
+    """A file written while a tick runs can carry a time from before the tick read the
+    clock (file times come from a coarse clock): the next tick still takes it, once."""
+    inbox = data_root / "inbox"
+    (inbox / "early.gpkg").write_bytes(b"x")
+    (inbox / "late.gpkg").write_bytes(b"x")  # stamped now, before the tick below
+    real_scan = sensors.inbox.scan
+
+    def scan_before_late_arrived(**kwargs):
+        found = real_scan(**kwargs)
+        found.ready = [item for item in found.ready if item.key != "late.gpkg"]
+        return found
+
+    monkeypatch.setattr(sensors.inbox, "scan", scan_before_late_arrived)
+    first = tick(instance)
+    assert [r.partition_key for r in first.run_requests] == ["early.gpkg"]
+    monkeypatch.setattr(sensors.inbox, "scan", real_scan)
+    second = tick(instance, first.cursor)
+    assert [r.partition_key for r in second.run_requests] == ["late.gpkg"]
+    third = tick(instance, second.cursor)
+    assert third.run_requests == []
+
+
+def test_the_cursor_does_not_grow_with_the_files_seen(data_root, instance, monkeypatch):
+    monkeypatch.setattr(sensors, "CLOCK_MARGIN_S", 0.0)
+    inbox = data_root / "inbox"
+    (inbox / "first.gpkg").write_bytes(b"x")
+    cursor = tick(instance).cursor
+    small = len(cursor)
+    for round_ in range(3):
+        for i in range(300):
+            (inbox / f"r{round_}_{i:03d}.gpkg").write_bytes(b"x")
+        time.sleep(0.05)
+        result = tick(instance, cursor)
+        assert len(result.run_requests) >= 2
+        time.sleep(0.05)
+        cursor = tick(instance, result.cursor).cursor
+    assert len(cursor) <= small + 10, cursor  # 901 files seen; the cursor is still one mark
+    assert json.loads(cursor)["recent"] == {}
+
+
+def test_a_file_moved_in_with_an_old_time_is_taken(data_root, instance, tmp_path, monkeypatch):
+    monkeypatch.setattr(sensors, "CLOCK_MARGIN_S", 0.0)
+    first = tick(instance)
+    time.sleep(0.05)
+    outside = tmp_path / "archive.gpkg"
+    outside.write_bytes(b"x")
+    os.utime(outside, (946684800, 946684800))  # written in 2000
+    outside.rename(data_root / "inbox" / "archive.gpkg")  # moving keeps the file's mtime
+    second = tick(instance, first.cursor)
+    assert [r.partition_key for r in second.run_requests] == ["archive.gpkg"]

@@ -1,27 +1,172 @@
-"""The inbox sensor: a new or changed file in <data root>/inbox becomes a partition
-and one run of the three assets, in the same tick."""
+"""The inbox sensor: new or changed files in <data root>/inbox become partitions and
+runs of the three assets, in the same tick; small files travel in batches (one run over
+a range of partitions), each file keeping its own materializations and checks.
 
+And the remainder sensor: when a batch run fails because some of its files did, it
+carries the batch's other files on through the steps they have not done yet.
+"""
+
+import hashlib
 import json
+import math
 import os
+import time
+from collections.abc import Iterable
 
 from dagster import (
+    AssetKey,
+    DagsterEventType,
+    DagsterRunStatus,
     DefaultSensorStatus,
     JobDefinition,
     RunRequest,
+    RunStatusSensorContext,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
+    run_status_sensor,
     sensor,
 )
 
 from geoiso_dagster import inbox
+from geoiso_dagster.defs.assets import BATCH_MAX_FILES
+from geoiso_dagster.defs.batch import FAILED_FILES
 from geoiso_dagster.defs.partitions import source_files
+from geoiso_dagster.paths import ASSET_NAMES
 
 SETTLE_ENV = "GEOISO_INBOX_SETTLE_S"
 DEFAULT_SETTLE_S = 5.0
 INTERVAL_ENV = "GEOISO_INBOX_INTERVAL_S"
 DEFAULT_INTERVAL_S = 15
+# A file at least this large (with its companions) runs alone: it fans out over the
+# workers by itself, and its run's time budget is its own.
+BATCH_MAX_FILE_BYTES = 32 * 2**20
+# A batch carries at most this many bytes of sources.
+BATCH_MAX_BYTES = 256 * 2**20
+# Runs of the geo steps that may run at once (dagster.yaml: pool geoiso_workers): the
+# files of one tick are cut into a multiple of this many batches, so that every slot
+# has work until the end.
+PARALLEL_RUNS_ENV = "GEOISO_INBOX_PARALLEL_RUNS"
+DEFAULT_PARALLEL_RUNS = 2
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+BATCH_TAG = "geoiso/batch_files"
+REMAINDER_OF_TAG = "geoiso/remainder_of"
+REMAINDER_DEPTH_TAG = "geoiso/remainder_depth"
+MAX_REMAINDER_DEPTH = 3
+_CURSOR_VERSION = 2
+
+
+# File times come from a coarse kernel clock (and, on a network file system, from the
+# server's): a file written just after a tick read the time may carry a time just before
+# it. The mark stays this far behind, and the files changed inside that window are
+# remembered by fingerprint, so that the next tick neither loses nor repeats them.
+CLOCK_MARGIN_S = 2.0
+
+
+def _read_cursor(cursor: str | None) -> tuple[float | None, dict[str, str]]:
+    """(mark, recent): files unchanged since `mark` were handled by an earlier tick;
+    `recent` holds the fingerprints of files that were ready in the window after it.
+
+    The cursor's size follows the files of the last few seconds, never every file ever
+    seen. A cursor of the first version (each name ever seen with its fingerprint) is
+    read as `recent` once, then replaced."""
+    if not cursor:
+        return None, {}
+    value = json.loads(cursor)
+    if isinstance(value, dict) and value.get("version") == _CURSOR_VERSION:
+        return float(value["mark"]), dict(value["recent"])
+    return None, value if isinstance(value, dict) else {}
+
+
+def _write_cursor(mark: float, recent: dict[str, str]) -> str:
+    return json.dumps(
+        {"version": _CURSOR_VERSION, "mark": round(mark, 6), "recent": recent}, sort_keys=True
+    )
+
+
+def _share(files: int, parallel: int) -> int:
+    """Files a batch takes when `files` travel together: at most BATCH_MAX_FILES, and
+    cut into a multiple of `parallel` batches when there are enough, so that every run
+    slot has work until the end."""
+    count = min(files, max(math.ceil(files / BATCH_MAX_FILES), parallel))
+    if count >= parallel:
+        count = math.ceil(count / parallel) * parallel
+    return math.ceil(files / max(1, count))
+
+
+def _chunks(keys: list[str], sizes: dict[str, int], share: int) -> list[list[str]]:
+    """Consecutive keys cut into batches of at most `share` files and BATCH_MAX_BYTES."""
+    batches: list[list[str]] = []
+    for key in keys:
+        if (
+            not batches
+            or len(batches[-1]) >= share
+            or sum(sizes[k] for k in batches[-1]) + sizes[key] > BATCH_MAX_BYTES
+        ):
+            batches.append([])
+        batches[-1].append(key)
+    return batches
+
+
+def _consecutive(keys: Iterable[str], position: dict[str, int]) -> list[list[str]]:
+    """`keys` as runs of neighbours in the partitions' order (a run covers a range)."""
+    runs: list[list[str]] = []
+    for key in sorted(keys, key=position.__getitem__):
+        if runs and position[key] == position[runs[-1][-1]] + 1:
+            runs[-1].append(key)
+        else:
+            runs.append([key])
+    return runs
+
+
+def _run_key(prefix: str, items: Iterable[str]) -> str:
+    return f"{prefix}:" + hashlib.sha256("|".join(items).encode()).hexdigest()[:24]
+
+
+def plan_runs(
+    ready: list[inbox.InboxFile], known: list[str], parallel: int
+) -> tuple[list[str], list[RunRequest]]:
+    """(partition keys to add, run requests) for the files of one tick: a file alone when
+    it is large or its settings differ from every neighbour's, else in a batch of
+    neighbouring partitions with the same settings."""
+    new_keys = sorted({item.key for item in ready} - set(known))
+    position = {key: i for i, key in enumerate([*known, *new_keys])}
+    by_key = {item.key: item for item in ready}
+    requests: list[RunRequest] = []
+    groups: dict[str, list[str]] = {}
+    for item in ready:
+        if item.size >= BATCH_MAX_FILE_BYTES:
+            groups.setdefault(f"alone:{item.key}", []).append(item.key)
+        else:
+            groups.setdefault(json.dumps(item.run_config, sort_keys=True), []).append(item.key)
+    for keys in groups.values():
+        share = _share(len(keys), parallel)
+        for run in _consecutive(keys, position):
+            for batch in _chunks(run, {k: by_key[k].size for k in run}, share):
+                requests.append(_request([by_key[k] for k in batch]))
+    requests.sort(key=lambda r: position[r.partition_key or r.tags[RANGE_START]])
+    return new_keys, requests
+
+
+def _request(batch: list[inbox.InboxFile]) -> RunRequest:
+    first = batch[0]
+    if len(batch) == 1:
+        return RunRequest(
+            run_key=first.run_key,
+            partition_key=first.key,
+            run_config=first.run_config,
+            tags={"geoiso/source": first.key, "geoiso/fingerprint": first.fingerprint},
+        )
+    return RunRequest(
+        run_key=_run_key("batch", (item.run_key for item in batch)),
+        run_config=first.run_config,
+        tags={RANGE_START: first.key, RANGE_END: batch[-1].key, BATCH_TAG: str(len(batch))},
+    )
+
+
+def _parallel_runs() -> int:
+    return max(1, int(os.environ.get(PARALLEL_RUNS_ENV, DEFAULT_PARALLEL_RUNS)))
 
 
 def build_inbox_sensor(
@@ -36,43 +181,140 @@ def build_inbox_sensor(
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
         description="Materializes raw -> reprojected -> dissolved for each new or changed "
-        "file in the inbox (settings from an optional <file>.geoiso.json sidecar).",
+        "file in the inbox (settings from an optional <file>.geoiso.json sidecar); small "
+        "files in batches, each file its own partition.",
     )
     def inbox_sensor(context: SensorEvaluationContext):
         settle_s = float(os.environ.get(SETTLE_ENV, DEFAULT_SETTLE_S))
-        seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-        found = inbox.scan(settle_s=settle_s)
+        since, recent = _read_cursor(context.cursor)
+        now = time.time()
+        found = inbox.scan(settle_s=settle_s, now=now, since=since)
         for name, why in found.refused.items():
-            if seen.get(name) != f"refused:{why}":
-                context.log.warning(f"inbox: {name} refused: {why}")
-                seen[name] = f"refused:{why}"
-        requests, new_keys = [], []
-        for item in found.ready:
-            if seen.get(item.key) == item.fingerprint:
-                continue
-            if not context.instance.has_dynamic_partition(source_files.name, item.key):
-                new_keys.append(item.key)
-            requests.append(
-                RunRequest(
-                    run_key=item.run_key,
-                    partition_key=item.key,
-                    run_config=item.run_config,
-                    tags={"geoiso/source": item.key, "geoiso/fingerprint": item.fingerprint},
-                )
-            )
-            seen[item.key] = item.fingerprint
-        if not requests and not new_keys:
-            waiting = "; ".join(f"{k}: {why}" for k, why in found.waiting.items())
+            context.log.warning(f"inbox: {name} refused: {why}")
+        ready = [item for item in found.ready if recent.get(item.key) != item.fingerprint]
+        # Everything that last changed before now - settle has been handled by this tick
+        # (run, refused, or waiting for something whose arrival is itself a change).
+        mark = max(since or 0.0, now - settle_s - CLOCK_MARGIN_S)
+        cursor = _write_cursor(
+            mark, {item.key: item.fingerprint for item in found.ready if item.changed > mark}
+        )
+        if not ready:
+            notes = [f"{k}: {why}" for k, why in found.waiting.items()]
+            notes += [f"{k}: {why} (refused)" for k, why in found.refused.items()]
             return SensorResult(
-                skip_reason=SkipReason(f"nothing new in the inbox. {waiting}".strip()),
-                cursor=json.dumps(seen, sort_keys=True),
+                skip_reason=SkipReason(
+                    f"nothing new in the inbox ({found.unchanged} unchanged). "
+                    + "; ".join(notes)[:4000]
+                ),
+                cursor=cursor,
             )
+        known = context.instance.get_dynamic_partitions(source_files.name)
+        new_keys, requests = plan_runs(ready, list(known), _parallel_runs())
         return SensorResult(
             run_requests=requests,
             dynamic_partitions_requests=[source_files.build_add_request(new_keys)]
             if new_keys
             else [],
-            cursor=json.dumps(seen, sort_keys=True),
+            cursor=cursor,
         )
 
     return inbox_sensor
+
+
+def _materialized_in(context: RunStatusSensorContext, run_id: str) -> dict[str, set[str]]:
+    done: dict[str, set[str]] = {name: set() for name in ASSET_NAMES}
+    cursor = None
+    while True:
+        page = context.instance.get_records_for_run(
+            run_id, cursor=cursor, of_type=DagsterEventType.ASSET_MATERIALIZATION
+        )
+        for record in page.records:
+            event = record.event_log_entry.dagster_event
+            if event and event.asset_key and event.partition:
+                done.setdefault(event.asset_key.to_user_string(), set()).add(event.partition)
+        if not page.has_more:
+            return done
+        cursor = page.cursor
+
+
+def _failed_files(context: RunStatusSensorContext, run_id: str) -> set[str]:
+    """The files a batch step failed on purpose (bad input, failed checks), by key."""
+    failed: set[str] = set()
+    records = context.instance.get_records_for_run(
+        run_id, of_type=DagsterEventType.STEP_FAILURE
+    ).records
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        user = event.step_failure_data.user_failure_data if event else None
+        value = user.metadata.get(FAILED_FILES) if user else None
+        if value is not None:
+            failed.update(value.value)
+    return failed
+
+
+def build_remainder_sensor(job: JobDefinition) -> SensorDefinition:
+    @run_status_sensor(
+        name="batch_remainder_sensor",
+        run_status=DagsterRunStatus.FAILURE,
+        monitored_jobs=[job],
+        request_job=job,
+        minimum_interval_seconds=5,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="When a batch run fails on some of its files, runs the steps its other "
+        "files have not done yet (each failed file stays failed, with its cause).",
+    )
+    def batch_remainder_sensor(context: RunStatusSensorContext):
+        run = context.dagster_run
+        start, end = run.tags.get(RANGE_START), run.tags.get(RANGE_END)
+        if start is None or end is None:
+            return SkipReason(f"run {run.run_id} is not a batch")
+        depth = int(run.tags.get(REMAINDER_DEPTH_TAG, "0")) + 1
+        if depth > MAX_REMAINDER_DEPTH:
+            return SkipReason(f"run {run.run_id} is already remainder {depth - 1}: left as is")
+        known = list(context.instance.get_dynamic_partitions(source_files.name))
+        if start not in known or end not in known:
+            return SkipReason(f"the range {start}...{end} of run {run.run_id} is gone")
+        keys = known[known.index(start) : known.index(end) + 1]
+        selected = [
+            name
+            for name in ASSET_NAMES
+            if run.asset_selection is None or AssetKey(name) in run.asset_selection
+        ]
+        done, failed = _materialized_in(context, run.run_id), _failed_files(context, run.run_id)
+        todo: dict[tuple[str, ...], list[str]] = {}
+        for key in keys:
+            if key in failed:
+                continue
+            missing = [i for i, name in enumerate(selected) if key not in done[name]]
+            if missing:
+                todo.setdefault(tuple(selected[missing[0] :]), []).append(key)
+        position = {key: i for i, key in enumerate(known)}
+        requests = []
+        for assets, pending in todo.items():
+            config = {
+                "ops": {
+                    op: value
+                    for op, value in (run.run_config or {}).get("ops", {}).items()
+                    if op in assets
+                }
+            }
+            for group in _consecutive(pending, position):
+                requests.append(
+                    RunRequest(
+                        run_key=_run_key(f"remainder-{run.run_id}", [*assets, *group]),
+                        asset_selection=[AssetKey(name) for name in assets],
+                        run_config=config if config["ops"] else {},
+                        tags={
+                            RANGE_START: group[0],
+                            RANGE_END: group[-1],
+                            BATCH_TAG: str(len(group)),
+                            REMAINDER_OF_TAG: run.run_id,
+                            REMAINDER_DEPTH_TAG: str(depth),
+                        },
+                    )
+                )
+        if not requests:
+            return SkipReason(f"run {run.run_id}: nothing left for its other files")
+        return requests
+
+    return batch_remainder_sensor
