@@ -1,85 +1,303 @@
-"""Many small files: N files dropped into the inbox of a real `dagster dev`, each run
-by the sensor through the three assets. Reports files per minute and where the time of
-a run goes (Dagster's run overhead vs the steps' work vs the workers' task time).
+"""Many small files: N files dropped at once into the inbox of a real `dagster dev`,
+against a plain loop over the same files, side by side in one run.
 
-    .venv/bin/python -m benchmarks.small_files [--files 50]
+    .venv/bin/python -m benchmarks.small_files [--files 500]
+
+  loop     the plain recipe (benchmarks/recipe.py) through a fresh process pool per file
+           (the seed's wrapper: ProcessPoolExecutor(max_workers=1) with the forkserver
+           start method, so that no worker inherits the caller's GDAL state), two files
+           at a time, in one interpreter. The same loop with the `fork` start method (a
+           worker is a copy of a parent that already loaded GDAL, which this project
+           exists to avoid) is printed too, for reference.
+  project  the files copied into the inbox (temp name, then rename) of `dagster dev`
+           with the sensor at settle 2 s, interval 5 s; timed from the drop to the last
+           dissolved output published. Every file must succeed and be a partition with
+           its three materializations.
+
+Prints files per minute of each and the ratio, where the project's time went (sensor,
+queue, run start, pool start, steps, the workers' task time, events), and the memory of
+the run processes. Results also go to benchmarks/results/small-files-<time>.json.
 """
 
 import argparse
-import os
+import json
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import geopandas
+import psutil
 import pyogrio
-from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import AssetKey, DagsterInstance, RunsFilter
+from dagster._core.storage.event_log.base import AssetRecordsFilter
 
-from tests.live import FAST_INBOX, DagsterDev
+from tests.live import DagsterDev
 
 NATURAL_EARTH = (
     Path(pyogrio.__file__).parent / "tests/fixtures/naturalearth_lowres/naturalearth_lowres.shp"
 )
+REPO = Path(__file__).resolve().parent.parent
+SENSOR = {"GEOISO_INBOX_SETTLE_S": "2", "GEOISO_INBOX_INTERVAL_S": "5"}
+
+
+def make_files(folder: Path, n: int) -> list[Path]:
+    """n GeoPackages of about 25 countries each (every 7th of Natural Earth's 177)."""
+    countries = geopandas.read_file(NATURAL_EARTH)
+    countries["region_id"] = countries["continent"]
+    sources = []
+    for i in range(n):
+        path = folder / f"small_{i:04d}.gpkg"
+        countries.iloc[i % 7 :: 7].to_file(path, layer="countries")
+        sources.append(path)
+    return sources
+
+
+def loop(sources: list[Path], work: Path, start_method: str) -> float:
+    """Seconds the plain loop took, in its own interpreter (benchmarks/recipe.py)."""
+    work.mkdir()
+    command = [sys.executable, "-m", "benchmarks.recipe", "--start-method", start_method]
+    done = subprocess.run(
+        [*command, "--out", str(work), *map(str, sources)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert len(list(work.glob("*.geojson"))) == len(sources), "the loop lost files"
+    return float(done.stdout.split()[-1])
+
+
+class ProcessWatch:
+    """Every process of the server's session, sampled every 0.2 s: the peak RSS of each
+    run process (a child of the code server) and of each pool process (a run's
+    forkserver and workers), the peak of all of them together, and the CPU seconds each
+    kind of process used (its last sample: a process's own time is gone once it exits)."""
+
+    KINDS = ("dagster dev", "webserver", "daemon", "code server", "run", "pool")
+
+    def __init__(self, server: DagsterDev) -> None:
+        self.server = server
+        self.peak: dict[str, dict[int, float]] = {"run": {}, "pool": {}}
+        self.cpu: dict[int, tuple[str, float]] = {}
+        self.together_peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @staticmethod
+    def _kind(cmd: str, parent: int, code_servers: set[int]) -> str:
+        if "dagster_webserver" in cmd:
+            return "webserver"
+        if "dagster._daemon" in cmd:
+            return "daemon"
+        if "api grpc" in cmd or "code-server" in cmd:
+            return "code server"
+        if " dev " in cmd:
+            return "dagster dev"
+        return "run" if parent in code_servers else "pool"
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            seen = []
+            for proc in self.server.processes():
+                try:
+                    seen.append((proc, " ".join(proc.cmdline()), proc.ppid()))
+                except psutil.Error:
+                    continue
+            code_servers = {proc.pid for proc, cmd, _ in seen if "api grpc" in cmd}
+            together = 0.0
+            for proc, cmd, parent in seen:
+                kind = self._kind(cmd, parent, code_servers)
+                try:
+                    rss = proc.memory_info().rss / 2**20
+                    times = proc.cpu_times()
+                except psutil.Error:
+                    continue
+                self.cpu[proc.pid] = (kind, times.user + times.system)
+                if kind in self.peak:
+                    self.peak[kind][proc.pid] = max(self.peak[kind].get(proc.pid, 0.0), rss)
+                    together += rss
+            self.together_peak = max(self.together_peak, together)
+
+    def cpu_by_kind(self) -> dict[str, float]:
+        totals = dict.fromkeys(self.KINDS, 0.0)
+        for kind, seconds in self.cpu.values():
+            totals[kind] += seconds
+        return totals
+
+    def __enter__(self) -> "ProcessWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def project(sources: list[Path], root: Path) -> dict:
+    inbox = root / "data" / "inbox"
+    inbox.mkdir(parents=True)
+    server = DagsterDev(root / "home", root / "data", root / "dev.log", **SENSOR).start()
+    try:
+        with ProcessWatch(server) as watch:
+            dropped = time.time()
+            for path in sources:
+                shutil.copy(path, inbox / f".{path.name}.part")
+                (inbox / f".{path.name}.part").rename(inbox / path.name)
+            dropped_done = time.time()
+            outputs = [
+                root / "data/warehouse/dissolved_regions" / f"{p.name}.parquet" for p in sources
+            ]
+            instance = DagsterInstance.from_config(str(root / "home"))
+            deadline = time.monotonic() + 1800
+            while time.monotonic() < deadline:
+                runs = instance.get_runs()
+                if all(o.exists() for o in outputs) and runs and all(r.is_finished for r in runs):
+                    break
+                time.sleep(0.5)
+            last_output = max(o.stat().st_mtime for o in outputs if o.exists())
+        report = _split(instance, dropped, sources)
+        report.update(
+            elapsed_s=last_output - dropped,
+            drop_s=dropped_done - dropped,
+            outputs=sum(o.exists() for o in outputs),
+            run_process_peak_mb=max(watch.peak["run"].values(), default=0.0),
+            run_processes=len(watch.peak["run"]),
+            pool_process_peak_mb=max(watch.peak["pool"].values(), default=0.0),
+            runs_and_pools_together_peak_mb=watch.together_peak,
+            cpu_s=watch.cpu_by_kind(),
+        )
+    finally:
+        alive = server.stop()
+    report["left_running"] = len(alive)
+    return report
+
+
+def _all(fetch) -> list:
+    """Every record of a paged fetch (the instance gives at most 10,000 at a time)."""
+    records, cursor = [], None
+    while True:
+        page = fetch(cursor)
+        records.extend(page.records)
+        if not page.has_more:
+            return records
+        cursor = page.cursor
+
+
+def _split(instance: DagsterInstance, dropped: float, sources: list[Path]) -> dict:
+    """Where the project's time went, from the instance's own records."""
+    runs = instance.get_run_records(filters=RunsFilter())
+    rows = []
+    for record in runs:
+        stats = instance.get_run_stats(record.dagster_run.run_id)
+        steps = instance.get_run_step_stats(record.dagster_run.run_id)
+        events = _all(lambda c, run=record.dagster_run.run_id: instance.get_records_for_run(run, c))
+        first_step = min((s.start_time for s in steps if s.start_time), default=stats.start_time)
+        rows.append(
+            {
+                "files": int(record.dagster_run.tags.get("geoiso/batch_files", "1")),
+                "status": record.dagster_run.status.value,
+                "created": record.create_timestamp.timestamp(),
+                "launched": stats.launch_time,
+                "started": stats.start_time,
+                "first_step": first_step,
+                "ended": stats.end_time,
+                "steps_s": sum((s.end_time or 0) - (s.start_time or 0) for s in steps),
+                "events": len(events),
+            }
+        )
+    work_s = 0.0
+    for name in ("raw_features", "reprojected_features", "dissolved_regions"):
+        key = AssetKey(name)
+        records = _all(
+            lambda c, key=key: instance.fetch_materializations(
+                AssetRecordsFilter(asset_key=key), limit=5000, cursor=c
+            )
+        )
+        work_s += sum(r.asset_materialization.metadata["duration_s"].value for r in records)
+        if name == "dissolved_regions":
+            partitions = {r.asset_materialization.partition for r in records}
+    ok = [r for r in rows if r["status"] == "SUCCESS"]
+    return {
+        "runs": len(rows),
+        "runs_succeeded": len(ok),
+        "files_per_run": statistics.median(r["files"] for r in rows),
+        "partitions_dissolved": len(partitions & {p.name for p in sources}),
+        "sensor_first_run_s": min(r["created"] for r in rows) - dropped,
+        "sensor_last_run_s": max(r["created"] for r in rows) - dropped,
+        "queue_s_median": statistics.median(r["launched"] - r["created"] for r in rows),
+        "run_start_s_median": statistics.median(r["started"] - r["launched"] for r in rows),
+        "pool_start_s_median": statistics.median(r["first_step"] - r["started"] for r in rows),
+        "steps_s_total": sum(r["steps_s"] for r in rows),
+        "worker_task_s_total": work_s,
+        "events_total": sum(r["events"] for r in rows),
+        "runs_s_total": sum(r["ended"] - r["launched"] for r in rows),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--files", type=int, default=50)
+    parser.add_argument("--files", type=int, default=500)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "data" / "inbox").mkdir(parents=True)
-        countries = geopandas.read_file(NATURAL_EARTH)
-        countries["region_id"] = countries["continent"]
-        sources = []
-        for i in range(args.files):
-            path = root / f"small_{i:03d}.gpkg"
-            countries.iloc[i % 7 :: 7].to_file(path, layer="countries")
-            sources.append(path)
-        server = DagsterDev(
-            root / "home",
-            root / "data",
-            root / "dev.log",
-            **FAST_INBOX,
-        ).start()
-        try:
-            started = time.monotonic()
-            for path in sources:
-                shutil.copy(path, root / "data" / "inbox" / f".{path.name}.part")
-                os.rename(
-                    root / "data" / "inbox" / f".{path.name}.part",
-                    root / "data" / "inbox" / path.name,
-                )
-            instance = DagsterInstance.from_config(str(root / "home"))
-            runs_filter = RunsFilter(tags={"dagster/sensor_name": "inbox_sensor"})
-            while time.monotonic() - started < 1800:
-                runs = instance.get_runs(filters=runs_filter)
-                finished = [r for r in runs if r.is_finished]
-                if len(finished) == args.files:
-                    break
-                time.sleep(1)
-            elapsed = time.monotonic() - started
-            runs = instance.get_runs(filters=runs_filter)
-            ok = sum(r.status == DagsterRunStatus.SUCCESS for r in runs)
-            run_s, step_s = [], []
-            for run in runs:
-                stats = instance.get_run_stats(run.run_id)
-                run_s.append(stats.end_time - stats.launch_time)
-                steps = instance.get_run_step_stats(run.run_id)
-                step_s.append(sum(s.end_time - s.start_time for s in steps))
-        finally:
-            server.stop()
+        (root / "sources").mkdir()
+        sources = make_files(root / "sources", args.files)
+        loop_s = loop(sources, root / "loop", "forkserver")
+        fork_s = loop(sources, root / "loop-fork", "fork")
+        result = project(sources, root / "project")
+    n = args.files
+    rate = {
+        "loop": n / loop_s * 60,
+        "fork": n / fork_s * 60,
+        "project": n / result["elapsed_s"] * 60,
+    }
+    print(f"\n{n} small files (about 25 countries each), files per minute:")
+    print(f"  plain loop (fresh forkserver pool per file, 2 at a time) {rate['loop']:8.1f}")
     print(
-        f"{args.files} small files (about 25 countries each) through the sensor: "
-        f"{ok} succeeded in {elapsed:.0f} s -> {args.files / elapsed * 60:.1f} files/minute"
+        f"  project through dagster dev and its sensor               {rate['project']:8.1f}"
+        f"   {rate['project'] / rate['loop']:.2f}x the loop"
     )
     print(
-        f"per run (median): launch to end {statistics.median(run_s):.1f} s, of which the three "
-        f"steps {statistics.median(step_s):.1f} s; the rest "
-        f"({statistics.median(run_s) - statistics.median(step_s):.1f} s) is Dagster's: run "
-        "process start, code load, event writes"
+        f"  (reference: the loop with fork, unsafe for GDAL state    {rate['fork']:8.1f}"
+        f"   project {rate['project'] / rate['fork']:.2f}x)"
+    )
+    r = result
+    print(
+        f"\nproject: {r['outputs']} of {n} dissolved outputs in {r['elapsed_s']:.1f} s from the "
+        f"drop (copying the files in took {r['drop_s']:.1f} s); {r['runs']} runs "
+        f"({r['runs_succeeded']} succeeded), median {r['files_per_run']:g} files a run; "
+        f"{r['partitions_dissolved']} partitions with a dissolved materialization"
+    )
+    print(
+        f"time split: sensor (drop to first / last run created) {r['sensor_first_run_s']:.1f} / "
+        f"{r['sensor_last_run_s']:.1f} s; per run (median) queue {r['queue_s_median']:.1f} s, "
+        f"run start {r['run_start_s_median']:.1f} s, pool start and plan "
+        f"{r['pool_start_s_median']:.1f} s; all runs {r['runs_s_total']:.1f} run-seconds, "
+        f"of which steps {r['steps_s_total']:.1f} s, the workers' tasks "
+        f"{r['worker_task_s_total']:.1f} worker-seconds (two workers a run); "
+        f"{r['events_total']} events written ({r['events_total'] / n:.1f} a file)"
+    )
+    print(
+        f"memory: run process peak {r['run_process_peak_mb']:.0f} MB ({r['run_processes']} run "
+        f"processes), pool process (forkserver, worker) peak {r['pool_process_peak_mb']:.0f} MB, "
+        f"runs and pools together at most {r['runs_and_pools_together_peak_mb']:.0f} MB; left "
+        f"running after stop: {r['left_running']}"
+    )
+    print(
+        "CPU seconds by process: "
+        + ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in r["cpu_s"].items())
+        + f" (2 cores x {r['elapsed_s']:.0f} s = {2 * r['elapsed_s']:.0f} available)"
+    )
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(exist_ok=True)
+    report = {"files": n, "files_per_minute": rate, "project": result, "loop_s": loop_s}
+    (out / f"small-files-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+        json.dumps(report, indent=2)
     )
 
 
