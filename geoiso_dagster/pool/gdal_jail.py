@@ -21,6 +21,8 @@ def loaded_libgdal() -> list[str]:
     found = set()
     with open("/proc/self/maps") as maps:
         for line in maps:
+            if "libgdal" not in line:
+                continue
             match = _LIBGDAL.search(line.strip())
             if match:
                 found.add(match.group(1))
@@ -77,10 +79,11 @@ def _bind_config(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def config_options() -> dict[str, dict[str, str]]:
-    """Every GDAL configuration option set in this process, by libgdal copy."""
+def config_options(libraries: list[str] | None = None) -> dict[str, dict[str, str]]:
+    """Every GDAL configuration option set in this process, by libgdal copy (those of
+    `libraries`, default: every copy loaded now)."""
     found = {}
-    for path in loaded_libgdal():
+    for path in loaded_libgdal() if libraries is None else libraries:
         lib = _bind_config(ctypes.CDLL(path))
         options = lib.CPLGetConfigOptions()
         values: dict[str, str] = {}
@@ -96,11 +99,13 @@ def config_options() -> dict[str, dict[str, str]]:
 
 
 def restore_config_options(baseline: dict[str, dict[str, str]]) -> list[str]:
-    """Put GDAL's configuration back to `baseline` (from config_options); return the
-    names of the options that had changed."""
+    """Put GDAL's configuration back to `baseline` (from config_options, whose libgdal
+    copies it covers); return the names of the options that had changed."""
     changed = []
-    for path, now in config_options().items():
-        was = baseline.get(path, {})
+    for path, now in config_options(list(baseline)).items():
+        was = baseline[path]
+        if now == was:
+            continue
         lib = _bind_config(ctypes.CDLL(path))
         for key in sorted(set(was) | set(now)):
             if was.get(key) != now.get(key):
