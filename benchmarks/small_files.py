@@ -1,7 +1,7 @@
 """Many small files: N files dropped at once into the inbox of a real `dagster dev`,
 against a plain loop over the same files, side by side in one run.
 
-    .venv/bin/python -m benchmarks.small_files [--files 500]
+    .venv/bin/python -m benchmarks.small_files [--files 500] [--bad 0]
 
   loop     the plain recipe (benchmarks/recipe.py) through a fresh process pool per file
            (the seed's wrapper: ProcessPoolExecutor(max_workers=1) with the forkserver
@@ -13,6 +13,9 @@ against a plain loop over the same files, side by side in one run.
            with the sensor at settle 2 s, interval 5 s; timed from the drop to the last
            dissolved output published. Every file must succeed and be a partition with
            its three materializations.
+
+With --bad K, K unreadable files are dropped among them (not given to the loop): each
+must fail alone, named with its cause, while every good file still succeeds.
 
 Prints files per minute of each and the ratio, where the project's time went (sensor,
 queue, run start, pool start, steps, the workers' task time, events), and the memory of
@@ -33,7 +36,14 @@ from pathlib import Path
 import geopandas
 import psutil
 import pyogrio
-from dagster import AssetKey, DagsterInstance, RunsFilter
+from dagster import (
+    AssetCheckEvaluation,
+    AssetKey,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    RunsFilter,
+)
 from dagster._core.storage.event_log.base import AssetRecordsFilter
 
 from tests.live import DagsterDev
@@ -138,14 +148,14 @@ class ProcessWatch:
         self._thread.join()
 
 
-def project(sources: list[Path], root: Path) -> dict:
+def project(sources: list[Path], root: Path, bad: list[Path]) -> dict:
     inbox = root / "data" / "inbox"
     inbox.mkdir(parents=True)
     server = DagsterDev(root / "home", root / "data", root / "dev.log", **SENSOR).start()
     try:
         with ProcessWatch(server) as watch:
             dropped = time.time()
-            for path in sources:
+            for path in sorted([*sources, *bad]):
                 shutil.copy(path, inbox / f".{path.name}.part")
                 (inbox / f".{path.name}.part").rename(inbox / path.name)
             dropped_done = time.time()
@@ -161,6 +171,7 @@ def project(sources: list[Path], root: Path) -> dict:
                 time.sleep(0.5)
             last_output = max(o.stat().st_mtime for o in outputs if o.exists())
         report = _split(instance, dropped, sources)
+        report["bad_files"] = _bad_files(instance, root / "data", bad)
         report.update(
             elapsed_s=last_output - dropped,
             drop_s=dropped_done - dropped,
@@ -186,6 +197,50 @@ def _all(fetch) -> list:
         if not page.has_more:
             return records
         cursor = page.cursor
+
+
+def _event_write_ms(instance: DagsterInstance, n: int = 100) -> float:
+    """What writing one asset event costs on this instance, measured after the run: a
+    check result for a partition, as a step writes it (without the step around it)."""
+    started = time.perf_counter()
+    for i in range(n):
+        instance.report_runless_asset_event(
+            AssetCheckEvaluation(
+                asset_key=AssetKey("event_write_probe"),
+                check_name="probe",
+                passed=True,
+                partition=f"p{i}",
+            )
+        )
+    return (time.perf_counter() - started) / n * 1000
+
+
+def _bad_files(instance: DagsterInstance, data_root: Path, bad: list[Path]) -> dict:
+    """How the bad files ended: no output anywhere, named with a cause by one failed run."""
+    failures = [
+        record.event_log_entry.dagster_event.step_failure_data.user_failure_data
+        for run in instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.FAILURE]))
+        for record in instance.get_records_for_run(
+            run.run_id, of_type=DagsterEventType.STEP_FAILURE
+        ).records
+    ]
+    named = {}
+    for path in bad:
+        named[path.name] = [
+            f.metadata["failed_files"].value[path.name]
+            for f in failures
+            if f and "failed_files" in f.metadata and path.name in f.metadata["failed_files"].value
+        ]
+    return {
+        "outputs_left": sum(1 for p in bad for _ in data_root.glob(f"warehouse/*/{p.name}.*")),
+        "failed_runs": len(failures),
+        "causes": named,
+        "remainder_runs": len(
+            instance.get_runs(
+                filters=RunsFilter(tags={"dagster/sensor_name": "batch_remainder_sensor"})
+            )
+        ),
+    }
 
 
 def _split(instance: DagsterInstance, dropped: float, sources: list[Path]) -> dict:
@@ -222,6 +277,7 @@ def _split(instance: DagsterInstance, dropped: float, sources: list[Path]) -> di
         if name == "dissolved_regions":
             partitions = {r.asset_materialization.partition for r in records}
     ok = [r for r in rows if r["status"] == "SUCCESS"]
+    event_ms = _event_write_ms(instance)
     return {
         "runs": len(rows),
         "runs_succeeded": len(ok),
@@ -235,6 +291,7 @@ def _split(instance: DagsterInstance, dropped: float, sources: list[Path]) -> di
         "steps_s_total": sum(r["steps_s"] for r in rows),
         "worker_task_s_total": work_s,
         "events_total": sum(r["events"] for r in rows),
+        "event_write_ms": event_ms,
         "runs_s_total": sum(r["ended"] - r["launched"] for r in rows),
     }
 
@@ -242,6 +299,9 @@ def _split(instance: DagsterInstance, dropped: float, sources: list[Path]) -> di
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--files", type=int, default=500)
+    parser.add_argument(
+        "--bad", type=int, default=0, help="bad files dropped among them (not in the loop)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -249,7 +309,12 @@ def main() -> None:
         sources = make_files(root / "sources", args.files)
         loop_s = loop(sources, root / "loop", "forkserver")
         fork_s = loop(sources, root / "loop-fork", "fork")
-        result = project(sources, root / "project")
+        bad = []
+        for i in range(args.bad):
+            path = root / "sources" / f"small_{(i + 1) * args.files // (args.bad + 1):04d}_bad.gpkg"
+            path.write_bytes(b"not a GeoPackage" * 64)
+            bad.append(path)
+        result = project(sources, root / "project", bad)
     n = args.files
     rate = {
         "loop": n / loop_s * 60,
@@ -280,7 +345,8 @@ def main() -> None:
         f"{r['pool_start_s_median']:.1f} s; all runs {r['runs_s_total']:.1f} run-seconds, "
         f"of which steps {r['steps_s_total']:.1f} s, the workers' tasks "
         f"{r['worker_task_s_total']:.1f} worker-seconds (two workers a run); "
-        f"{r['events_total']} events written ({r['events_total'] / n:.1f} a file)"
+        f"{r['events_total']} events written ({r['events_total'] / n:.1f} a file; one asset "
+        f"event costs {r['event_write_ms']:.1f} ms on this instance, measured after the run)"
     )
     print(
         f"memory: run process peak {r['run_process_peak_mb']:.0f} MB ({r['run_processes']} run "
@@ -293,6 +359,13 @@ def main() -> None:
         + ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in r["cpu_s"].items())
         + f" (2 cores x {r['elapsed_s']:.0f} s = {2 * r['elapsed_s']:.0f} available)"
     )
+    if bad:
+        b = r["bad_files"]
+        print(
+            f"bad files: {len(bad)} dropped among them; {b['failed_runs']} failed runs, "
+            f"{b['remainder_runs']} remainder runs, {b['outputs_left']} outputs of theirs; "
+            f"causes named: {b['causes']}"
+        )
     out = REPO / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     report = {"files": n, "files_per_minute": rate, "project": result, "loop_s": loop_s}

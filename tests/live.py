@@ -161,3 +161,14 @@ def materialize_command(key: str, config: dict | None = None) -> list:
     if config is not None:
         command += ["--config-json", json.dumps(config)]
     return command
+
+
+def covered_partitions(instance, run) -> list[str]:
+    """The partition keys a run covers: its one partition, or every key of its range
+    (a batch run), in the order the instance keeps them."""
+    if "dagster/partition" in run.tags:
+        return [run.tags["dagster/partition"]]
+    start = run.tags["dagster/asset_partition_range_start"]
+    end = run.tags["dagster/asset_partition_range_end"]
+    keys = instance.get_dynamic_partitions("source_files")
+    return keys[keys.index(start) : keys.index(end) + 1]

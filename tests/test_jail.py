@@ -102,8 +102,6 @@ def test_a_vrt_to_a_url_sends_no_request_and_the_test_can_tell(data_root, http_s
 
 def _tick(instance, cursor=None):
     result = SENSOR(build_sensor_context(instance=instance, cursor=cursor, definitions=defs))
-    for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
     return result
 
 

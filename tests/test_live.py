@@ -207,7 +207,7 @@ def test_a_batch_with_a_bad_file_fails_it_alone_and_carries_the_others_on(
         if name == "batch_2.gpkg":
             (tmp_path / name).write_bytes(b"not a GeoPackage" * 64)
             continue
-        part = countries.iloc[i :: 5]
+        part = countries.iloc[i::5]
         part.to_file(tmp_path / name, layer="countries")
         rows[name] = len(part)
     for name in names:

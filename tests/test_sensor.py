@@ -28,10 +28,7 @@ def no_settle(monkeypatch):
 
 def tick(instance, cursor=None):
     context = build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
-    result = SENSOR(context)
-    for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
-    return result
+    return SENSOR(context)
 
 
 def test_new_file_then_same_file_then_changed_file(data_root, instance):
@@ -40,18 +37,17 @@ def test_new_file_then_same_file_then_changed_file(data_root, instance):
 
     first = tick(instance)
     assert [r.partition_key for r in first.run_requests] == ["parcels.gpkg"]
-    assert [r.partition_keys for r in first.dynamic_partitions_requests] == [["parcels.gpkg"]]
     assert first.run_requests[0].job_name in (None, "geo_pipeline")
     assert instance.has_dynamic_partition(source_files.name, "parcels.gpkg")
 
     again = tick(instance, first.cursor)
-    assert again.run_requests == [] and not again.dynamic_partitions_requests
+    assert again.run_requests == []
 
     source.write_bytes(b"second, longer version")
     changed = tick(instance, again.cursor)
     assert [r.partition_key for r in changed.run_requests] == ["parcels.gpkg"]
     assert changed.run_requests[0].run_key != first.run_requests[0].run_key
-    assert not changed.dynamic_partitions_requests  # the partition exists already
+    assert instance.get_dynamic_partitions(source_files.name) == ["parcels.gpkg"]
 
 
 def test_hidden_temporary_and_unsettled_files_wait(data_root, instance, monkeypatch):
@@ -172,7 +168,6 @@ def test_changed_files_run_again_with_their_neighbours(data_root, instance, monk
     # Three files, two run slots: a batch of the neighbours d1, d2 (a range), and d4.
     covered = [_covered(instance, r) for r in second.run_requests]
     assert covered == [["d1.gpkg", "d2.gpkg"], ["d4.gpkg"]]
-    assert not second.dynamic_partitions_requests
 
 
 def test_a_file_listed_late_but_stamped_early_is_not_lost(data_root, instance, monkeypatch):

@@ -36,7 +36,7 @@ GROUP = "geo"
 POOL = "geoiso_workers"
 # A run may carry this many source files (partitions) at most: the sensor's batches and
 # the UI's backfills are cut to it (DESIGN.md, Run model).
-BATCH_MAX_FILES = 100
+BATCH_MAX_FILES = 125
 # Downstream waits until its upstream's blocking checks passed (or pass in this run).
 _AFTER_CHECKS = AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
 

@@ -144,6 +144,23 @@ def _run_files(
     return [outcomes[k] for k in keys]
 
 
+def _add_partition_metadata(
+    context: AssetExecutionContext, asset_key: AssetKey, key: str, entry: dict
+) -> None:
+    """context.add_asset_metadata(entry, partition_key=key), without its check that `key`
+    is in the run's range: that check reads every partition key of the instance, once per
+    call (18 ms at 500 partitions, measured, and growing with them). The keys here are
+    the run's own (context.partition_keys)."""
+    step = context.get_step_execution_context()
+    accumulator = getattr(step, "_metadata_accumulator", None)
+    if accumulator is None:  # a Dagster without it: the public, slower call
+        context.add_asset_metadata(entry, partition_key=key)
+        return
+    step._metadata_accumulator = accumulator.with_additional_asset_metadata(
+        asset_key=asset_key, metadata=entry, partition_key=key
+    )
+
+
 def _targets(
     context: AssetExecutionContext, asset_key: AssetKey
 ) -> dict[str, AssetCheckEvaluationTargetMaterializationData]:
@@ -182,8 +199,8 @@ def produce_batch(
         publish(o.staged, o.work.output)
     if not bad:
         for o in good:
-            context.add_asset_metadata(
-                metadata(o.judged.result, o.work.output), partition_key=o.key
+            _add_partition_metadata(
+                context, asset_key, o.key, metadata(o.judged.result, o.work.output)
             )
         yield MaterializeResult()
     else:

@@ -30,7 +30,7 @@ class SpatialWorkerPool(ConfigurableResource):
     )
     max_tasks_per_worker: int = Field(
         default=0,
-        description="0: workers serve one run (one source file) and are replaced after any "
+        description="0: workers serve one run (one file or a batch) and are replaced after any "
         "crash, timeout or memory stop; 1: a fresh process per task; N: recycle after N.",
     )
     gdal_cachemax_mb: int = Field(default=256, description="GDAL_CACHEMAX of each worker.")

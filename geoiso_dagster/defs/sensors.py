@@ -124,14 +124,11 @@ def _run_key(prefix: str, items: Iterable[str]) -> str:
     return f"{prefix}:" + hashlib.sha256("|".join(items).encode()).hexdigest()[:24]
 
 
-def plan_runs(
-    ready: list[inbox.InboxFile], known: list[str], parallel: int
-) -> tuple[list[str], list[RunRequest]]:
-    """(partition keys to add, run requests) for the files of one tick: a file alone when
-    it is large or its settings differ from every neighbour's, else in a batch of
-    neighbouring partitions with the same settings."""
-    new_keys = sorted({item.key for item in ready} - set(known))
-    position = {key: i for i, key in enumerate([*known, *new_keys])}
+def plan_runs(ready: list[inbox.InboxFile], known: list[str], parallel: int) -> list[RunRequest]:
+    """Run requests for the files of one tick (every one a partition of `known`, in the
+    instance's order): a file alone when it is large or its settings differ from every
+    neighbour's, else in a batch of neighbouring partitions with the same settings."""
+    position = {key: i for i, key in enumerate(known)}
     by_key = {item.key: item for item in ready}
     requests: list[RunRequest] = []
     groups: dict[str, list[str]] = {}
@@ -146,7 +143,7 @@ def plan_runs(
             for batch in _chunks(run, {k: by_key[k].size for k in run}, share):
                 requests.append(_request([by_key[k] for k in batch]))
     requests.sort(key=lambda r: position[r.partition_key or r.tags[RANGE_START]])
-    return new_keys, requests
+    return requests
 
 
 def _request(batch: list[inbox.InboxFile]) -> RunRequest:
@@ -208,15 +205,15 @@ def build_inbox_sensor(
                 ),
                 cursor=cursor,
             )
-        known = context.instance.get_dynamic_partitions(source_files.name)
-        new_keys, requests = plan_runs(ready, list(known), _parallel_runs())
-        return SensorResult(
-            run_requests=requests,
-            dynamic_partitions_requests=[source_files.build_add_request(new_keys)]
-            if new_keys
-            else [],
-            cursor=cursor,
-        )
+        # The new partitions are added here, before the batches are planned: a batch is a
+        # range of the instance's order, which a concurrent `geoiso add` could change
+        # between this tick and the daemon applying a returned add request.
+        known = set(context.instance.get_dynamic_partitions(source_files.name))
+        new_keys = sorted({item.key for item in ready} - known)
+        if new_keys:
+            context.instance.add_dynamic_partitions(source_files.name, new_keys)
+        order = list(context.instance.get_dynamic_partitions(source_files.name))
+        return SensorResult(run_requests=plan_runs(ready, order, _parallel_runs()), cursor=cursor)
 
     return inbox_sensor
 
