@@ -147,9 +147,9 @@ def test_files_of_one_tick_travel_in_batches_each_file_once(data_root, instance)
     batches = [r for r in result.run_requests if not r.partition_key]
     sizes = sorted(int(r.tags[sensors.BATCH_TAG]) for r in batches)
     assert sum(sizes) == 248 and max(sizes) <= BATCH_MAX_FILES
-    # 248 files, 4 batches' worth (a multiple of the 2 run slots) of 62; the two files
-    # that run alone cut the range in three, so one more batch.
-    assert sizes == [7, 25, 30, 62, 62, 62], sizes
+    # 248 files: 2 batches' worth (at most BATCH_MAX_FILES each, a multiple of the 2 run
+    # slots) of 124; the two files that run alone cut the range in three.
+    assert BATCH_MAX_FILES == 125 and sizes == [7, 25, 92, 124], sizes
     (own,) = [r for r in result.run_requests if r.partition_key == "tile_007.gpkg"]
     assert own.run_config["ops"]["reprojected_features"]["config"]["target_crs"] == "EPSG:6933"
     assert len({r.run_key for r in result.run_requests}) == len(result.run_requests)
