@@ -190,10 +190,14 @@ def changed_at(info: os.stat_result) -> float:
 
 
 def _fingerprint(files: list[Path]) -> str:
-    parts = []
-    for f in sorted(files):
-        st = f.stat()
-        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+    return _digest({f.name: f.stat() for f in files})
+
+
+def _digest(stats: dict[str, os.stat_result]) -> str:
+    parts = [
+        f"{name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        for name, st in sorted(stats.items())
+    ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -203,6 +207,8 @@ class Scan:
     waiting: dict[str, str] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
     unchanged: int = 0  # candidates not changed since `since`: not looked at again
+    # candidates skipped because their fingerprint was in `seen`: (fingerprint, changed_at)
+    seen_again: dict[str, tuple[str, float]] = field(default_factory=dict)
 
 
 def scan(
@@ -210,13 +216,15 @@ def scan(
     settle_s: float = 5.0,
     now: float | None = None,
     since: float | None = None,
+    seen: dict[str, str] | None = None,
 ) -> Scan:
     """Look at the inbox once. A file is ready when it, its parts and its sidecar have
     not changed for `settle_s` seconds; a shapefile also needs its .shx and .dbf.
 
     With `since`, a candidate whose every file last changed at or before it is counted
     as unchanged and not looked at again: one directory listing and one lstat per entry,
-    so that an inbox of ten thousand processed files costs milliseconds."""
+    so that an inbox of ten thousand processed files costs milliseconds. So is one whose
+    fingerprint is its entry in `seen` (name: fingerprint of a file already taken)."""
     root = (root or data_root()).resolve()
     inbox = inbox_dir(root)
     result = Scan()
@@ -232,6 +240,12 @@ def scan(
         if since is not None and _unchanged_since(entries, name, since):
             result.unchanged += 1
             continue
+        if seen and name in seen:
+            fingerprint, changed = _entry_fingerprint(entries, name)
+            if fingerprint == seen[name]:
+                result.unchanged += 1
+                result.seen_again[name] = (fingerprint, changed)
+                continue
         try:
             item, waiting = _look_at(inbox / name, root, settle_s, now)
         except BadInputError as exc:
@@ -247,6 +261,25 @@ def scan(
         elif waiting:
             result.waiting[name] = waiting
     return result
+
+
+def _entry_fingerprint(
+    entries: dict[str, os.DirEntry], name: str
+) -> tuple[str, float] | tuple[None, None]:
+    """(fingerprint, changed_at) of `name` with its companions, from the directory
+    listing; (None, None) for a link, whose target's changes do not show on it."""
+    stats = {}
+    for each in [name, *formats.companion_names(name), name + CONFIG_SIDECAR_SUFFIX]:
+        entry = entries.get(each)
+        if entry is None:
+            continue
+        try:
+            if entry.is_symlink():
+                return None, None
+            stats[each] = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return None, None
+    return _digest(stats), max(changed_at(st) for st in stats.values())
 
 
 def _unchanged_since(entries: dict[str, os.DirEntry], name: str, since: float) -> bool:

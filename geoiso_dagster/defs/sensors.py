@@ -185,16 +185,16 @@ def build_inbox_sensor(
         settle_s = float(os.environ.get(SETTLE_ENV, DEFAULT_SETTLE_S))
         since, recent = _read_cursor(context.cursor)
         now = time.time()
-        found = inbox.scan(settle_s=settle_s, now=now, since=since)
+        found = inbox.scan(settle_s=settle_s, now=now, since=since, seen=recent)
         for name, why in found.refused.items():
             context.log.warning(f"inbox: {name} refused: {why}")
-        ready = [item for item in found.ready if recent.get(item.key) != item.fingerprint]
+        ready = found.ready  # files whose fingerprint is in `recent` were not looked at
         # Everything that last changed before now - settle has been handled by this tick
         # (run, refused, or waiting for something whose arrival is itself a change).
         mark = max(since or 0.0, now - settle_s - CLOCK_MARGIN_S)
-        cursor = _write_cursor(
-            mark, {item.key: item.fingerprint for item in found.ready if item.changed > mark}
-        )
+        window = {key: fp for key, (fp, changed) in found.seen_again.items() if changed > mark}
+        window.update({item.key: item.fingerprint for item in found.ready if item.changed > mark})
+        cursor = _write_cursor(mark, window)
         if not ready:
             notes = [f"{k}: {why}" for k, why in found.waiting.items()]
             notes += [f"{k}: {why} (refused)" for k, why in found.refused.items()]
