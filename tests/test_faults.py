@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from dagster import DagsterEventType, instance_for_test, materialize
+from dagster import AssetKey, DagsterEventType, DagsterInstance, instance_for_test, materialize
 
 from geoiso_dagster.defs.assets import geo_assets
 from geoiso_dagster.defs.partitions import source_files
@@ -202,4 +202,68 @@ def test_run_process_killed_mid_write_then_run_again(data_root, tmp_path):
 
     assert subprocess.run(command, env=env, capture_output=True, timeout=180).returncode == 0
     _assert_outputs_good(data_root)
+    assert _temps(data_root) == []
+
+
+@pytest.mark.timeout(240)
+def test_batch_run_killed_mid_step_keeps_what_it_published(data_root, tmp_path):
+    """A batch run (a range of three partitions) is SIGKILLed while one file's dissolve
+    hangs: the steps it finished stay published and recorded for every file, nothing of
+    the unfinished step is visible, no process is left, and running the batch again
+    sweeps the dead run's temp files and succeeds."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "GEOISO_DATA_ROOT": str(data_root)}
+    keys = ["k1.gpkg", "k2.gpkg", "k3.gpkg"]
+    for key in keys:
+        shutil.copy("data/sample/countries.gpkg", tmp_path / key)
+    bin_dir = Path(sys.executable).parent
+    subprocess.run(
+        [bin_dir / "geoiso", "add", *[str(tmp_path / k) for k in keys]], env=env, check=True
+    )
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CONFIG))
+    command = [
+        bin_dir / "dagster", "job", "execute", "-m", "geoiso_dagster.definitions",
+        "-j", "geo_pipeline", "-c", str(config), "--tags",
+        json.dumps({"dagster/asset_partition_range_start": keys[0],
+                    "dagster/asset_partition_range_end": keys[-1]}),
+    ]  # fmt: skip
+    state = tmp_path / "fault-state"
+    faults = [{"task": "dissolve", "at": "write", "fault": "hang", "times": 1, "state": str(state)}]
+    run = subprocess.Popen(
+        command,
+        env={**env, "GEOISO_FAULTS": json.dumps(faults)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 150
+    while not list(state.glob("hanging-*")) and time.monotonic() < deadline:
+        assert run.poll() is None, "the run ended before the fault fired"
+        time.sleep(0.2)
+    time.sleep(2)  # the other files' dissolves finish (staged, not yet published)
+    workers = [psutil.Process(int(p.name.split("-")[1])) for p in state.glob("hanging-*")]
+    everything = psutil.Process(run.pid).children(recursive=True)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    _, alive = psutil.wait_procs(everything + workers, timeout=10)
+    assert alive == [], f"orphans after the run process was killed: {alive}"
+
+    for key in keys:
+        for asset in ("raw_features", "reprojected_features"):
+            assert pq.ParquetFile(output_path(asset, key, data_root)).metadata.num_rows == 177
+        assert not output_path("dissolved_regions", key, data_root).exists()
+    with DagsterInstance.from_config(str(home)) as instance:
+        recorded = {
+            (r.asset_key.to_user_string(), r.partition_key)
+            for asset in ASSET_NAMES
+            for r in instance.fetch_materializations(AssetKey(asset), limit=100).records
+        }
+    assert recorded == {(a, k) for a in ("raw_features", "reprojected_features") for k in keys}
+
+    assert subprocess.run(command, env=env, capture_output=True, timeout=180).returncode == 0
+    for key in keys:
+        assert (
+            pq.ParquetFile(output_path("dissolved_regions", key, data_root)).metadata.num_rows == 8
+        )
     assert _temps(data_root) == []
