@@ -157,6 +157,32 @@ def test_a_memory_spike_fails_once_naming_peak_and_limit(
 
 
 @pytest.mark.timeout(240)
+def _start_with_a_hung_dissolve(command: list, env: dict, state: Path) -> subprocess.Popen:
+    """Start `command` with the first dissolve hanging in its write; return once it hangs."""
+    faults = [{"task": "dissolve", "at": "write", "fault": "hang", "times": 1, "state": str(state)}]
+    run = subprocess.Popen(
+        command,
+        env={**env, "GEOISO_FAULTS": json.dumps(faults)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 150
+    while not list(state.glob("hanging-*")) and time.monotonic() < deadline:
+        assert run.poll() is None, "the run ended before the fault fired"
+        time.sleep(0.2)
+    run.hung_workers = [psutil.Process(int(p.name.split("-")[1])) for p in state.glob("hanging-*")]
+    return run
+
+
+def _kill_and_expect_no_orphans(run: subprocess.Popen) -> None:
+    """SIGKILL the run process; its workers (the hung one too) must all die."""
+    everything = psutil.Process(run.pid).children(recursive=True) + run.hung_workers
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    _, alive = psutil.wait_procs(everything, timeout=10)
+    assert alive == [], f"orphans after the run process was killed: {alive}"
+
+
 def test_run_process_killed_mid_write_then_run_again(data_root, tmp_path):
     """SIGKILL the `dagster asset materialize` process while a worker is writing; its
     workers must die, the published outputs stay as they were, and the next run sweeps
@@ -171,25 +197,9 @@ def test_run_process_killed_mid_write_then_run_again(data_root, tmp_path):
     assert subprocess.run(command, env=env, capture_output=True, timeout=180).returncode == 0
     good = {a: output_path(a, KEY, data_root).read_bytes() for a in ASSET_NAMES}
 
-    state = tmp_path / "fault-state"
-    faults = [{"task": "dissolve", "at": "write", "fault": "hang", "times": 1, "state": str(state)}]
-    run = subprocess.Popen(
-        command,
-        env={**env, "GEOISO_FAULTS": json.dumps(faults)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not list(state.glob("hanging-*")) and time.monotonic() < deadline:
-        assert run.poll() is None, "the run ended before the fault fired"
-        time.sleep(0.2)
-    workers = [psutil.Process(int(p.name.split("-")[1])) for p in state.glob("hanging-*")]
-    everything = psutil.Process(run.pid).children(recursive=True)
+    run = _start_with_a_hung_dissolve(command, env, tmp_path / "fault-state")
     assert _temps(data_root), "the hung worker should have a temp file on disk"
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    gone, alive = psutil.wait_procs(everything + workers, timeout=10)
-    assert alive == [], f"orphans after the run process was killed: {alive}"
+    _kill_and_expect_no_orphans(run)
 
     assert {a: output_path(a, KEY, data_root).read_bytes() for a in ASSET_NAMES} == {
         **good,
@@ -229,25 +239,9 @@ def test_batch_run_killed_mid_step_keeps_what_it_published(data_root, tmp_path):
         json.dumps({"dagster/asset_partition_range_start": keys[0],
                     "dagster/asset_partition_range_end": keys[-1]}),
     ]  # fmt: skip
-    state = tmp_path / "fault-state"
-    faults = [{"task": "dissolve", "at": "write", "fault": "hang", "times": 1, "state": str(state)}]
-    run = subprocess.Popen(
-        command,
-        env={**env, "GEOISO_FAULTS": json.dumps(faults)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 150
-    while not list(state.glob("hanging-*")) and time.monotonic() < deadline:
-        assert run.poll() is None, "the run ended before the fault fired"
-        time.sleep(0.2)
+    run = _start_with_a_hung_dissolve(command, env, tmp_path / "fault-state")
     time.sleep(2)  # the other files' dissolves finish (staged, not yet published)
-    workers = [psutil.Process(int(p.name.split("-")[1])) for p in state.glob("hanging-*")]
-    everything = psutil.Process(run.pid).children(recursive=True)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    _, alive = psutil.wait_procs(everything + workers, timeout=10)
-    assert alive == [], f"orphans after the run process was killed: {alive}"
+    _kill_and_expect_no_orphans(run)
 
     for key in keys:
         for asset in ("raw_features", "reprojected_features"):
