@@ -215,6 +215,23 @@ def test_run_process_killed_mid_write_then_run_again(data_root, tmp_path):
     assert _temps(data_root) == []
 
 
+def test_out_of_address_space_is_a_memory_stop_not_bad_input(
+    instance, good_outputs, data_root, monkeypatch, tmp_path
+):
+    """Arrow's "Cannot allocate memory" (a worker out of address space) is the worker's
+    memory, not the input's fault: a memory failure naming the limit, not retried."""
+    _inject(monkeypatch, tmp_path, "ingest", "write", "enomem", times=1)
+    result = _run(instance, memory_limit_mb=1024)
+    assert not result.success
+    assert _events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    (failure,) = _events(result, DagsterEventType.STEP_FAILURE)
+    description = failure.step_failure_data.user_failure_data.description
+    assert "Bad input" not in description
+    assert "Cannot allocate memory" in description and "memory_limit_mb=1024" in description
+    assert {a: output_path(a, KEY).read_bytes() for a in ASSET_NAMES} == good_outputs
+    assert _temps(data_root) == []
+
+
 @pytest.mark.timeout(240)
 def test_batch_run_killed_mid_step_keeps_what_it_published(data_root, tmp_path):
     """A batch run (a range of three partitions) is SIGKILLed while one file's dissolve

@@ -516,3 +516,20 @@ def test_wkb_fast_path_names_rows_the_target_cannot_hold(tmp_path):
     raw = tasks.ingest(_parquet(frame, tmp_path / "in.parquet"), str(tmp_path / "raw.parquet"))
     with pytest.raises(BadInputError, match=r"1 feature\(s\) .* rows \[17\]"):
         tasks.reproject(raw["path"], str(tmp_path / "rep.parquet"), "EPSG:3857")
+
+
+def test_fan_out_parts_are_read_not_memory_mapped(tmp_path):
+    """A mapped part counts against the worker's address-space limit for as long as it
+    is open, and parts grow with the file: the join reads them, batch by batch."""
+    import pyarrow as pa
+
+    from geoiso_dagster.spatial import stream
+
+    table = pa.table({"x": list(range(1000))})
+    path = tmp_path / "part.arrow"
+    with pa.ipc.new_file(str(path), table.schema) as writer:
+        writer.write_table(table)
+    schema, tables = stream.part_tables(path)
+    first = next(tables)
+    assert first.num_rows == 1000 and schema == table.schema
+    assert str(path) not in Path("/proc/self/maps").read_text()

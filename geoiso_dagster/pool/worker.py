@@ -248,8 +248,9 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
         envelope = {"ok": False, "kind": "bad_input", "path": exc.path, "message": exc.cause}
     except TransientIOError as exc:
         envelope = {"ok": False, "kind": "transient_io", "message": str(exc)}
-    except MemoryError:
-        envelope = {"ok": False, "kind": "memory", "message": "allocation failed (MemoryError)"}
+    except MemoryError as exc:
+        detail = f": {exc}" if str(exc) else ""
+        envelope = {"ok": False, "kind": "memory", "message": f"allocation failed{detail}"}
     except Exception as exc:
         envelope = {
             "ok": False,

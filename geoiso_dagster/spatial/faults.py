@@ -9,12 +9,15 @@ KIND is one of:
     hang      the worker blocks inside a C call until killed (writes <state>/hanging-<pid>)
     memory    the worker allocates until its memory ceiling stops it
     enospc    the real write runs under RLIMIT_FSIZE=4 KiB and fails (EFBIG)
+    enomem    the write fails as Arrow's does when a worker is out of address space
+              (OSError ENOMEM, "Memory mapping file failed: Cannot allocate memory")
 A fault fires on its first `times` occasions, counted across processes with files in
 `state`, so "crash once, then succeed" is expressible. Production never sets the variable.
 """
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import resource
@@ -59,6 +62,8 @@ def _fire(fault: dict, partial: Path | None = None) -> None:
     if kind == "hang":
         (Path(fault["state"]) / f"hanging-{os.getpid()}").touch()
         ctypes.CDLL(None).sleep(3600)
+    if kind == "enomem":
+        raise OSError(errno.ENOMEM, "Memory mapping file failed: Cannot allocate memory")
     if kind == "memory":
         hoard = []
         while True:  # until the watchdog (or RLIMIT_AS) stops us

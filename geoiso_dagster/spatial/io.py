@@ -5,6 +5,7 @@ import errno
 import functools
 import json
 import math
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,10 @@ def _errno(exc: OSError) -> int | None:
 def os_error(path: Path, exc: OSError, doing: str) -> Exception:
     code = _errno(exc)
     reason = exc.strerror or " ".join(str(exc).split())
+    if code == errno.ENOMEM or os.strerror(errno.ENOMEM) in str(exc):
+        # The worker ran out of memory or address space (its RLIMIT_AS backstop): not the
+        # file's fault. A MemoryError reaches the pool as a memory stop naming the limit.
+        return MemoryError(f"{path}: {doing} failed: {reason}")
     if code in TRANSIENT_ERRNOS:
         return TransientIOError(f"{path}: {doing} failed: {reason} (errno {code})")
     return BadInputError(str(path), f"{doing} failed: {reason}")

@@ -84,7 +84,10 @@ def part_tables(path: Path) -> tuple[pa.Schema, Iterator[pa.Table]]:
     with path.open("rb") as handle:
         magic = handle.read(6)
     if magic == b"ARROW1":
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+        # Read, not memory-mapped: a mapping of a part counts against the worker's
+        # address-space limit for as long as it is open, and a part grows with the file
+        # (a 10M-polygon ingest failed its join so, under a 1 GB ceiling).
+        reader = pa.ipc.open_file(pa.OSFile(str(path)))
         tables = (
             pa.Table.from_batches([reader.get_batch(i)]) for i in range(reader.num_record_batches)
         )
