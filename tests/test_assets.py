@@ -308,3 +308,34 @@ def test_a_ceiling_below_the_whole_frame_need_still_materializes(instance, data_
     assert got.keys() == areas.keys()
     for key, area in areas.items():
         assert got[key] == pytest.approx(area, rel=1e-9), key
+
+
+def test_a_long_step_says_how_far_it_is_at_regular_intervals(instance, monkeypatch):
+    """Every STATUS_EVERY_S (5 s in production; 0.3 s here), a line per running task:
+    rows done of total, the rate, the time left."""
+    from dagster import AssetExecutionContext
+
+    from geoiso_dagster.defs import retries
+
+    monkeypatch.setattr(retries, "STATUS_EVERY_S", 0.3)
+
+    @asset
+    def long_step(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool) -> None:
+        retries.run_task(context, spatial_pool, "counting_progress", total=10_000, seconds=2.0)
+
+    result = materialize(
+        [long_step],
+        instance=instance,
+        resources={"spatial_pool": SpatialWorkerPool(task_module="tests.pool_tasks")},
+    )
+    assert result.success
+    lines = [
+        e
+        for e in instance.all_logs(result.run_id)
+        if e.user_message.startswith("counting_progress: ")
+    ]
+    assert len(lines) >= 4, [e.user_message for e in lines]
+    gaps = [b.timestamp - a.timestamp for a, b in zip(lines, lines[1:], strict=False)]
+    assert max(gaps) < 1.0, gaps
+    last = lines[-1].user_message
+    assert " of 10,000 (" in last and " rows/s, about " in last and " s left" in last, last

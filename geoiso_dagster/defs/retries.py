@@ -4,6 +4,7 @@ faults, with exponential backoff and jitter kept inside 5-60 s."""
 import concurrent.futures
 import queue
 import random
+import time
 
 from dagster import Failure, MetadataValue, OpExecutionContext, RetryRequested
 
@@ -14,6 +15,8 @@ from geoiso_dagster.pool import TaskResult
 MAX_ATTEMPTS = 3
 MIN_WAIT_S = 5.0
 MAX_WAIT_S = 60.0
+# How often a long step says how far it is (the issue asks for at least every 10 s).
+STATUS_EVERY_S = 5.0
 
 
 def backoff_seconds(retry_number: int, rng: random.Random | None = None) -> float:
@@ -39,11 +42,16 @@ def run_tasks(
     failure cancels the others (killing their workers) and is raised as run_task would:
     Failure for bad input, RetryRequested with backoff for transient faults."""
     messages: queue.Queue[dict] = queue.Queue()
-    futures = [pool.pool.submit(fn, on_progress=messages.put, **kwargs) for fn, kwargs in calls]
+    futures = [
+        pool.pool.submit(fn, on_progress=lambda e, i=i: messages.put({**e, "index": i}), **kwargs)
+        for i, (fn, kwargs) in enumerate(calls)
+    ]
+    status = Progress([fn for fn, _ in calls], futures)
     try:
         while not all(f.done() for f in futures):
             concurrent.futures.wait(futures, timeout=0.25, return_when="FIRST_EXCEPTION")
-            _drain(context, messages)
+            _drain(context, messages, status)
+            status.report(context)
             if any(f.done() and f.exception() is not None for f in futures):
                 break
         for future in futures:
@@ -53,7 +61,7 @@ def run_tasks(
     finally:
         for future in futures:
             future.cancel()
-    _drain(context, messages)
+    _drain(context, messages, status)
     return results
 
 
@@ -90,10 +98,55 @@ def _raise_for(context: OpExecutionContext, exc: BaseException) -> None:
     raise RetryRequested(max_retries=MAX_ATTEMPTS - 1, seconds_to_wait=wait) from exc
 
 
-def _drain(context: OpExecutionContext, messages: "queue.Queue[dict]") -> None:
+class Progress:
+    """How far each running task is, for a person reading the run log: every
+    STATUS_EVERY_S, one line per running task with what it last reported (done of total,
+    its unit), its rate and the time it expects to need; or how long it has worked, when
+    it reported no counts."""
+
+    def __init__(self, functions: list[str], futures: list) -> None:
+        self.functions, self.futures = functions, futures
+        self.started = time.monotonic()
+        self.last_report = self.started
+        self.counts: dict[int, dict] = {}  # task index -> its last progress facts with counts
+
+    def saw(self, event: dict) -> None:
+        if "done" in event and "index" in event:
+            self.counts[event["index"]] = event
+
+    def report(self, context: OpExecutionContext) -> None:
+        now = time.monotonic()
+        if now - self.last_report < STATUS_EVERY_S:
+            return
+        self.last_report = now
+        elapsed = now - self.started
+        for i, future in enumerate(self.futures):
+            if not future.done():
+                context.log.info(_status_line(self.functions[i], self.counts.get(i), elapsed))
+
+
+def _status_line(function: str, facts: dict | None, elapsed: float) -> str:
+    if not facts:
+        return f"{function}: working for {elapsed:.0f} s"
+    done, total, unit = int(facts["done"]), facts.get("total"), facts.get("unit", "rows")
+    rate = done / elapsed if elapsed > 0 else 0.0
+    line = f"{function}: {done:,} {unit}"
+    if total:
+        left = (int(total) - done) / rate if rate > 0 else float("inf")
+        eta = f"about {left:.0f} s left" if left != float("inf") else "no estimate yet"
+        line += f" of {int(total):,} ({100 * done / int(total):.0f} %)"
+        return f"{line}, {rate:,.0f} {unit}/s, {eta} (after {elapsed:.0f} s)"
+    return f"{line} so far, {rate:,.0f} {unit}/s (after {elapsed:.0f} s)"
+
+
+def _drain(
+    context: OpExecutionContext, messages: "queue.Queue[dict]", status: Progress | None = None
+) -> None:
     while True:
         try:
             event = messages.get_nowait()
         except queue.Empty:
             return
+        if status is not None:
+            status.saw(event)
         context.log.info(event.get("message", ""))

@@ -40,7 +40,13 @@ def ingest(
     def report(rows: int, expected: int | None) -> None:
         if time.monotonic() - last[0] >= 1.0:
             of = f" of {expected}" if expected is not None else ""
-            progress(f"read {rows}{of} features from {Path(source).name}", features=rows)
+            progress(
+                f"read {rows}{of} features from {Path(source).name}",
+                features=rows,
+                done=rows,
+                total=expected,
+                unit="features",
+            )
             last[0] = time.monotonic()
 
     try:
@@ -145,7 +151,13 @@ def reproject(
         _refuse_unrepresentable(bounds, nonfinite, present, first_row, source, target, limits)
 
     def report(done: int, total: int) -> None:
-        progress(f"reprojected row group {done} of {total}", row_groups_done=done)
+        progress(
+            f"reprojected row group {done} of {total}",
+            row_groups_done=done,
+            done=done,
+            total=total,
+            unit="row groups",
+        )
 
     try:
         with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
@@ -316,7 +328,13 @@ def dissolve(
         else:
             kinds |= {str(t) for t in shapely.get_type_id(geometries) if t >= 0}
         if time.monotonic() - last_report >= 1.0:
-            progress(f"dissolved {n} of {len(groups)} groups", groups_done=n)
+            progress(
+                f"dissolved {n} of {len(groups)} groups",
+                groups_done=n,
+                done=n,
+                total=len(groups),
+                unit="groups",
+            )
             last_report = time.monotonic()
     with_key = int(keys.notna().sum())
     dropped_non_polygonal = with_key - int(kept.sum())
@@ -502,7 +520,13 @@ def union_by_group(geometries: np.ndarray, indices: dict, keys) -> tuple[np.ndar
         unions[n], used_coverage = union_group(geometries[indices[key]])
         coverage += used_coverage
         if time.monotonic() - last_report >= 1.0:
-            progress(f"dissolved {n + 1} of {len(keys)} groups", groups_done=n + 1)
+            progress(
+                f"dissolved {n + 1} of {len(keys)} groups",
+                groups_done=n + 1,
+                done=n + 1,
+                total=len(keys),
+                unit="groups",
+            )
             last_report = time.monotonic()
     return unions, coverage
 
