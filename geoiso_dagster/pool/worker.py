@@ -26,8 +26,8 @@ from geoiso_dagster.pool.env import gdal_config_options
 # Exit code of a worker that the watchdog stopped for going over its memory ceiling.
 MEMORY_EXIT_CODE = 86
 _WATCH_INTERVAL_S = 0.02
-_OWNER_CHECK_EVERY = 10
-RELEASE_ABOVE_BASE_BYTES = 64 * 2**20  # watchdog ticks between checks that the pool's owner lives
+_OWNER_CHECK_EVERY = 10  # watchdog ticks between checks that the pool's owner lives
+RELEASE_ABOVE_BASE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -83,7 +83,8 @@ class _WorkerState:
         self.baseline = _Baseline()
         self.process = psutil.Process()
         # A task that stayed within this much of the fresh worker's memory left little to
-        # give back: handing memory back costs a small file's task about 3 ms (measured).
+        # give back, and handing memory back (a full collection, Arrow's pool, malloc_trim)
+        # costs milliseconds: more than a small file's task saves by it.
         self.release_above = self.process.memory_info().rss + RELEASE_ABOVE_BASE_BYTES
         self.events = EventSender(settings.events_address)
         self.task_peak_rss = 0

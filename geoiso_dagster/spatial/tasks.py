@@ -42,7 +42,6 @@ def ingest(
             of = f" of {expected}" if expected is not None else ""
             progress(
                 f"read {rows}{of} features from {Path(source).name}",
-                features=rows,
                 done=rows,
                 total=expected,
                 unit="features",
@@ -153,7 +152,6 @@ def reproject(
     def report(done: int, total: int) -> None:
         progress(
             f"reprojected row group {done} of {total}",
-            row_groups_done=done,
             done=done,
             total=total,
             unit="row groups",
@@ -330,7 +328,6 @@ def dissolve(
         if time.monotonic() - last_report >= 1.0:
             progress(
                 f"dissolved {n} of {len(groups)} groups",
-                groups_done=n,
                 done=n,
                 total=len(groups),
                 unit="groups",
@@ -522,7 +519,6 @@ def union_by_group(geometries: np.ndarray, indices: dict, keys) -> tuple[np.ndar
         if time.monotonic() - last_report >= 1.0:
             progress(
                 f"dissolved {n + 1} of {len(keys)} groups",
-                groups_done=n + 1,
                 done=n + 1,
                 total=len(keys),
                 unit="groups",
