@@ -24,6 +24,8 @@ from dagster import (
     AssetKey,
     AssetMaterialization,
     DagsterEventType,
+    DagsterInstance,
+    EventLogRecord,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -36,7 +38,13 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 from geoiso_dagster.defs.envelope import FileWork, Judged, metadata, stage_and_judge
 from geoiso_dagster.defs.fanout import PoolRunner
 from geoiso_dagster.defs.resources import SpatialWorkerPool
-from geoiso_dagster.defs.retries import MAX_ATTEMPTS, backoff_seconds, describe_failure
+from geoiso_dagster.defs.retries import (
+    MAX_ATTEMPTS,
+    backoff_seconds,
+    describe_failure,
+    giving_up,
+    retrying,
+)
 from geoiso_dagster.errors import BadInputError, GeoisoError
 from geoiso_dagster.fsutil import publish, sweep_stale_temps, temp_path_for
 
@@ -92,13 +100,10 @@ def _one_file(
                 outcome.error = describe_failure(exc)[0]
                 return outcome
             if attempt == MAX_ATTEMPTS or stop.is_set():
-                outcome.error = f"{exc} (attempt {attempt} of {MAX_ATTEMPTS}; giving up)"
+                outcome.error = giving_up(exc, attempt)
                 return outcome
             wait = backoff_seconds(attempt - 1)
-            outcome.warnings.append(
-                f"{type(exc).__name__}: {exc}; attempt {attempt} of {MAX_ATTEMPTS}, "
-                f"retrying in {wait:.1f} s"
-            )
+            outcome.warnings.append(retrying(exc, attempt, wait))
             stop.wait(wait)
             continue
         except BaseException:
@@ -161,26 +166,36 @@ def _add_partition_metadata(
     )
 
 
+def run_materializations(instance: DagsterInstance, run_id: str) -> Iterator[EventLogRecord]:
+    """Every partitioned asset materialization the run recorded, page by page."""
+    cursor = None
+    while True:
+        page = instance.get_records_for_run(
+            run_id, cursor=cursor, of_type=DagsterEventType.ASSET_MATERIALIZATION
+        )
+        for record in page.records:
+            event = record.event_log_entry.dagster_event
+            if event is not None and event.asset_key is not None and event.partition:
+                yield record
+        if not page.has_more:
+            return
+        cursor = page.cursor
+
+
 def _targets(
     context: AssetExecutionContext, asset_key: AssetKey
 ) -> dict[str, AssetCheckEvaluationTargetMaterializationData]:
     """The materialization of each partition of `asset_key` this run recorded."""
-    found, cursor = {}, None
-    while True:
-        page = context.instance.get_records_for_run(
-            context.run_id, cursor=cursor, of_type=DagsterEventType.ASSET_MATERIALIZATION
-        )
-        for record in page.records:
-            event = record.event_log_entry.dagster_event
-            if event is not None and event.asset_key == asset_key and event.partition:
-                found[event.partition] = AssetCheckEvaluationTargetMaterializationData(
-                    storage_id=record.storage_id,
-                    run_id=context.run_id,
-                    timestamp=record.event_log_entry.timestamp,
-                )
-        if not page.has_more:
-            return found
-        cursor = page.cursor
+    found = {}
+    for record in run_materializations(context.instance, context.run_id):
+        event = record.event_log_entry.dagster_event
+        if event.asset_key == asset_key:
+            found[event.partition] = AssetCheckEvaluationTargetMaterializationData(
+                storage_id=record.storage_id,
+                run_id=context.run_id,
+                timestamp=record.event_log_entry.timestamp,
+            )
+    return found
 
 
 def produce_batch(

@@ -86,16 +86,23 @@ def _raise_for(context: OpExecutionContext, exc: BaseException) -> None:
         raise Failure(description=description, metadata=metadata, allow_retries=False) from None
     attempt = context.retry_number + 1
     if attempt >= MAX_ATTEMPTS:
-        raise Failure(
-            description=f"{exc} (attempt {attempt} of {MAX_ATTEMPTS}; giving up)",
-            allow_retries=False,
-        ) from None
+        raise Failure(description=giving_up(exc, attempt), allow_retries=False) from None
     wait = backoff_seconds(context.retry_number)
-    context.log.warning(
+    context.log.warning(retrying(exc, attempt, wait))
+    raise RetryRequested(max_retries=MAX_ATTEMPTS - 1, seconds_to_wait=wait) from exc
+
+
+def retrying(exc: GeoisoError, attempt: int, wait: float) -> str:
+    """What the run log says when attempt `attempt` failed transiently and another follows."""
+    return (
         f"{type(exc).__name__}: {exc}; attempt {attempt} of {MAX_ATTEMPTS}, "
         f"retrying in {wait:.1f} s"
     )
-    raise RetryRequested(max_retries=MAX_ATTEMPTS - 1, seconds_to_wait=wait) from exc
+
+
+def giving_up(exc: GeoisoError, attempt: int) -> str:
+    """The failure of the last attempt at a transient fault."""
+    return f"{exc} (attempt {attempt} of {MAX_ATTEMPTS}; giving up)"
 
 
 class Progress:
@@ -139,14 +146,11 @@ def _status_line(function: str, facts: dict | None, elapsed: float) -> str:
     return f"{line} so far, {rate:,.0f} {unit}/s (after {elapsed:.0f} s)"
 
 
-def _drain(
-    context: OpExecutionContext, messages: "queue.Queue[dict]", status: Progress | None = None
-) -> None:
+def _drain(context: OpExecutionContext, messages: "queue.Queue[dict]", status: Progress) -> None:
     while True:
         try:
             event = messages.get_nowait()
         except queue.Empty:
             return
-        if status is not None:
-            status.saw(event)
+        status.saw(event)
         context.log.info(event.get("message", ""))

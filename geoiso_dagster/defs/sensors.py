@@ -31,7 +31,7 @@ from dagster import (
 
 from geoiso_dagster import inbox
 from geoiso_dagster.defs.assets import BATCH_MAX_FILES
-from geoiso_dagster.defs.batch import FAILED_FILES
+from geoiso_dagster.defs.batch import FAILED_FILES, run_materializations
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.paths import ASSET_NAMES
 
@@ -220,18 +220,10 @@ def build_inbox_sensor(
 
 def _materialized_in(context: RunStatusSensorContext, run_id: str) -> dict[str, set[str]]:
     done: dict[str, set[str]] = {name: set() for name in ASSET_NAMES}
-    cursor = None
-    while True:
-        page = context.instance.get_records_for_run(
-            run_id, cursor=cursor, of_type=DagsterEventType.ASSET_MATERIALIZATION
-        )
-        for record in page.records:
-            event = record.event_log_entry.dagster_event
-            if event and event.asset_key and event.partition:
-                done.setdefault(event.asset_key.to_user_string(), set()).add(event.partition)
-        if not page.has_more:
-            return done
-        cursor = page.cursor
+    for record in run_materializations(context.instance, run_id):
+        event = record.event_log_entry.dagster_event
+        done.setdefault(event.asset_key.to_user_string(), set()).add(event.partition)
+    return done
 
 
 def _failed_files(context: RunStatusSensorContext, run_id: str) -> set[str]:
