@@ -237,14 +237,16 @@ def scan(
     for name in sorted(entries):
         if why_not_a_source(name) is not None:
             continue
-        if since is not None and _unchanged_since(entries, name, since):
+        known = since is not None or bool(seen and name in seen)
+        stats = _entry_stats(entries, name) if known else None
+        if stats is not None and since is not None and _changed(stats) <= since:
             result.unchanged += 1
             continue
-        if seen and name in seen:
-            fingerprint, changed = _entry_fingerprint(entries, name)
+        if stats is not None and seen and name in seen:
+            fingerprint = _digest(stats)
             if fingerprint == seen[name]:
                 result.unchanged += 1
-                result.seen_again[name] = (fingerprint, changed)
+                result.seen_again[name] = (fingerprint, _changed(stats))
                 continue
         try:
             item, waiting = _look_at(inbox / name, root, settle_s, now)
@@ -263,11 +265,10 @@ def scan(
     return result
 
 
-def _entry_fingerprint(
-    entries: dict[str, os.DirEntry], name: str
-) -> tuple[str, float] | tuple[None, None]:
-    """(fingerprint, changed_at) of `name` with its companions, from the directory
-    listing; (None, None) for a link, whose target's changes do not show on it."""
+def _entry_stats(entries: dict[str, os.DirEntry], name: str) -> dict[str, os.stat_result] | None:
+    """The lstat of `name`, its parts and its sidecar, by name, from the directory
+    listing; None when one is a link (its target's changes do not show on it) or has
+    gone: such a file is looked at in full."""
     stats = {}
     for each in [name, *formats.companion_names(name), name + CONFIG_SIDECAR_SUFFIX]:
         entry = entries.get(each)
@@ -275,27 +276,15 @@ def _entry_fingerprint(
             continue
         try:
             if entry.is_symlink():
-                return None, None
+                return None
             stats[each] = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
-            return None, None
-    return _digest(stats), max(changed_at(st) for st in stats.values())
+            return None
+    return stats
 
 
-def _unchanged_since(entries: dict[str, os.DirEntry], name: str, since: float) -> bool:
-    """Whether `name`, its parts and its sidecar all last changed at or before `since`
-    (a link is always looked at: its target's changes do not show on it)."""
-    names = [name, *formats.companion_names(name), name + CONFIG_SIDECAR_SUFFIX]
-    for each in names:
-        entry = entries.get(each)
-        if entry is None:
-            continue
-        try:
-            if entry.is_symlink() or changed_at(entry.stat(follow_symlinks=False)) > since:
-                return False
-        except FileNotFoundError:
-            return False
-    return True
+def _changed(stats: dict[str, os.stat_result]) -> float:
+    return max(changed_at(st) for st in stats.values())
 
 
 def _look_at(path: Path, root: Path, settle_s: float, now: float):

@@ -188,14 +188,13 @@ def build_inbox_sensor(
         found = inbox.scan(settle_s=settle_s, now=now, since=since, seen=recent)
         for name, why in found.refused.items():
             context.log.warning(f"inbox: {name} refused: {why}")
-        ready = found.ready  # files whose fingerprint is in `recent` were not looked at
         # Everything that last changed before now - settle has been handled by this tick
         # (run, refused, or waiting for something whose arrival is itself a change).
         mark = max(since or 0.0, now - settle_s - CLOCK_MARGIN_S)
         window = {key: fp for key, (fp, changed) in found.seen_again.items() if changed > mark}
         window.update({item.key: item.fingerprint for item in found.ready if item.changed > mark})
         cursor = _write_cursor(mark, window)
-        if not ready:
+        if not found.ready:  # (a file whose fingerprint is in `recent` was not looked at)
             notes = [f"{k}: {why}" for k, why in found.waiting.items()]
             notes += [f"{k}: {why} (refused)" for k, why in found.refused.items()]
             return SensorResult(
@@ -208,12 +207,14 @@ def build_inbox_sensor(
         # The new partitions are added here, before the batches are planned: a batch is a
         # range of the instance's order, which a concurrent `geoiso add` could change
         # between this tick and the daemon applying a returned add request.
-        known = set(context.instance.get_dynamic_partitions(source_files.name))
-        new_keys = sorted({item.key for item in ready} - known)
+        order = list(context.instance.get_dynamic_partitions(source_files.name))
+        new_keys = sorted({item.key for item in found.ready} - set(order))
         if new_keys:
             context.instance.add_dynamic_partitions(source_files.name, new_keys)
-        order = list(context.instance.get_dynamic_partitions(source_files.name))
-        return SensorResult(run_requests=plan_runs(ready, order, _parallel_runs()), cursor=cursor)
+            order = list(context.instance.get_dynamic_partitions(source_files.name))
+        return SensorResult(
+            run_requests=plan_runs(found.ready, order, _parallel_runs()), cursor=cursor
+        )
 
     return inbox_sensor
 
