@@ -244,7 +244,8 @@ def test_a_200_character_key_fans_out_end_to_end(data_root, monkeypatch):
             path.parent.mkdir(parents=True, exist_ok=True)
         facts = [
             fanout.ingest(runner, str(source), raw).facts,
-            fanout.reproject(runner, str(raw), rep, "EPSG:3857").facts,
+            # The source, as raw_features is one row group (merged in Hilbert order).
+            fanout.reproject(runner, str(source), rep, "EPSG:3857").facts,
             fanout.dissolve(runner, str(rep), dis, dissolve_by="region_id").facts,
         ]
     assert [f["rows"] for f in facts] == [60, 60, 3]

@@ -16,7 +16,7 @@ from shapely.geometry import Polygon
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.spatial import tasks
 from geoiso_dagster.spatial.ingest import ingest_file
-from geoiso_dagster.spatial.io import ROW_GROUP_ROWS
+from geoiso_dagster.spatial.io import ROW_GROUP_ROWS, SLICE_ROWS
 
 
 @pytest.fixture(autouse=True)
@@ -263,21 +263,24 @@ def test_streamed_reprojection_is_bit_identical_to_the_whole_frame_one(target, t
     x, y = rng.uniform(-170, 170, n), rng.uniform(-80, 80, n)
     polygons = shapely.buffer(shapely.points(x, y), 0.5, quad_segs=2)
     polygons[::7] = shapely.force_3d(polygons[::7], z=12.5)
-    frame = geopandas.GeoDataFrame({"region_id": np.arange(n) % 9}, geometry=polygons, crs=4326)
+    frame = geopandas.GeoDataFrame(
+        {"region_id": np.arange(n) % 9, "fid": np.arange(n)}, geometry=polygons, crs=4326
+    )
     raw = tasks.ingest(_parquet(frame, tmp_path / "in.parquet"), str(tmp_path / "raw.parquet"))
     assert raw["row_groups"] == 2
     streamed = tasks.reproject(raw["path"], str(tmp_path / "rep.parquet"), target)
     assert streamed["transformed"] and streamed["row_groups"] == 2 and streamed["rows"] == n
-    out = geopandas.read_parquet(streamed["path"])
-    whole = geopandas.read_parquet(raw["path"]).to_crs(target)
+    # Each file is in Hilbert order in its own CRS: rows are matched by their id.
+    out = geopandas.read_parquet(streamed["path"]).sort_values("fid", ignore_index=True)
+    whole = geopandas.read_parquet(raw["path"]).to_crs(target).sort_values("fid", ignore_index=True)
     assert out.crs.equals(whole.crs)
     assert shapely.equals_exact(out.geometry.values, whole.geometry.values, tolerance=0).all()
     assert (shapely.has_z(out.geometry.values) == shapely.has_z(polygons)).all()
     assert streamed["bbox"] == pytest.approx(list(whole.total_bounds), rel=1e-12)
     geo = json.loads(pq.ParquetFile(streamed["path"]).schema_arrow.metadata[b"geo"])
     assert geo["version"] == "1.1.0" and "bbox" in geo["columns"]["geometry"]["covering"]
-    boxes = pq.read_table(streamed["path"], columns=["bbox"]).column(0).combine_chunks()
-    assert boxes.field("xmin").to_numpy() == pytest.approx(
+    boxes = pq.read_table(streamed["path"], columns=["bbox", "fid"]).sort_by("fid")
+    assert boxes["bbox"].combine_chunks().field("xmin").to_numpy() == pytest.approx(
         shapely.bounds(whole.geometry.values)[:, 0]
     )
 
@@ -321,18 +324,22 @@ def test_dissolve_parts_joined_equal_the_whole(naturalearth_shp, tmp_path):
     frame.loc[:4, "continent"] = None  # null keys: dropped, counted once
     source = _parquet(frame, tmp_path / "c.parquet")
     whole = tasks.dissolve(source, str(tmp_path / "whole.parquet"), "continent")
+    plan = tasks.plan_dissolve(source, "continent", memory_limit_mb=64, min_parts=3)
+    assert len(plan["parts"]) == 3 and plan["dropped_null_keys"] == 5
+    assert plan["parts"][0][0] == 0 and plan["parts"][-1][1] == plan["groups"] == 8
     parts = [
-        tasks.dissolve(source, str(tmp_path / f"p{i}.parquet"), "continent", part=[i, 3])
-        for i in range(3)
+        tasks.dissolve(source, str(tmp_path / f"p{i}.parquet"), "continent", ranks=ranks)
+        for i, ranks in enumerate(plan["parts"])
     ]
     joined = tasks.join_dissolved(
         [p["path"] for p in parts], str(tmp_path / "joined.parquet"), "continent", source
     )
     assert pq.read_table(joined["path"]).equals(pq.read_table(whole["path"]))
-    assert sum(p["dropped_null_keys"] for p in parts) == whole["dropped_null_keys"] == 5
+    assert whole["dropped_null_keys"] == 5  # the plan's count; the parts hold no null key
+    assert sum(p["dropped_null_keys"] for p in parts) == 0
     assert sum(p["rows"] for p in parts) == whole["rows"] == 8
-    # more parts than keys: the extra parts hold nothing and say so
-    empty = tasks.dissolve(source, str(tmp_path / "e.parquet"), "continent", part=[9, 10])
+    # a range past the keys holds nothing and says so
+    empty = tasks.dissolve(source, str(tmp_path / "e.parquet"), "continent", ranks=[9, 10])
     assert empty == {"path": None, "rows": 0, "dropped_null_keys": 0}
 
 
@@ -343,12 +350,15 @@ def _mixed_countries(naturalearth_shp, tmp_path) -> tuple[Path, geopandas.GeoDat
     frame.loc[frame.index[::9], "geometry"] = shapely.force_3d(frame.geometry.values[::9], z=7.0)
     frame.loc[frame.index[100], "geometry"] = None
     frame["rank"] = pd.array([None if i % 4 == 0 else i for i in range(len(frame))], "Int64")
+    frame["row"] = np.arange(len(frame))  # outputs are in Hilbert order: rows match by it
     source = tmp_path / "mixed.gpkg"
     frame.to_file(source, driver="GPKG", engine="pyogrio")
     return source, geopandas.read_file(source, engine="pyogrio")
 
 
 def _same_frame(out: geopandas.GeoDataFrame, whole: geopandas.GeoDataFrame) -> None:
+    """The same rows (matched by `row`: an output is in Hilbert order), bit for bit."""
+    out = out.sort_values("row", ignore_index=True)
     assert list(out.columns) == list(whole.columns)
     assert out.crs.equals(whole.crs)
     a, b = out.geometry.values, whole.geometry.values
@@ -394,7 +404,10 @@ def test_ingest_parts_concatenated_equal_the_whole(naturalearth_shp, tmp_path):
     assert [p["rows"] for p in parts] == [60, 60, 57]
     assert [pa.ipc.open_file(p["path"]).read_all().num_rows for p in parts] == [60, 60, 57]
     joined = tasks.concatenate(
-        [p["path"] for p in parts], str(tmp_path / "joined.parquet"), [p["geo"] for p in parts]
+        [p["path"] for p in parts],
+        str(tmp_path / "joined.parquet"),
+        [p["geo"] for p in parts],
+        [p["runs"] for p in parts],
     )
     single = tasks.ingest(str(source), str(tmp_path / "single.parquet"))
     _same_frame(geopandas.read_parquet(joined["path"]), whole)
@@ -408,7 +421,10 @@ def test_ingest_parts_concatenated_equal_the_whole(naturalearth_shp, tmp_path):
         for i, r in enumerate([[0, 2], [2, 2]])
     ]
     from_groups = tasks.concatenate(
-        [g["path"] for g in groups], str(tmp_path / "g.parquet"), [g["geo"] for g in groups]
+        [g["path"] for g in groups],
+        str(tmp_path / "g.parquet"),
+        [g["geo"] for g in groups],
+        [g["runs"] for g in groups],
     )
     _same_frame(geopandas.read_parquet(from_groups["path"]), whole)
 
@@ -435,14 +451,16 @@ def test_streamed_ingest_counts_bad_rows_across_batches(tmp_path):
 
 def test_a_refused_row_is_named_by_its_row_in_the_file(tmp_path):
     """Rows are checked in slices of row groups; the error still counts from the file's
-    first row (these two lie in the second row group's second slice)."""
+    first row (the raw file's: it is in Hilbert order; two rows near the pole)."""
     n = ROW_GROUP_ROWS + 15_000
     x = np.linspace(-170, 170, n)
     y = np.zeros(n)
     y[[60_005, 60_007]] = 89.9999  # Web Mercator is not defined near the pole
     frame = geopandas.GeoDataFrame(geometry=geopandas.points_from_xy(x, y), crs=4326)
     raw = tasks.ingest(_parquet(frame, tmp_path / "in.parquet"), str(tmp_path / "raw.parquet"))
-    with pytest.raises(BadInputError, match=r"2 feature\(s\) .* rows \[60005, 60007\]"):
+    polar = np.flatnonzero(geopandas.read_parquet(raw["path"]).geometry.y > 89).tolist()
+    assert len(polar) == 2 and polar[1] > SLICE_ROWS
+    with pytest.raises(BadInputError, match=rf"2 feature\(s\) .* rows \{polar}"):
         tasks.reproject(raw["path"], str(tmp_path / "rep.parquet"), "EPSG:3857")
 
 
@@ -514,7 +532,8 @@ def test_wkb_fast_path_names_rows_the_target_cannot_hold(tmp_path):
     polygons[17] = shapely.box(0, 80, 10, 90)
     frame = geopandas.GeoDataFrame(geometry=polygons, crs=4326)
     raw = tasks.ingest(_parquet(frame, tmp_path / "in.parquet"), str(tmp_path / "raw.parquet"))
-    with pytest.raises(BadInputError, match=r"1 feature\(s\) .* rows \[17\]"):
+    row = int(np.flatnonzero(geopandas.read_parquet(raw["path"]).bounds["maxy"] == 90)[0])
+    with pytest.raises(BadInputError, match=rf"1 feature\(s\) .* rows \[{row}\]"):
         tasks.reproject(raw["path"], str(tmp_path / "rep.parquet"), "EPSG:3857")
 
 

@@ -28,6 +28,7 @@ class Runner(Protocol):
     for the benchmarks), so that both take exactly the same decisions."""
 
     max_workers: int
+    memory_limit_mb: int
 
     def run(self, function: str, **kwargs) -> TaskResult: ...
 
@@ -42,6 +43,7 @@ class StepRunner:
 
     def __init__(self, context: OpExecutionContext, pool: SpatialWorkerPool) -> None:
         self.context, self.pool, self.max_workers = context, pool, pool.max_workers
+        self.memory_limit_mb = pool.memory_limit_mb
 
     def run(self, function: str, **kwargs) -> TaskResult:
         return run_task(self.context, self.pool, function, **kwargs)
@@ -58,6 +60,7 @@ class PoolRunner:
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool, self.max_workers = pool, pool.settings.max_workers
+        self.memory_limit_mb = pool.settings.memory_limit_mb
 
     def run(self, function: str, **kwargs) -> TaskResult:
         return self.pool.run(function, **kwargs)
@@ -71,6 +74,9 @@ class PoolRunner:
 
 
 FAN_OUT_MIN_ROWS = 200_000
+# Partial unions of a giant group per union_partials task (kept equal to spatial/union.py's
+# FAN_IN, which this layer cannot import: it loads GEOS).
+FAN_IN = 16
 # Sources smaller than this are ingested as one task without asking how many features
 # they hold (the survey is a task too): about 130k polygons of a GeoPackage.
 FAN_OUT_MIN_BYTES = 32 * 2**20
@@ -127,7 +133,11 @@ def ingest(runner: Runner, source: str, staged: Path, layer: str | None = None) 
         [{"features": features} for features in plan],
         lambda parts, results: (
             "concatenate",
-            {"parts": [str(p) for p in parts], "geos": [r.facts["geo"] for r in results]},
+            {
+                "parts": [str(p) for p in parts],
+                "geos": [r.facts["geo"] for r in results],
+                "runs": [r.facts.get("runs") for r in results],
+            },
         ),
     )
     return _combined(joined, results)
@@ -151,7 +161,10 @@ def reproject(runner: Runner, source: str, staged: Path, target_crs: str) -> Tas
         staged,
         ("reproject", {"source": source, "target_crs": target_crs}),
         [{"row_groups": groups} for groups in plan],
-        lambda parts, results: ("concatenate", {"parts": [str(p) for p in parts]}),
+        lambda parts, results: (
+            "concatenate",
+            {"parts": [str(p) for p in parts], "runs": [r.facts.get("runs") for r in results]},
+        ),
     )
     return _combined(
         joined,
@@ -206,26 +219,122 @@ _DISSOLVE_COUNTS = (
 
 
 def dissolve(runner: Runner, source: str, staged: Path, **options) -> TaskResult:
-    """The dissolve task, fanned out by group when the file is large: each worker takes
-    every n-th group (in key order), a last task joins the parts ordered by key."""
+    """The dissolve task, in parts a worker can hold when the file is large: a plan (a
+    task: it reads the key column) cuts the sorted keys into ranges of at most a tenth
+    of a worker's ceiling of data, at least one per worker; a group larger than that on
+    its own is unioned in chunks and the chunks' unions in turn (spatial/union.py). A
+    last task joins the parts ordered by key."""
     rows = pq.ParquetFile(source).metadata.num_rows
-    workers = runner.max_workers
-    if workers < 2 or rows < FAN_OUT_MIN_ROWS:
+    if rows < FAN_OUT_MIN_ROWS:
         return runner.run("dissolve", source=source, output=str(staged), **options)
-    runner.log(f"fanning the dissolve out over {workers} workers by group")
-    results, joined = _fan_out(
-        runner,
-        staged,
-        ("dissolve", {"source": source, **options}),
-        [{"part": [i, workers]} for i in range(workers)],
-        lambda parts, results: (
-            "join_dissolved",
-            {
-                "parts": [r.facts["path"] for r in results],
-                "dissolve_by": options["dissolve_by"],
-                "source": source,
-            },
-        ),
+    by = options["dissolve_by"]
+    plan = runner.run(
+        "plan_dissolve",
+        source=source,
+        dissolve_by=by,
+        memory_limit_mb=runner.memory_limit_mb,
+        min_parts=runner.max_workers,
+    ).facts
+    if plan["parts"] is None:
+        return runner.run("dissolve", source=source, output=str(staged), **options)
+    giants = plan["giants"]
+    runner.log(
+        f"dissolving {plan['groups']} groups in {len(plan['parts'])} parts of at most "
+        f"{plan['budget_mb']} MB (a tenth of memory_limit_mb={runner.memory_limit_mb})"
+        + "".join(
+            f"; group {g['key']!r} ({g['rows']} features, {g['mb']} MB) unioned in "
+            f"{len(g['chunks'])} chunks"
+            for g in giants
+        )
     )
-    counts = {name: sum(r.facts.get(name, 0) for r in results) for name in _DISSOLVE_COUNTS}
-    return _combined(joined, results, dissolve_by=options["dissolve_by"], **counts)
+    temps: list[Path] = []
+
+    def temp() -> str:
+        temps.append(temp_path_for(staged))
+        return str(temps[-1])
+
+    try:
+        calls = [
+            ("dissolve", {"source": source, **options, "ranks": ranks, "output": temp()})
+            for ranks in plan["parts"]
+        ]
+        chunk_calls = [
+            (
+                "dissolve_chunk",
+                {
+                    "source": source,
+                    **options,
+                    "rank": g["rank"],
+                    "row_groups": chunk,
+                    "output": temp(),
+                },
+            )
+            for g in giants
+            for chunk in g["chunks"]
+        ]
+        results = runner.run_all(calls + chunk_calls)
+        parts, chunks = results[: len(calls)], results[len(calls) :]
+        finals, union_tasks = _union_giants(runner, source, options, giants, chunks, temp)
+        joined = runner.run(
+            "join_dissolved",
+            parts=[r.facts["path"] for r in [*parts, *finals]],
+            output=str(staged),
+            dissolve_by=by,
+            source=source,
+        )
+    finally:
+        for path in temps:
+            path.unlink(missing_ok=True)
+    everything = [*parts, *finals]
+    counts = {name: sum(r.facts.get(name, 0) for r in everything) for name in _DISSOLVE_COUNTS}
+    counts["dropped_null_keys"] = plan["dropped_null_keys"]
+    if giants:
+        counts.update(giant_groups=len(giants), union_tasks=union_tasks)
+    return _combined(joined, [*parts, *chunks, *finals], dissolve_by=by, **counts)
+
+
+def _union_giants(runner, source, options, giants, chunks, temp) -> tuple[list[TaskResult], int]:
+    """Union each giant group's chunk unions FAN_IN at a time, level by level (all the
+    groups' tasks of a level side by side), down to one row per group."""
+    fan_in = FAN_IN
+    pending, at = [], 0
+    for g in giants:
+        pending.append([r.facts["path"] for r in chunks[at : at + len(g["chunks"])]])
+        at += len(g["chunks"])
+    finals: list[TaskResult | None] = [None] * len(giants)
+    tasks = 0
+    while any(paths is not None for paths in pending):
+        calls, owners = [], []
+        for i, paths in enumerate(pending):
+            if paths is None:
+                continue
+            final = len(paths) <= fan_in
+            for start in range(0, len(paths), fan_in):
+                calls.append(
+                    (
+                        "union_partials",
+                        {
+                            "partials": paths[start : start + fan_in],
+                            "output": temp(),
+                            "source": source,
+                            "dissolve_by": options["dissolve_by"],
+                            "rank": giants[i]["rank"],
+                            "group_rows": giants[i]["rows"],
+                            "memory_limit_mb": runner.memory_limit_mb,
+                            "final": final,
+                            "aggfunc": options.get("aggfunc", "first"),
+                            "aggregations": options.get("aggregations"),
+                        },
+                    )
+                )
+                owners.append(i)
+        results = runner.run_all(calls)
+        tasks += len(calls)
+        next_pending: list = [None] * len(giants)
+        for i, result in zip(owners, results, strict=True):
+            if pending[i] is not None and len(pending[i]) <= fan_in:
+                finals[i] = result
+            else:
+                next_pending[i] = [*(next_pending[i] or []), result.facts["path"]]
+        pending = next_pending
+    return [f for f in finals if f is not None], tasks

@@ -134,12 +134,12 @@ def _ingest(source, tmp, features, batch_rows, group_rows, on_batch, part, layer
     with _open(source, features, batch_rows, layer) as src:
         if suffix in (".geojson", ".json"):  # before any row: the cause, not its symptom
             integrity.check_geojson_crs(source, src.crs)
-        rows, geo = _write(source, tmp, src, group_rows, on_batch, part)
+        rows, geo, runs = _write(source, tmp, src, group_rows, on_batch, part)
     if src.expected is not None and rows != src.expected:
         raise BadInputError(
             str(source), f"declares {src.expected} features but {rows} could be read"
         )
-    return {"rows": rows, "geo": geo}
+    return {"rows": rows, "geo": geo, "runs": runs}
 
 
 def _guarded(source: Path, batches) -> Iterator[pa.RecordBatch]:
@@ -239,14 +239,14 @@ def _write(
     source: Path, tmp: Path, src: _Source, group_rows: int, on_batch, part: bool
 ) -> tuple[int, dict]:
     """Check and convert batch by batch; write row groups of `group_rows` rows."""
-    sink = TableSink(tmp, GEOMETRY, part, store_schema=False)
+    limits = io.coordinate_limits(src.crs)
+    sink = TableSink(tmp, GEOMETRY, part, store_schema=False, domain=limits, group_rows=group_rows)
     rows = 0
     pending: list[pa.Table] = []
     types: set[str] = set()
     low, high = np.full(2, np.inf), np.full(2, -np.inf)
     nonfinite: list[int] = []
     outside: list[int] = []
-    limits = io.coordinate_limits(src.crs)
     try:
         for batch in src.batches:
             if batch.num_rows == 0:
@@ -299,10 +299,11 @@ def _write(
             raise BadInputError(str(source), "has no features (0 rows)")
         bbox = [*low.tolist(), *high.tolist()] if np.isfinite(low).all() else None
         geo = _geo(src.crs, types, bbox)
-        sink.close(geo)
-    finally:
-        sink.close()
-    return rows, geo
+        runs = sink.close(geo)
+    except BaseException:
+        sink.abort()
+        raise
+    return rows, geo, runs
 
 
 def _limits_text(crs: pyproj.CRS, limits: tuple[float, float, float, float]) -> str:

@@ -112,12 +112,15 @@ def curves_cause(exc: BaseException) -> str:
 
 
 def read_geoparquet_table(
-    path: str | Path, where: tuple[str, list] | None = None
+    path: str | Path,
+    where: tuple[str, list] | None = None,
+    row_groups: list[int] | None = None,
 ) -> tuple[pa.Table, str, pyproj.CRS]:
     """(table, geometry column, CRS) of a GeoParquet file written by an upstream asset,
     geometries left as WKB and without the bbox covering column. `where` = (column,
     values): only the rows whose column holds one of the values, filtered row group by
-    row group, so that no more than one group beyond the result is ever decoded."""
+    row group, so that no more than one group beyond the result is ever decoded;
+    `row_groups`: only those row groups."""
     path = Path(path)
     if not path.exists():
         raise BadInputError(str(path), "upstream output does not exist; materialize it first")
@@ -129,7 +132,7 @@ def read_geoparquet_table(
         parquet = pq.ParquetFile(path, pre_buffer=False)
         columns = [n for n in parquet.schema_arrow.names if n != covering]
         pieces = []
-        for group in range(parquet.num_row_groups):
+        for group in range(parquet.num_row_groups) if row_groups is None else row_groups:
             piece = parquet.read_row_group(group, columns=columns)
             if where is not None:
                 column, values = where
@@ -151,6 +154,7 @@ def write_geoparquet(frame: geopandas.GeoDataFrame, target: str | Path) -> dict:
     """Write GeoParquet 1.1 (zstd, bbox covering, bounded row groups) atomically and
     return the facts of the file as written."""
     target = Path(target)
+    frame = _in_hilbert_order(frame)
     try:
         with atomic_path(target) as tmp, faults.around_write(tmp):
             frame.to_parquet(
@@ -164,6 +168,23 @@ def write_geoparquet(frame: geopandas.GeoDataFrame, target: str | Path) -> dict:
     except OSError as exc:
         raise os_error(target, exc, "writing") from exc
     return describe(target)
+
+
+def _in_hilbert_order(frame: geopandas.GeoDataFrame) -> geopandas.GeoDataFrame:
+    """The rows along the Hilbert curve over what the CRS can hold (spatial/hilbert.py),
+    as every GeoParquet file here is written."""
+    from geoiso_dagster.spatial import hilbert, stream
+
+    bounds = shapely.bounds(frame.geometry.values)
+    domain = coordinate_limits(frame.crs) if frame.crs is not None else _own_extent(bounds)
+    order = np.argsort(hilbert.keys(stream.bbox_column(bounds), domain), kind="stable")
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def _own_extent(bounds: "np.ndarray") -> tuple[float, float, float, float]:
+    if np.isnan(bounds).all():
+        return (0.0, 0.0, 1.0, 1.0)
+    return (*np.nanmin(bounds[:, :2], axis=0), *np.nanmax(bounds[:, 2:], axis=0))
 
 
 def geoparquet_crs(path: Path, geo: dict | None = None) -> pyproj.CRS:

@@ -18,10 +18,11 @@ from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import atomic_path
 from geoiso_dagster.pool.worker import progress
 from geoiso_dagster.settings import check_aggregations, check_target_crs
-from geoiso_dagster.spatial import faults, integrity, io, sources, stream, thumbnail
+from geoiso_dagster.spatial import faults, integrity, io, sources, stream, thumbnail, union
 from geoiso_dagster.spatial.ingest import gdal_info, ingest_file
 from geoiso_dagster.spatial.ingest import survey as ingest_survey
 from geoiso_dagster.spatial.io import write_geoparquet
+from geoiso_dagster.spatial.union import polygonal_parts, repair, union_group
 
 FEATURE_COUNT_COLUMN = "feature_count"
 _POLYGONAL = {"Polygon", "MultiPolygon"}
@@ -66,7 +67,12 @@ def ingest(
         features=written["rows"],
     )
     if features is not None:  # a part file: its facts go to `concatenate`
-        return {"path": output, "rows": written["rows"], "geo": written["geo"]}
+        return {
+            "path": output,
+            "rows": written["rows"],
+            "geo": written["geo"],
+            "runs": written["runs"],
+        }
     return io.describe(Path(output))
 
 
@@ -76,13 +82,19 @@ def survey(source: str, layer: str | None = None) -> dict:
     return ingest_survey(source, layer)
 
 
-def concatenate(parts: list[str], output: str, geos: list[dict] | None = None) -> dict:
-    """Join the parts of a fan-out, in order, into `output` (atomically); `geos`: the
+def concatenate(
+    parts: list[str],
+    output: str,
+    geos: list[dict] | None = None,
+    runs: list[list[list[int]] | None] | None = None,
+) -> dict:
+    """Join the parts of a fan-out into `output` (atomically): merged in Hilbert order
+    when they are sorted runs (`runs`, see stream.TableSink), else in order; `geos`: the
     parts' `geo` metadata when their files do not carry it (ingest parts)."""
     faults.at_start("concatenate")
     try:
         with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
-            stream.concatenate([Path(p) for p in parts], tmp, geos)
+            stream.concatenate([Path(p) for p in parts], tmp, geos, runs)
     except OSError as exc:
         raise io.os_error(Path(output), exc, "writing") from exc
     return io.describe(Path(output))
@@ -178,7 +190,13 @@ def reproject(
         + (f" (dropped M values of {measured} measured geometries)" if measured else "")
     )
     if row_groups is not None:  # a part file: its facts go to `concatenate`
-        return {"path": output, "rows": written["rows"], "transformed": True, "dropped_m": measured}
+        return {
+            "path": output,
+            "rows": written["rows"],
+            "runs": written["runs"],
+            "transformed": True,
+            "dropped_m": measured,
+        }
     facts = io.describe(Path(output))
     facts.update(transformed=True, dropped_m=measured)
     return facts
@@ -235,54 +253,27 @@ def _refuse_unrepresentable(
         )
 
 
-def polygonal_parts(geometries: np.ndarray) -> np.ndarray:
-    """Keep only the polygonal part of each geometry (None where there is none).
-
-    make_valid may return GeometryCollections holding lines and points beside the
-    polygons; a dissolve of regions must only union areas.
-    """
-    out = np.array(geometries, dtype=object, copy=True)
-    types = shapely.get_type_id(out)
-    polygon_ids = {3, 6}  # Polygon, MultiPolygon
-    for i in np.flatnonzero(~np.isin(types, list(polygon_ids))):
-        geom = out[i]
-        if geom is None:
-            continue
-        parts = shapely.get_parts(shapely.get_parts(geom))  # flatten collections, multis
-        polys = [p for p in parts if shapely.get_type_id(p) == 3 and not p.is_empty]
-        out[i] = shapely.multipolygons(polys) if polys else None
-    return out
-
-
-def repair(geometries: np.ndarray) -> tuple[np.ndarray, int]:
-    """make_valid only the rows is_valid flags (buffer(0) would drop a bowtie's lobe)."""
-    invalid = ~shapely.is_valid(geometries) & ~shapely.is_missing(geometries)
-    repaired = np.array(geometries, dtype=object, copy=True)
-    if invalid.any():
-        repaired[invalid] = shapely.make_valid(repaired[invalid])
-    return repaired, int(invalid.sum())
-
-
 def dissolve(
     source: str,
     output: str,
     dissolve_by: str,
     aggfunc: str = "first",
     aggregations: dict[str, str] | None = None,
-    part: list[int] | None = None,
+    ranks: list[int] | None = None,
 ) -> dict:
     """dissolved_regions: repair, keep polygons, union per key, aggregate the rest.
 
     Rows whose key is null are dropped first (and counted). Geometries stay WKB in an
     Arrow table and are decoded one group at a time, so memory holds the part's Arrow
-    data plus one group's shapes, never every shape at once. With `part` = [i, n], only
-    the groups whose sorted position is i modulo n (one part of a fan-out over the
-    workers; `join_dissolved` puts the parts together). A part may hold nothing: it then
-    writes no file and says so.
+    data plus one group's shapes, never every shape at once. With `ranks` = [first, end],
+    only the groups whose position among the sorted keys is in that range (one part of
+    a dissolve planned by `plan_dissolve`; `join_dissolved` puts the parts together; the
+    plan counts the null keys). A part may hold nothing: it then writes no file and says
+    so.
     """
     faults.at_start("dissolve")
     _check_dissolve_columns(source, dissolve_by)
-    read = _read_for_dissolve(source, dissolve_by, part)
+    read = _read_for_dissolve(source, dissolve_by, ranks)
     if read is None:  # a part of a fan-out with no group of its own
         return {"path": None, "rows": 0, "dropped_null_keys": 0}
     table, geometry_name, crs = read
@@ -298,11 +289,11 @@ def dissolve(
         raise BadInputError(source, f"aggregations name columns not in the data: {unknown}")
     attributes = table.select(columns).to_pandas()
     keys = attributes[dissolve_by]
-    if part is None and keys.isna().all():
+    if ranks is None and keys.isna().all():
         raise BadInputError(source, f"dissolve_by column {dissolve_by!r} is null in every row")
     null_keys = int(keys.isna().sum())
-    if part is not None:  # the part holds no null key; the first part counts them all
-        null_keys = _null_keys(source, dissolve_by) if part[0] == 0 else 0
+    if ranks is not None:  # a part holds no null key; the plan counts them
+        null_keys = 0
 
     started = time.perf_counter()
     wkb = table.column(geometry_name).combine_chunks()
@@ -336,7 +327,7 @@ def dissolve(
     with_key = int(keys.notna().sum())
     dropped_non_polygonal = with_key - int(kept.sum())
     if not unions:
-        if part is not None:
+        if ranks is not None:
             return {
                 "path": None,
                 "rows": 0,
@@ -369,7 +360,7 @@ def dissolve(
         repaired=repaired_count,
     )
     facts = _write_dissolved(result, output, source)
-    if part is None:
+    if ranks is None:
         facts.update(_thumbnail(result))
     facts.update(
         repaired_geometries=repaired_count,
@@ -382,35 +373,25 @@ def dissolve(
     return facts
 
 
-# A coverage union is exact when the group's polygons really form a coverage; the union's
-# area must then equal the sum of their areas (to floating-point rounding).
-COVERAGE_AREA_TOLERANCE = 1e-9
-
-
-def _read_for_dissolve(source: str, dissolve_by: str, part: list[int] | None):
+def _read_for_dissolve(source: str, dissolve_by: str, ranks: list[int] | None):
     """(Arrow table without the bbox covering, geometry column name, CRS): the whole
-    file; or, for part [i, n], only the rows of every n-th key in sorted order (the key
-    column is read first, then only the part's rows); or None when the part holds no key."""
-    if part is None:
+    file; or, for ranks [first, end], only the rows of those keys in sorted order (the
+    key column is read first, then only the part's rows); or None when the range holds
+    no key."""
+    if ranks is None:
         return io.read_geoparquet_table(source)
-    index, count = part
     names = [n for n in pq.read_schema(source).names if n != "bbox"]
     if dissolve_by not in names:
         raise BadInputError(
             source, f"dissolve_by column {dissolve_by!r} is not in the data; columns: {names}"
         )
-    keys = pq.read_table(source, columns=[dissolve_by]).column(0).to_pandas()
-    if keys.isna().all():
+    _, uniques = union.key_ranks(source, dissolve_by)
+    if len(uniques) == 0:
         raise BadInputError(source, f"dissolve_by column {dissolve_by!r} is null in every row")
-    _, uniques = pd.factorize(keys, sort=True)
-    mine = list(uniques[index::count])
+    mine = list(uniques[ranks[0] : ranks[1]])
     if not mine:
         return None
     return io.read_geoparquet_table(source, where=(dissolve_by, mine))
-
-
-def _null_keys(source: str, dissolve_by: str) -> int:
-    return int(pq.read_table(source, columns=[dissolve_by]).column(0).null_count)
 
 
 def _thumbnail(result) -> dict:
@@ -487,44 +468,29 @@ def join_dissolved(parts: list[str | None], output: str, dissolve_by: str, sourc
     return facts
 
 
-def union_group(geometries: np.ndarray) -> tuple[object, bool]:
-    """(union, used_coverage). Tries the coverage union, 13-15x faster than the unary
-    union on a valid coverage, and keeps it only if it verifies cheaply: valid, and its
-    area equal to the sum of the parts' (overlaps would make it smaller). Otherwise the
-    unary union. shapely.coverage_is_valid would gate it exactly but costs 5x the union."""
-    expected = float(shapely.area(geometries).sum())
-    try:
-        union = shapely.coverage_union_all(geometries)
-    except shapely.errors.GEOSException:
-        union = None
-    if (
-        union is not None
-        and shapely.is_valid(union)
-        and abs(union.area - expected) <= COVERAGE_AREA_TOLERANCE * max(expected, 1e-300)
-    ):
-        return union, True
-    return shapely.union_all(geometries), False
+def plan_dissolve(source: str, dissolve_by: str, memory_limit_mb: int, min_parts: int) -> dict:
+    """How a dissolve fits workers of `memory_limit_mb` (see spatial/union.py)."""
+    faults.at_start("plan_dissolve")
+    _check_dissolve_columns(source, dissolve_by)
+    if dissolve_by not in io.read_schema(Path(source)).names:
+        columns = [n for n in io.read_schema(Path(source)).names if n != "bbox"]
+        raise BadInputError(
+            source, f"dissolve_by column {dissolve_by!r} is not in the data; columns: {columns}"
+        )
+    return union.plan(source, dissolve_by, memory_limit_mb, min_parts)
 
 
-def union_by_group(geometries: np.ndarray, indices: dict, keys) -> tuple[np.ndarray, int]:
-    """The union of each group's geometries, in the order of `keys`, and how many groups
-    took the coverage union; reports progress about once a second, so a long dissolve is
-    never a silent spinner."""
-    unions = np.empty(len(keys), dtype=object)
-    coverage = 0
-    last_report = time.monotonic()
-    for n, key in enumerate(keys):
-        unions[n], used_coverage = union_group(geometries[indices[key]])
-        coverage += used_coverage
-        if time.monotonic() - last_report >= 1.0:
-            progress(
-                f"dissolved {n + 1} of {len(keys)} groups",
-                done=n + 1,
-                total=len(keys),
-                unit="groups",
-            )
-            last_report = time.monotonic()
-    return unions, coverage
+def dissolve_chunk(source: str, output: str, dissolve_by: str, **options) -> dict:
+    """One chunk of a group too large for one worker (see spatial/union.py)."""
+    faults.at_start("dissolve_chunk")
+    check_aggregations(options.get("aggfunc", "first"), options.get("aggregations") or {}, source)
+    return union.dissolve_chunk(source, output, dissolve_by, **options)
+
+
+def union_partials(partials: list[str], output: str, **options) -> dict:
+    """Partial unions of a group too large for one worker, unioned (spatial/union.py)."""
+    faults.at_start("union_partials")
+    return union.union_partials(partials, output, **options)
 
 
 def inspect(

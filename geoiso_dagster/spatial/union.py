@@ -1,0 +1,425 @@
+"""Dissolves of any size in bounded memory: parts sized by what a worker may hold, and
+the hierarchical union of a group too large for one worker.
+
+`plan` (a task) reads the key column only and cuts the sorted keys into ranges whose
+rows fit PART_SHARE of a worker's ceiling (measured at 1M polygons: a dissolve part
+peaks at about the fresh worker's 120 MB plus 2.2 times its Arrow data); each range is
+one `dissolve` task. A group larger than that share on its own is a giant: its rows are
+cut into chunks of row groups (at least one; their Arrow data at most the share over
+CHUNK_EXPANSION, as a chunk is decoded and unioned at once; the file is in Hilbert
+order, so a chunk is a compact piece of space and its union small), each chunk is
+repaired and unioned in a worker (`dissolve_chunk`), and the partial unions are
+unioned in turn, FAN_IN at a time (`union_partials`), until one is left. The group's
+attributes are aggregated the same way, from partial statistics (sum and count for a
+mean; count, mean and sum of squared deviations for a variance; the values themselves
+for a median or a count of distinct values: those alone grow with the group). Partial
+unions that together are more than a worker may hold fail naming the group, its size
+and the ceiling.
+"""
+
+import json
+from pathlib import Path
+
+import geopandas
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import shapely
+
+from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.fsutil import atomic_path
+from geoiso_dagster.pool.worker import progress
+from geoiso_dagster.spatial import io
+
+# The share of a worker's ceiling one dissolve part may hold as Arrow data.
+PART_SHARE = 0.1
+# A chunk of a giant group is decoded and unioned at once: measured, 200k polygons (24.6
+# MB of WKB) peaked 320 MB over the worker's start, 13 times their Arrow data. A chunk is
+# at least one row group.
+CHUNK_EXPANSION = 13
+FAN_IN = 16  # partial unions per union_partials task
+# A coverage union is exact when the group's polygons really form a coverage; the union's
+# area must then equal the sum of their areas (to floating-point rounding).
+COVERAGE_AREA_TOLERANCE = 1e-9
+_WKB = "__geoiso_wkb"
+_SEP = "\x1f"  # between a column's name and a statistic's, in a partial file
+
+
+def budget_bytes(memory_limit_mb: int) -> float:
+    return memory_limit_mb * 2**20 * PART_SHARE
+
+
+# --- geometry -----------------------------------------------------------------------
+
+
+def polygonal_parts(geometries: np.ndarray) -> np.ndarray:
+    """Keep only the polygonal part of each geometry (None where there is none).
+
+    make_valid may return GeometryCollections holding lines and points beside the
+    polygons; a dissolve of regions must only union areas.
+    """
+    out = np.array(geometries, dtype=object, copy=True)
+    types = shapely.get_type_id(out)
+    polygon_ids = {3, 6}  # Polygon, MultiPolygon
+    for i in np.flatnonzero(~np.isin(types, list(polygon_ids))):
+        geom = out[i]
+        if geom is None:
+            continue
+        parts = shapely.get_parts(shapely.get_parts(geom))  # flatten collections, multis
+        polys = [p for p in parts if shapely.get_type_id(p) == 3 and not p.is_empty]
+        out[i] = shapely.multipolygons(polys) if polys else None
+    return out
+
+
+def repair(geometries: np.ndarray) -> tuple[np.ndarray, int]:
+    """make_valid only the rows is_valid flags (buffer(0) would drop a bowtie's lobe)."""
+    invalid = ~shapely.is_valid(geometries) & ~shapely.is_missing(geometries)
+    repaired = np.array(geometries, dtype=object, copy=True)
+    if invalid.any():
+        repaired[invalid] = shapely.make_valid(repaired[invalid])
+    return repaired, int(invalid.sum())
+
+
+def union_group(geometries: np.ndarray) -> tuple[object, bool]:
+    """(union, used_coverage). Tries the coverage union, 13-15x faster than the unary
+    union on a valid coverage, and keeps it only if it verifies cheaply: valid, and its
+    area equal to the sum of the parts' (overlaps would make it smaller). Otherwise the
+    unary union. shapely.coverage_is_valid would gate it exactly but costs 5x the union."""
+    expected = float(shapely.area(geometries).sum())
+    try:
+        union = shapely.coverage_union_all(geometries)
+    except shapely.errors.GEOSException:
+        union = None
+    if (
+        union is not None
+        and shapely.is_valid(union)
+        and abs(union.area - expected) <= COVERAGE_AREA_TOLERANCE * max(expected, 1e-300)
+    ):
+        return union, True
+    return shapely.union_all(geometries), False
+
+
+# --- the plan -----------------------------------------------------------------------
+
+
+def key_ranks(source: str, dissolve_by: str) -> tuple[np.ndarray, pd.Index]:
+    """Each row's group as its position among the sorted keys (-1: a null key), and the
+    sorted keys: the numbering every task of one dissolve shares."""
+    keys = pq.read_table(source, columns=[dissolve_by]).column(0).to_pandas()
+    return pd.factorize(keys, sort=True)
+
+
+def plan(source: str, dissolve_by: str, memory_limit_mb: int, min_parts: int) -> dict:
+    """How to dissolve `source` within `memory_limit_mb` a worker: `parts`, ranges
+    [first, end) of sorted keys, at least `min_parts` when there are enough keys, each
+    at most a worker's share; `giants`, the groups larger than a share on their own,
+    each with the chunks of row groups its rows are unioned in. `parts` is None when one
+    task can do it all."""
+    metadata = pq.ParquetFile(source).metadata
+    rows = metadata.num_rows
+    group_rows = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    data = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    per_row = data / max(rows, 1)
+    budget = budget_bytes(memory_limit_mb)
+    codes, uniques = key_ranks(source, dissolve_by)
+    null_keys = int((codes < 0).sum())
+    if len(uniques) == 0 or (data <= budget and min_parts <= 1):
+        return {"parts": None, "giants": [], "groups": len(uniques)}
+    sizes = np.bincount(codes[codes >= 0], minlength=len(uniques)) * per_row
+    giant = sizes > budget
+    parts = _ranges(np.flatnonzero(~giant), sizes[~giant], budget, min_parts)
+    starts = np.concatenate([[0], np.cumsum(group_rows)])
+    giants = []
+    for rank in np.flatnonzero(giant).tolist():
+        where = np.searchsorted(starts, np.flatnonzero(codes == rank), side="right") - 1
+        in_group = np.bincount(where, minlength=len(group_rows))
+        chunks: list[list[int]] = []
+        held = 0.0
+        for group in np.flatnonzero(in_group).tolist():
+            size = in_group[group] * per_row
+            if not chunks or held + size > budget / CHUNK_EXPANSION:
+                chunks.append([])
+                held = 0.0
+            chunks[-1].append(group)
+            held += size
+        giants.append(
+            {
+                "rank": rank,
+                "key": _key_text(uniques[rank]),
+                "rows": int(in_group.sum()),
+                "mb": round(float(sizes[rank]) / 2**20, 1),
+                "chunks": chunks,
+            }
+        )
+    return {
+        "parts": parts,
+        "giants": giants,
+        "groups": len(uniques),
+        "dropped_null_keys": null_keys,
+        "bytes_per_row": round(per_row, 1),
+        "budget_mb": round(budget / 2**20, 1),
+    }
+
+
+def _ranges(ranks: np.ndarray, sizes: np.ndarray, budget: float, min_parts: int) -> list:
+    """Cut `ranks` (sorted; giants left out) into ranges of about equal size: as few as
+    keep each within `budget`, at least `min_parts`. Each key goes to the part its
+    middle falls in; a part that still exceeds the budget (a large key at its edge)
+    means one part more."""
+    if len(ranks) == 0:
+        return []
+    total = float(sizes.sum())
+    parts = max(min_parts, int(np.ceil(total / budget)), 1)
+    while True:
+        share = total / parts
+        middle = np.cumsum(sizes) - sizes / 2
+        index = np.minimum((middle // share).astype(np.int64), parts - 1)
+        if np.bincount(index, weights=sizes).max() <= budget or parts >= len(ranks):
+            break
+        parts += 1
+    cuts = np.flatnonzero((np.diff(index) != 0) | (np.diff(ranks) != 1)) + 1
+    return [[int(run[0]), int(run[-1]) + 1] for run in np.split(ranks, cuts) if len(run)]
+
+
+def _key_text(key) -> str:
+    return str(key)[:200]
+
+
+# --- a giant group's chunks and partials -------------------------------------------
+
+
+def dissolve_chunk(
+    source: str,
+    output: str,
+    dissolve_by: str,
+    rank: int,
+    row_groups: list[int],
+    aggfunc: str = "first",
+    aggregations: dict[str, str] | None = None,
+) -> dict:
+    """Repair and union the rows of group `rank` in `row_groups`, and their attributes'
+    partial statistics: one partial of a giant group, written to `output`."""
+    codes, uniques = key_ranks(source, dissolve_by)
+    key = uniques[rank]
+    table, geometry_name, _ = io.read_geoparquet_table(
+        source, where=(dissolve_by, [key]), row_groups=row_groups
+    )
+    attributes = table.drop_columns([geometry_name]).to_pandas()
+    geometries = shapely.from_wkb(table.column(geometry_name).to_numpy(zero_copy_only=False))
+    del table
+    repaired, repaired_count = repair(geometries)
+    polygonal = polygonal_parts(repaired)
+    ok = ~shapely.is_missing(polygonal) & ~shapely.is_empty(polygonal)
+    union, coverage = union_group(polygonal[ok]) if ok.any() else (None, False)
+    kept = attributes[ok]
+    stats = _partial_stats(kept, dissolve_by, aggfunc, aggregations or {})
+    stats.update(
+        {
+            "__rows": len(kept),
+            "__repaired": repaired_count,
+            "__dropped": int((~ok).sum()),
+            "__coverage": int(coverage),
+        }
+    )
+    _write_partial(stats, union, output)
+    progress(
+        f"unioned {len(kept)} features of group {_key_text(key)!r} in row groups "
+        f"{row_groups[0]}-{row_groups[-1]}",
+        done=len(kept),
+        unit="features",
+    )
+    return {"path": output, "rows": len(kept), "wkb_bytes": _wkb_size(union)}
+
+
+def union_partials(
+    partials: list[str],
+    output: str,
+    source: str,
+    dissolve_by: str,
+    rank: int,
+    group_rows: int,
+    memory_limit_mb: int,
+    final: bool,
+    aggfunc: str = "first",
+    aggregations: dict[str, str] | None = None,
+) -> dict:
+    """Union partials of group `rank` into one: another partial, or with `final` the
+    group's row as a dissolve part writes it (key, aggregates, feature count, geometry)."""
+    frames = [pq.read_table(p).to_pandas() for p in partials]
+    sizes = sum(int(f[_WKB].map(lambda b: len(b) if b is not None else 0).sum()) for f in frames)
+    budget = budget_bytes(memory_limit_mb)
+    if sizes > budget:
+        _, uniques = key_ranks(source, dissolve_by)
+        raise BadInputError(
+            source,
+            f"group {_key_text(uniques[rank])!r} of {dissolve_by!r} ({group_rows} features) "
+            f"does not fit a worker even unioned in parts: {len(partials)} of its partial "
+            f"unions hold {sizes / 2**20:.1f} MB of geometry, more than the "
+            f"{budget / 2**20:.1f} MB a worker may hold under its ceiling "
+            f"memory_limit_mb={memory_limit_mb}; raise the ceiling or dissolve by a finer key",
+        )
+    stats = pd.concat(frames, ignore_index=True)
+    geometries = shapely.from_wkb(stats.pop(_WKB).to_numpy())
+    present = geometries[~shapely.is_missing(geometries)]
+    union, coverage = union_group(present) if len(present) else (None, False)
+    combined = _combine_stats(stats, aggfunc, aggregations or {})
+    combined.update(
+        {
+            "__rows": int(stats["__rows"].sum()),
+            "__repaired": int(stats["__repaired"].sum()),
+            "__dropped": int(stats["__dropped"].sum()),
+            "__coverage": int(stats["__coverage"].min()) * int(coverage),
+        }
+    )
+    if not final:
+        _write_partial(combined, union, output)
+        return {"path": output, "rows": combined["__rows"]}
+    return _write_group(combined, union, output, source, dissolve_by, rank, aggfunc, aggregations)
+
+
+def _write_group(stats, union, output, source, dissolve_by, rank, aggfunc, aggregations) -> dict:
+    """The giant group's row, as `dissolve` writes a part's rows."""
+    from geoiso_dagster.spatial.tasks import FEATURE_COUNT_COLUMN, _write_dissolved
+
+    schema = io.read_schema(Path(source))
+    geo = io.geo_metadata(Path(source))
+    geometry_name = geo["primary_column"]
+    crs = io.geoparquet_crs(Path(source), geo)
+    _, uniques = key_ranks(source, dissolve_by)
+    columns = [n for n in schema.names if n not in (geometry_name, io.covering_column(geo))]
+    facts = {
+        "repaired_geometries": stats["__repaired"],
+        "dropped_non_polygonal": stats["__dropped"],
+        "coverage_union_groups": stats["__coverage"],
+        "unary_union_groups": 1 - stats["__coverage"],
+        "dropped_null_keys": 0,
+    }
+    if union is None:  # nothing polygonal in the whole group: it drops out
+        return {"path": None, "rows": 0, **facts}
+    values = final_values(stats, columns, dissolve_by, aggfunc, aggregations or {})
+    frame = pd.DataFrame({dissolve_by: [uniques[rank]], **{c: [v] for c, v in values.items()}})
+    frame[FEATURE_COUNT_COLUMN] = stats["__rows"]
+    frame[geometry_name] = [union]
+    result = geopandas.GeoDataFrame(frame, geometry=geometry_name, crs=crs)
+    written = _write_dissolved(result, output, source)
+    return {**written, **facts}
+
+
+def _wkb_size(geometry) -> int:
+    return len(shapely.to_wkb(geometry)) if geometry is not None else 0
+
+
+def _write_partial(stats: dict, union, output: str) -> None:
+    columns = {name: [value] for name, value in stats.items()}
+    columns[_WKB] = [shapely.to_wkb(union) if union is not None else None]
+    frame = pd.DataFrame(columns)
+    with atomic_path(Path(output)) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+# Statistics whose partials combine by the same function.
+_SAME = {"first", "last", "min", "max", "sum", "prod"}
+
+
+def _functions(columns, dissolve_by, aggfunc, aggregations) -> dict[str, str]:
+    return {c: aggregations.get(c, aggfunc) for c in columns if c != dissolve_by}
+
+
+def _partial_stats(frame: pd.DataFrame, dissolve_by, aggfunc, aggregations) -> dict:
+    """One chunk's statistics, as pandas computes them for a group (the same calls the
+    plain dissolve makes, so the same types and the same treatment of nulls)."""
+    out: dict = {}
+    grouped = frame.groupby(dissolve_by, sort=False)
+    for column, name in _functions(frame.columns, dissolve_by, aggfunc, aggregations).items():
+        series = grouped[column]
+        if name in _SAME or name == "count":
+            value = series.agg(name).iloc[0] if len(frame) else None
+            out[f"{column}{_SEP}{name}"] = _plain(value)
+        elif name == "mean":
+            out[f"{column}{_SEP}sum"] = _plain(series.sum().iloc[0]) if len(frame) else 0
+            out[f"{column}{_SEP}count"] = int(series.count().iloc[0]) if len(frame) else 0
+        elif name in ("var", "std"):
+            values = frame[column].dropna().astype(float)
+            out[f"{column}{_SEP}n"] = len(values)
+            out[f"{column}{_SEP}mean"] = float(values.mean()) if len(values) else 0.0
+            out[f"{column}{_SEP}m2"] = (
+                float(((values - values.mean()) ** 2).sum()) if len(values) else 0.0
+            )
+        else:  # median, nunique: the values themselves
+            out[f"{column}{_SEP}values"] = json.dumps(frame[column].dropna().tolist(), default=str)
+    return out
+
+
+def _plain(value):
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def _combine_stats(stats: pd.DataFrame, aggfunc, aggregations) -> dict:
+    """Partials' statistics combined: into a partial's again (the names stay), which
+    `_write_group` reads as the group's final values."""
+    out: dict = {}
+    names = {c.split(_SEP)[0] for c in stats.columns if _SEP in c}
+    for column in sorted(names):
+        name = aggregations.get(column, aggfunc)
+        key = f"{column}{_SEP}"
+        if name in _SAME:
+            series = stats[key + name]
+            value = (
+                getattr(series, name)() if name not in ("first", "last") else _first(series, name)
+            )
+            out[key + name] = _plain(value)
+        elif name == "count":
+            out[key + name] = int(stats[key + name].sum())
+        elif name == "mean":
+            out[key + "sum"] = _plain(stats[key + "sum"].sum())
+            out[key + "count"] = int(stats[key + "count"].sum())
+        elif name in ("var", "std"):
+            n, mean, m2 = _chan(stats[key + "n"], stats[key + "mean"], stats[key + "m2"])
+            out.update({key + "n": n, key + "mean": mean, key + "m2": m2})
+        else:
+            values = [v for text in stats[key + "values"] for v in json.loads(text)]
+            out[key + "values"] = json.dumps(values, default=str)
+    return out
+
+
+def _first(series: pd.Series, which: str):
+    present = series.dropna()
+    if present.empty:
+        return None
+    return present.iloc[0] if which == "first" else present.iloc[-1]
+
+
+def _chan(counts, means, m2s) -> tuple[int, float, float]:
+    """Counts, means and sums of squared deviations of parts, combined (Chan et al.)."""
+    n, mean, m2 = 0, 0.0, 0.0
+    for count, part_mean, part_m2 in zip(counts, means, m2s, strict=True):
+        if count == 0:
+            continue
+        total = n + count
+        delta = part_mean - mean
+        mean += delta * count / total
+        m2 += part_m2 + delta**2 * n * count / total
+        n = total
+    return int(n), float(mean), float(m2)
+
+
+def final_values(stats: dict, columns, dissolve_by, aggfunc, aggregations) -> dict:
+    """The group's aggregate per column from its combined statistics."""
+    out = {}
+    for column, name in _functions(columns, dissolve_by, aggfunc, aggregations).items():
+        key = f"{column}{_SEP}"
+        if name in _SAME or name == "count":
+            out[column] = stats.get(key + name)
+        elif name == "mean":
+            count = stats[key + "count"]
+            out[column] = stats[key + "sum"] / count if count else None
+        elif name in ("var", "std"):
+            n, m2 = stats[key + "n"], stats[key + "m2"]
+            var = m2 / (n - 1) if n > 1 else None
+            out[column] = var if name == "var" or var is None else float(np.sqrt(var))
+        else:
+            values = pd.Series(json.loads(stats[key + "values"]))
+            out[column] = values.median() if name == "median" else int(values.nunique())
+    return out
