@@ -22,6 +22,8 @@ _STEP_FACTS = (
     "coverage_union_groups",
     "unary_union_groups",
     "fanned_out_over",
+    "giant_groups",
+    "union_tasks",
 )
 
 

@@ -226,25 +226,35 @@ def describe(path: Path) -> dict:
         "bytes": path.stat().st_size,
         "crs": crs_label(crs),
         "crs_name": crs.name,
-        "bbox": _bbox(parquet, column),
+        "bbox": _bbox(parquet, geo),
         "geometry_types": sorted(column.get("geometry_types", [])),
         "columns": [{"name": f.name, "type": str(f.type)} for f in parquet.schema_arrow],
         "versions": versions(),
     }
 
 
-def _bbox(parquet: pq.ParquetFile, column: dict) -> list[float]:
-    """The file's bbox: from its `geo` metadata, else from the bbox covering column."""
+def _bbox(parquet: pq.ParquetFile, geo: dict) -> list[float]:
+    """The file's bbox: from its `geo` metadata, else from the bbox covering column's
+    row-group statistics, else from its values one row group at a time (reading the whole
+    column at once took 640 MB at 10M rows, more than a worker may hold)."""
+    column = geo["columns"][geo["primary_column"]]
     if column.get("bbox"):
         return [float(v) for v in column["bbox"]]
-    covering = column.get("covering", {}).get("bbox")
-    if not covering:
+    covering = covering_column(geo)
+    if covering is None:
         return []
-    boxes = parquet.read(columns=[covering["xmin"][0]]).column(0).combine_chunks()
-    fields = [boxes.field(name) for name in ("xmin", "ymin", "xmax", "ymax")]
-    lows = [pa.compute.min(f).as_py() for f in fields[:2]]
-    highs = [pa.compute.max(f).as_py() for f in fields[2:]]
-    return [float(v) for v in (*lows, *highs)]
+    bbox, _ = covering_statistics(parquet, geo)
+    if bbox is not None:
+        return [float(v) for v in bbox]
+    lows, highs = [math.inf, math.inf], [-math.inf, -math.inf]
+    for group in range(parquet.num_row_groups):
+        boxes = parquet.read_row_group(group, columns=[covering]).column(0).combine_chunks()
+        low = [pa.compute.min(boxes.field(name)).as_py() for name in ("xmin", "ymin")]
+        high = [pa.compute.max(boxes.field(name)).as_py() for name in ("xmax", "ymax")]
+        if None not in low + high:
+            lows = [min(a, b) for a, b in zip(lows, low, strict=True)]
+            highs = [max(a, b) for a, b in zip(highs, high, strict=True)]
+    return [*map(float, lows), *map(float, highs)] if math.isfinite(lows[0]) else []
 
 
 # Beyond this distance from a projected CRS's origin a coordinate is no place on Earth
