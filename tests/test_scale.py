@@ -17,6 +17,7 @@ from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from geoiso_dagster.spatial import hilbert, io, tasks, union
 from geoiso_dagster.spatial.ingest import ingest_file
+from geoiso_dagster.spatial.io import SOURCE_ROW
 
 
 def test_the_hilbert_index_walks_every_cell_once_from_neighbour_to_neighbour():
@@ -74,7 +75,8 @@ def test_rows_are_written_in_hilbert_order_and_a_bbox_read_skips_most_row_groups
     assert ingest_file(source, out, group_rows=500)["rows"] == 20_000
     written = geopandas.read_parquet(out)
     # the same rows, bit for bit, only in another order
-    back = written.sort_values("row", ignore_index=True)
+    back = written.sort_values(SOURCE_ROW, ignore_index=True)
+    assert (back.pop(SOURCE_ROW) == frame["row"]).all()  # each row knows where it came from
     assert shapely.equals_exact(back.geometry.values, frame.geometry.values, tolerance=0).all()
     pd.testing.assert_frame_equal(
         pd.DataFrame(back.drop(columns="geometry")), pd.DataFrame(frame.drop(columns="geometry"))
@@ -179,12 +181,27 @@ def test_a_group_too_large_for_a_worker_is_unioned_in_parts_and_equals_the_plain
         pd.DataFrame(a[columns]), pd.DataFrame(b[columns]), check_dtype=False, rtol=1e-9
     )
     assert b.loc[0, "pop_median"] == population.median()
-    in_file_order = pq.read_table(source, columns=["last_name"]).column(0).drop_null()
-    assert b.loc[0, "last_name"] == in_file_order[-1].as_py()  # "last": in the file's order
+    assert b.loc[0, "last_name"] == frame["name"].iloc[-4]  # "last": in the source's order
+    # Sorting changes no result: the source in its own order, dissolved in one task.
+    original = tasks.dissolve(str(given), str(data_root / "o.parquet"), "everything", **options)
+    o = geopandas.read_parquet(original["path"])
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(o[columns]), pd.DataFrame(b[columns]), check_dtype=False, rtol=1e-9
+    )
+    assert o.geometry.area[0] == pytest.approx(b.geometry.area[0], rel=1e-9)
 
     whole = tasks.dissolve(str(source), str(data_root / "w.parquet"), "region_id", **options)
     assert by_region.facts["fanned_out_over"] >= 2
     assert pq.read_table(data_root / "regions.parquet").equals(pq.read_table(whole["path"]))
+    # ... and to the source dissolved in its own order: same groups, attributes, areas
+    unsorted = tasks.dissolve(str(given), str(data_root / "u.parquet"), "region_id", **options)
+    u = geopandas.read_parquet(unsorted["path"]).sort_values("region_id", ignore_index=True)
+    r = geopandas.read_parquet(whole["path"]).sort_values("region_id", ignore_index=True)
+    columns = [c for c in u.columns if c != "geometry"]
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(u[columns]), pd.DataFrame(r[columns]), check_dtype=False, rtol=1e-9
+    )
+    assert np.allclose(u.geometry.area, r.geometry.area, rtol=1e-9, atol=0)
 
 
 def test_a_group_that_does_not_fit_even_in_parts_fails_naming_it(data_root, monkeypatch):

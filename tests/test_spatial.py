@@ -16,7 +16,7 @@ from shapely.geometry import Polygon
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.spatial import tasks
 from geoiso_dagster.spatial.ingest import ingest_file
-from geoiso_dagster.spatial.io import ROW_GROUP_ROWS, SLICE_ROWS
+from geoiso_dagster.spatial.io import ROW_GROUP_ROWS, SLICE_ROWS, SOURCE_ROW
 
 
 @pytest.fixture(autouse=True)
@@ -350,15 +350,16 @@ def _mixed_countries(naturalearth_shp, tmp_path) -> tuple[Path, geopandas.GeoDat
     frame.loc[frame.index[::9], "geometry"] = shapely.force_3d(frame.geometry.values[::9], z=7.0)
     frame.loc[frame.index[100], "geometry"] = None
     frame["rank"] = pd.array([None if i % 4 == 0 else i for i in range(len(frame))], "Int64")
-    frame["row"] = np.arange(len(frame))  # outputs are in Hilbert order: rows match by it
     source = tmp_path / "mixed.gpkg"
     frame.to_file(source, driver="GPKG", engine="pyogrio")
     return source, geopandas.read_file(source, engine="pyogrio")
 
 
 def _same_frame(out: geopandas.GeoDataFrame, whole: geopandas.GeoDataFrame) -> None:
-    """The same rows (matched by `row`: an output is in Hilbert order), bit for bit."""
-    out = out.sort_values("row", ignore_index=True)
+    """The same rows, bit for bit: an output is in Hilbert order, and its source row
+    numbers put it back in the source's order."""
+    assert sorted(out[SOURCE_ROW]) == list(range(len(whole)))
+    out = out.sort_values(SOURCE_ROW, ignore_index=True).drop(columns=SOURCE_ROW)
     assert list(out.columns) == list(whole.columns)
     assert out.crs.equals(whole.crs)
     a, b = out.geometry.values, whole.geometry.values

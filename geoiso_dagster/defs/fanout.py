@@ -255,8 +255,17 @@ def dissolve(runner: Runner, source: str, staged: Path, **options) -> TaskResult
 
     try:
         calls = [
-            ("dissolve", {"source": source, **options, "ranks": ranks, "output": temp()})
-            for ranks in plan["parts"]
+            (
+                "dissolve",
+                {
+                    "source": source,
+                    **options,
+                    "ranks": ranks,
+                    "row_groups": groups,
+                    "output": temp(),
+                },
+            )
+            for ranks, groups in zip(plan["parts"], plan["part_row_groups"], strict=True)
         ]
         chunk_calls = [
             (

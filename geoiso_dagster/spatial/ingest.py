@@ -38,9 +38,10 @@ class _Source:
     """What a source streams: Arrow batches, the name of the WKB column, its CRS, how
     many rows the range must hold (None: unknown), and whether the WKB is re-encoded."""
 
-    def __init__(self, batches, geometry, crs, expected, reencode, drop=()):
+    def __init__(self, batches, geometry, crs, expected, reencode, drop=(), first_row=0):
         self.batches, self.geometry, self.crs = batches, geometry, crs
         self.expected, self.reencode, self.drop = expected, reencode, set(drop)
+        self.first_row = first_row  # the source row of the range's first feature
 
 
 def survey(source: str | Path, layer: str | None = None) -> dict:
@@ -182,7 +183,7 @@ def _open(
             raise BadInputError(str(source), "has no geometry column")
         crs = _crs(source, meta.get("crs"))
         batches = _guarded(source, reader if count is None else _first(reader, count))
-        yield _Source(batches, geometry, crs, expected, reencode=False)
+        yield _Source(batches, geometry, crs, expected, reencode=False, first_row=skip)
 
 
 def _first(batches, count: int) -> Iterator[pa.RecordBatch]:
@@ -214,12 +215,23 @@ def _parquet_source(source: Path, features: list[int] | None, batch_rows: int) -
         groups = list(range(parquet.num_row_groups))
     else:  # a part of a fan-out over row groups: [first group, number of groups]
         groups = list(range(features[0], features[0] + features[1]))
+    first_row = sum(
+        parquet.metadata.row_group(g).num_rows for g in range(groups[0] if groups else 0)
+    )
     batches = (
         batch
         for group in groups
         for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group])
     )
-    return _Source(batches, primary, crs, None, reencode=True, drop=[covering] if covering else [])
+    return _Source(
+        batches,
+        primary,
+        crs,
+        None,
+        reencode=True,
+        drop=[covering] if covering else [],
+        first_row=first_row,
+    )
 
 
 def _crs(source: Path, declared: str | None) -> pyproj.CRS:
@@ -272,7 +284,10 @@ def _write(
                 wkb = shapely.to_wkb(geometries, flavor="iso", output_dimension=4)
             out = table.select(attributes)
             out = out.append_column(GEOMETRY, pa.array(wkb, type=pa.binary()))
-            out = out.append_column("bbox", bbox_column(bounds)).replace_schema_metadata(None)
+            out = out.append_column("bbox", bbox_column(bounds))
+            order = np.arange(src.first_row + rows, src.first_row + rows + out.num_rows)
+            out = out.append_column(io.SOURCE_ROW, pa.array(order, type=pa.int64()))
+            out = out.replace_schema_metadata(None)
             pending.append(out)
             rows += out.num_rows
             if sum(t.num_rows for t in pending) >= group_rows:
@@ -325,12 +340,13 @@ def _geo(crs: pyproj.CRS, types: set[str], bbox: list[float] | None) -> dict:
 
 
 def _check_names(source: Path, attributes: list[str]) -> None:
-    clash = sorted({GEOMETRY, "bbox"} & set(attributes))
+    clash = sorted({GEOMETRY, "bbox", io.SOURCE_ROW} & set(attributes))
     if clash:
         raise BadInputError(
             str(source),
             f"has attribute column(s) named {clash}, which GeoParquet output reserves for the "
-            "geometry and its bbox; rename them at the source",
+            "geometry, its bbox and each feature's row in the source; rename them at the "
+            "source",
         )
 
 

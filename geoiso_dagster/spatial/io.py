@@ -27,6 +27,10 @@ from geoiso_dagster.spatial import faults
 # Tens of thousands of rows per row group: small enough that a bbox filter skips most
 # of a file, large enough that per-group overhead stays negligible.
 ROW_GROUP_ROWS = 50_000
+# Each feature's position in its source file (0-based), written beside the attributes of
+# raw_features and kept downstream: rows are stored in Hilbert order, and this is how
+# they go back to the source's order (a dissolve's "first" and "last" mean that order).
+SOURCE_ROW = "geoiso_source_row"
 # Rows decoded at a time while streaming: a row group is built from slices, so that only
 # a fifth of a group's shapes is ever alive (the WKB of the rest waits in Arrow).
 SLICE_ROWS = 10_000

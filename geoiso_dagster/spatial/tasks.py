@@ -260,6 +260,7 @@ def dissolve(
     aggfunc: str = "first",
     aggregations: dict[str, str] | None = None,
     ranks: list[int] | None = None,
+    row_groups: list[int] | None = None,
 ) -> dict:
     """dissolved_regions: repair, keep polygons, union per key, aggregate the rest.
 
@@ -273,11 +274,16 @@ def dissolve(
     """
     faults.at_start("dissolve")
     _check_dissolve_columns(source, dissolve_by)
-    read = _read_for_dissolve(source, dissolve_by, ranks)
+    read = _read_for_dissolve(source, dissolve_by, ranks, row_groups)
     if read is None:  # a part of a fan-out with no group of its own
         return {"path": None, "rows": 0, "dropped_null_keys": 0}
     table, geometry_name, crs = read
-    columns = [c for c in table.column_names if c != geometry_name]
+    columns = [
+        c
+        for c in table.column_names
+        if c != geometry_name and (c != io.SOURCE_ROW or c == dissolve_by)
+    ]
+    order = _source_order(table)
     if dissolve_by not in columns:
         raise BadInputError(
             source, f"dissolve_by column {dissolve_by!r} is not in the data; columns: {columns}"
@@ -337,7 +343,10 @@ def dissolve(
         names = sorted(io.GEOMETRY_TYPE_NAMES.get(int(k), k) for k in kinds)
         raise BadInputError(source, f"has no polygonal geometries to dissolve (types: {names})")
 
-    grouped = attributes[kept].groupby(dissolve_by, sort=True)
+    in_order = attributes[kept]
+    if order is not None:  # "first" and "last" in the source's order, not the file's
+        in_order = in_order.iloc[np.argsort(order[kept], kind="stable")]
+    grouped = in_order.groupby(dissolve_by, sort=True)
     agg = {c: aggregations.get(c, aggfunc) for c in columns if c != dissolve_by}
     try:
         result = grouped.agg(agg) if agg else pd.DataFrame(index=grouped.size().index)
@@ -373,11 +382,13 @@ def dissolve(
     return facts
 
 
-def _read_for_dissolve(source: str, dissolve_by: str, ranks: list[int] | None):
+def _read_for_dissolve(
+    source: str, dissolve_by: str, ranks: list[int] | None, row_groups: list[int] | None
+):
     """(Arrow table without the bbox covering, geometry column name, CRS): the whole
     file; or, for ranks [first, end], only the rows of those keys in sorted order (the
     key column is read first, then only the part's rows); or None when the range holds
-    no key."""
+    no key. `row_groups`: only those are read (the plan's: where the range's keys are)."""
     if ranks is None:
         return io.read_geoparquet_table(source)
     names = [n for n in pq.read_schema(source).names if n != "bbox"]
@@ -385,13 +396,20 @@ def _read_for_dissolve(source: str, dissolve_by: str, ranks: list[int] | None):
         raise BadInputError(
             source, f"dissolve_by column {dissolve_by!r} is not in the data; columns: {names}"
         )
-    _, uniques = union.key_ranks(source, dissolve_by)
+    uniques = union.sorted_keys(source, dissolve_by)
     if len(uniques) == 0:
         raise BadInputError(source, f"dissolve_by column {dissolve_by!r} is null in every row")
     mine = list(uniques[ranks[0] : ranks[1]])
     if not mine:
         return None
-    return io.read_geoparquet_table(source, where=(dissolve_by, mine))
+    return io.read_geoparquet_table(source, where=(dissolve_by, mine), row_groups=row_groups)
+
+
+def _source_order(table: pa.Table) -> np.ndarray | None:
+    """Each row's position in the source (see io.SOURCE_ROW), when the file has it."""
+    if io.SOURCE_ROW not in table.column_names:
+        return None
+    return table.column(io.SOURCE_ROW).to_numpy()
 
 
 def _thumbnail(result) -> dict:

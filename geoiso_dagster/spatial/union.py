@@ -23,6 +23,8 @@ from pathlib import Path
 import geopandas
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import shapely
 
@@ -42,6 +44,7 @@ FAN_IN = 16  # partial unions per union_partials task
 # area must then equal the sum of their areas (to floating-point rounding).
 COVERAGE_AREA_TOLERANCE = 1e-9
 _WKB = "__geoiso_wkb"
+_ORDER = "__geoiso_order"  # a row's source position, for "first" and "last"
 _SEP = "\x1f"  # between a column's name and a statistic's, in a partial file
 
 
@@ -103,18 +106,41 @@ def union_group(geometries: np.ndarray) -> tuple[object, bool]:
 
 
 def key_ranks(source: str, dissolve_by: str) -> tuple[np.ndarray, pd.Index]:
-    """Each row's group as its position among the sorted keys (-1: a null key), and the
-    sorted keys: the numbering every task of one dissolve shares."""
-    keys = pq.read_table(source, columns=[dissolve_by]).column(0).to_pandas()
-    return pd.factorize(keys, sort=True)
+    """Each row's group as its position among the sorted keys (-1: a null key, NaN
+    included, as pandas groups them), and the sorted keys: the numbering every task of
+    one dissolve shares. Encoded by Arrow: only the distinct keys become Python values
+    (pandas' factorize of 10M text keys took seconds and hundreds of MB)."""
+    column = pq.read_table(source, columns=[dissolve_by]).column(0)
+    encoded = pc.dictionary_encode(column.combine_chunks())
+    rank_of, uniques = _sorted(encoded.dictionary)
+    indices = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    codes = np.where(indices >= 0, rank_of[np.maximum(indices, 0)], -1)
+    return codes, uniques
+
+
+def sorted_keys(source: str, dissolve_by: str) -> pd.Index:
+    """The distinct keys in sorted order (key_ranks' numbering), without ranking rows."""
+    column = pq.read_table(source, columns=[dissolve_by]).column(0)
+    return _sorted(pc.unique(column))[1]
+
+
+def _sorted(distinct: pa.Array) -> tuple[np.ndarray, pd.Index]:
+    """(rank of each distinct value, -1 for null or NaN; the values in pandas' order)."""
+    values = pd.Series(distinct.to_pandas())
+    present = values[values.notna()].sort_values(kind="stable")
+    rank_of = np.full(len(values), -1, dtype=np.int64)
+    rank_of[present.index.to_numpy()] = np.arange(len(present))
+    return rank_of, pd.Index(present.to_numpy(), dtype=present.dtype)
 
 
 def plan(source: str, dissolve_by: str, memory_limit_mb: int, min_parts: int) -> dict:
     """How to dissolve `source` within `memory_limit_mb` a worker: `parts`, ranges
     [first, end) of sorted keys, at least `min_parts` when there are enough keys, each
     at most a worker's share; `giants`, the groups larger than a share on their own,
-    each with the chunks of row groups its rows are unioned in. `parts` is None when one
-    task can do it all."""
+    each with the chunks of row groups its rows are unioned in. `part_row_groups`: the
+    row groups that hold each part's keys, so that a part reads only those (the file is
+    in Hilbert order, and keys that name places are then in few row groups). `parts` is
+    None when one task can do it all."""
     metadata = pq.ParquetFile(source).metadata
     rows = metadata.num_rows
     group_rows = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
@@ -129,6 +155,17 @@ def plan(source: str, dissolve_by: str, memory_limit_mb: int, min_parts: int) ->
     giant = sizes > budget
     parts = _ranges(np.flatnonzero(~giant), sizes[~giant], budget, min_parts)
     starts = np.concatenate([[0], np.cumsum(group_rows)])
+    group_of_row = np.repeat(np.arange(len(group_rows)), group_rows)
+    part_of_rank = np.full(len(uniques) + 1, -1, dtype=np.int64)  # the last: null keys
+    for index, (first, end) in enumerate(parts):
+        part_of_rank[first:end] = index
+    part_of_row = part_of_rank[codes]  # a null key's code, -1, picks the last entry
+    pairs = np.unique(
+        part_of_row[part_of_row >= 0] * len(group_rows) + group_of_row[part_of_row >= 0]
+    )
+    part_row_groups: list[list[int]] = [[] for _ in parts]
+    for part, group in zip(*np.divmod(pairs, len(group_rows)), strict=True):
+        part_row_groups[int(part)].append(int(group))
     giants = []
     for rank in np.flatnonzero(giant).tolist():
         where = np.searchsorted(starts, np.flatnonzero(codes == rank), side="right") - 1
@@ -153,6 +190,7 @@ def plan(source: str, dissolve_by: str, memory_limit_mb: int, min_parts: int) ->
         )
     return {
         "parts": parts,
+        "part_row_groups": part_row_groups,
         "giants": giants,
         "groups": len(uniques),
         "dropped_null_keys": null_keys,
@@ -199,19 +237,22 @@ def dissolve_chunk(
 ) -> dict:
     """Repair and union the rows of group `rank` in `row_groups`, and their attributes'
     partial statistics: one partial of a giant group, written to `output`."""
-    codes, uniques = key_ranks(source, dissolve_by)
-    key = uniques[rank]
+    key = sorted_keys(source, dissolve_by)[rank]
     table, geometry_name, _ = io.read_geoparquet_table(
         source, where=(dissolve_by, [key]), row_groups=row_groups
     )
     attributes = table.drop_columns([geometry_name]).to_pandas()
+    if io.SOURCE_ROW not in attributes.columns or dissolve_by == io.SOURCE_ROW:
+        attributes[_ORDER] = np.arange(len(attributes))  # no source order: the file's
+    else:
+        attributes = attributes.rename(columns={io.SOURCE_ROW: _ORDER})
     geometries = shapely.from_wkb(table.column(geometry_name).to_numpy(zero_copy_only=False))
     del table
     repaired, repaired_count = repair(geometries)
     polygonal = polygonal_parts(repaired)
     ok = ~shapely.is_missing(polygonal) & ~shapely.is_empty(polygonal)
     union, coverage = union_group(polygonal[ok]) if ok.any() else (None, False)
-    kept = attributes[ok]
+    kept = attributes[ok].sort_values(_ORDER, kind="stable")
     stats = _partial_stats(kept, dissolve_by, aggfunc, aggregations or {})
     stats.update(
         {
@@ -249,7 +290,7 @@ def union_partials(
     sizes = sum(int(f[_WKB].map(lambda b: len(b) if b is not None else 0).sum()) for f in frames)
     budget = budget_bytes(memory_limit_mb)
     if sizes > budget:
-        _, uniques = key_ranks(source, dissolve_by)
+        uniques = sorted_keys(source, dissolve_by)
         raise BadInputError(
             source,
             f"group {_key_text(uniques[rank])!r} of {dissolve_by!r} ({group_rows} features) "
@@ -285,8 +326,13 @@ def _write_group(stats, union, output, source, dissolve_by, rank, aggfunc, aggre
     geo = io.geo_metadata(Path(source))
     geometry_name = geo["primary_column"]
     crs = io.geoparquet_crs(Path(source), geo)
-    _, uniques = key_ranks(source, dissolve_by)
-    columns = [n for n in schema.names if n not in (geometry_name, io.covering_column(geo))]
+    uniques = sorted_keys(source, dissolve_by)
+    columns = [
+        n
+        for n in schema.names
+        if n not in (geometry_name, io.covering_column(geo))
+        and (n != io.SOURCE_ROW or n == dissolve_by)
+    ]
     facts = {
         "repaired_geometries": stats["__repaired"],
         "dropped_non_polygonal": stats["__dropped"],
@@ -330,9 +376,15 @@ def _partial_stats(frame: pd.DataFrame, dissolve_by, aggfunc, aggregations) -> d
     plain dissolve makes, so the same types and the same treatment of nulls)."""
     out: dict = {}
     grouped = frame.groupby(dissolve_by, sort=False)
-    for column, name in _functions(frame.columns, dissolve_by, aggfunc, aggregations).items():
+    columns = [c for c in frame.columns if c != _ORDER]
+    for column, name in _functions(columns, dissolve_by, aggfunc, aggregations).items():
         series = grouped[column]
-        if name in _SAME or name == "count":
+        if name in ("first", "last"):  # the value, and where it stands in the source
+            present = frame.loc[frame[column].notna(), [column, _ORDER]]
+            pick = None if present.empty else present.iloc[0 if name == "first" else -1]
+            out[f"{column}{_SEP}{name}"] = None if pick is None else _plain(pick[column])
+            out[f"{column}{_SEP}{name}_at"] = None if pick is None else int(pick[_ORDER])
+        elif name in _SAME or name == "count":
             value = series.agg(name).iloc[0] if len(frame) else None
             out[f"{column}{_SEP}{name}"] = _plain(value)
         elif name == "mean":
@@ -364,7 +416,15 @@ def _combine_stats(stats: pd.DataFrame, aggfunc, aggregations) -> dict:
     for column in sorted(names):
         name = aggregations.get(column, aggfunc)
         key = f"{column}{_SEP}"
-        if name in _SAME:
+        if name in ("first", "last"):
+            at = stats[key + name + "_at"].dropna()
+            if at.empty:
+                out[key + name], out[key + name + "_at"] = None, None
+            else:
+                pick = at.idxmin() if name == "first" else at.idxmax()
+                out[key + name] = _plain(stats.loc[pick, key + name])
+                out[key + name + "_at"] = int(at[pick])
+        elif name in _SAME:
             series = stats[key + name]
             value = (
                 getattr(series, name)() if name not in ("first", "last") else _first(series, name)
