@@ -275,7 +275,9 @@ def test_large_steps_fan_out_and_equal_the_single_task_results(instance, data_ro
     for name in ("raw_features", "reprojected_features"):  # parts merged in Hilbert order
         metadata = pq.ParquetFile(output_path(name, key)).metadata
         sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-        assert sizes == [50_000, 50_000, 20_001], name
+        # bounded, and cut where the curve leaves a quadtree cell: 35,000 to 50,000 rows
+        assert max(sizes) <= 50_000 and min(sizes[:-1]) >= 35_000, (name, sizes)
+        assert sum(sizes) == n, name
     assert _leftover_temps(data_root) == []
 
 

@@ -82,6 +82,25 @@ def keys(bbox: pa.Array | pa.ChunkedArray, domain: tuple[float, float, float, fl
 _FIELDS = ("xmin", "ymin", "xmax", "ymax")
 
 
+# A row group ends where the curve leaves the largest quadtree cell it can, between this
+# share of the wanted rows and all of them: groups then cover whole cells (squarer boxes)
+# rather than cutting across them. Simulated on the 1M reprojected benchmark output in
+# groups of 5,000 rows, 200 random 1% queries read 3.7 % of the row groups on average
+# (7.0 % at worst) at fixed sizes, 3.2 % (5.4 %) with these cuts, for 21 % more groups.
+CUT_FROM = 0.7
+
+
+def cut(keys: np.ndarray, rows: int) -> int:
+    """Where to end a row group of at most `rows` rows, given the keys of at least
+    rows + 1 sorted rows: the position, from CUT_FROM * rows on, where the curve crosses
+    the highest quadtree boundary (the latest such position)."""
+    first = max(1, int(rows * CUT_FROM))
+    crossed = keys[first : rows + 1] ^ keys[first - 1 : rows]
+    with np.errstate(divide="ignore"):
+        level = np.where(crossed > 0, np.log2(crossed.astype(np.float64)) // 2, -1)
+    return first + int(np.flatnonzero(level == level.max())[-1])
+
+
 def with_keys(table: pa.Table, domain) -> pa.Table:
     return table.append_column(KEY, pa.array(keys(table["bbox"], domain), type=pa.uint64()))
 

@@ -164,10 +164,10 @@ class TableSink:
         if self.part or self.runs:
             self._spill_run()
             return
-        table = hilbert.sort(pa.concat_tables(self.pending)).drop_columns([hilbert.KEY])
+        table = hilbert.sort(pa.concat_tables(self.pending))
         self.pending = []
-        for start in range(0, table.num_rows, self.group_rows):
-            self._put(table.slice(start, self.group_rows))
+        for group in _row_groups(iter([table]), self.group_rows):
+            self._put(group.drop_columns([hilbert.KEY]))
 
 
 def _spilled_runs(path: Path, runs: list[list[int]]) -> list[Iterator[pa.Table]]:
@@ -180,17 +180,19 @@ def _spilled_runs(path: Path, runs: list[list[int]]) -> list[Iterator[pa.Table]]
 
 
 def _row_groups(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
-    """The tables' rows cut into tables of exactly `rows` rows (the last may be fewer)."""
+    """Sorted tables (with their keys) cut into row groups of at most `rows` rows, each
+    ending where the curve leaves a quadtree cell (hilbert.cut)."""
     pending: list[pa.Table] = []
     held = 0
     for table in tables:
         pending.append(table)
         held += table.num_rows
-        while held >= rows:
+        while held > rows:
             joined = pa.concat_tables(pending)
-            yield joined.slice(0, rows)
-            rest = joined.slice(rows)
-            pending, held = ([rest] if rest.num_rows else []), rest.num_rows
+            end = hilbert.cut(joined[hilbert.KEY].slice(0, rows + 1).to_numpy(), rows)
+            yield joined.slice(0, end)
+            rest = joined.slice(end)
+            pending, held = [rest], rest.num_rows
     if held:
         yield pa.concat_tables(pending)
 
