@@ -223,7 +223,7 @@ def dissolve(runner: Runner, source: str, staged: Path, **options) -> TaskResult
     task: it reads the key column) cuts the sorted keys into ranges of at most a tenth
     of a worker's ceiling of data, at least one per worker; a group larger than that on
     its own is unioned in chunks and the chunks' unions in turn (spatial/union.py). A
-    last task joins the parts ordered by key."""
+    last task joins the parts into one file."""
     rows = pq.ParquetFile(source).metadata.num_rows
     if rows < FAN_OUT_MIN_ROWS:
         return runner.run("dissolve", source=source, output=str(staged), **options)
