@@ -105,23 +105,27 @@ def union_group(geometries: np.ndarray) -> tuple[object, bool]:
 # --- the plan -----------------------------------------------------------------------
 
 
-def key_ranks(source: str, dissolve_by: str) -> tuple[np.ndarray, pd.Index]:
-    """Each row's group as its position among the sorted keys (-1: a null key, NaN
-    included, as pandas groups them), and the sorted keys: the numbering every task of
-    one dissolve shares. Encoded by Arrow: only the distinct keys become Python values
-    (pandas' factorize of 10M text keys took seconds and hundreds of MB)."""
-    column = pq.read_table(source, columns=[dissolve_by]).column(0)
-    encoded = pc.dictionary_encode(column.combine_chunks())
-    rank_of, uniques = _sorted(encoded.dictionary)
-    indices = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)
-    codes = np.where(indices >= 0, rank_of[np.maximum(indices, 0)], -1)
-    return codes, uniques
-
-
 def sorted_keys(source: str, dissolve_by: str) -> pd.Index:
-    """The distinct keys in sorted order (key_ranks' numbering), without ranking rows."""
-    column = pq.read_table(source, columns=[dissolve_by]).column(0)
-    return _sorted(pc.unique(column))[1]
+    """The distinct keys in sorted order: the numbering (rank) every task of one dissolve
+    shares, null and NaN left out as pandas groups them."""
+    return _sorted(_distinct(pq.ParquetFile(source), dissolve_by))[1]
+
+
+def _distinct(parquet: pq.ParquetFile, dissolve_by: str) -> pa.Array:
+    """The key column's distinct values, row group by row group: memory holds one row
+    group's keys and the distinct ones, however long the file (reading the whole column
+    of 10M rows took 80 MB, and ranking it with pandas hundreds more)."""
+    seen = None
+    for group in range(parquet.num_row_groups):
+        values = pc.unique(parquet.read_row_group(group, columns=[dissolve_by]).column(0))
+        seen = values if seen is None else pc.unique(pa.concat_arrays([seen, values]))
+    return seen if seen is not None else pa.array([], parquet.schema_arrow.field(dissolve_by).type)
+
+
+def _ranks(column, seen: pa.Array, rank_of: np.ndarray) -> np.ndarray:
+    """Each key's rank (-1: null or NaN) for one row group's key column."""
+    at = pc.index_in(column, value_set=seen).fill_null(-1).to_numpy(zero_copy_only=False)
+    return np.where(at >= 0, rank_of[np.maximum(at, 0)], -1)
 
 
 def _sorted(distinct: pa.Array) -> tuple[np.ndarray, pd.Index]:
@@ -141,39 +145,49 @@ def plan(source: str, dissolve_by: str, memory_limit_mb: int, min_parts: int) ->
     row groups that hold each part's keys, so that a part reads only those (the file is
     in Hilbert order, and keys that name places are then in few row groups). `parts` is
     None when one task can do it all."""
-    metadata = pq.ParquetFile(source).metadata
+    parquet = pq.ParquetFile(source)
+    metadata = parquet.metadata
     rows = metadata.num_rows
     group_rows = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
     data = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
     per_row = data / max(rows, 1)
     budget = budget_bytes(memory_limit_mb)
-    codes, uniques = key_ranks(source, dissolve_by)
-    null_keys = int((codes < 0).sum())
+    seen = _distinct(parquet, dissolve_by)
+    rank_of, uniques = _sorted(seen)
+
+    def ranks_by_group():  # one row group's keys at a time: memory stays flat
+        for group in range(len(group_rows)):
+            column = parquet.read_row_group(group, columns=[dissolve_by]).column(0)
+            yield group, _ranks(column, seen, rank_of)
+
+    counts = np.zeros(len(uniques), dtype=np.int64)
+    null_keys = 0
+    for _, codes in ranks_by_group():
+        null_keys += int((codes < 0).sum())
+        counts += np.bincount(codes[codes >= 0], minlength=len(uniques))
     if len(uniques) == 0 or (data <= budget and min_parts <= 1):
         return {"parts": None, "giants": [], "groups": len(uniques)}
-    sizes = np.bincount(codes[codes >= 0], minlength=len(uniques)) * per_row
+    sizes = counts * per_row
     giant = sizes > budget
     parts = _ranges(np.flatnonzero(~giant), sizes[~giant], budget, min_parts)
-    starts = np.concatenate([[0], np.cumsum(group_rows)])
-    group_of_row = np.repeat(np.arange(len(group_rows)), group_rows)
     part_of_rank = np.full(len(uniques) + 1, -1, dtype=np.int64)  # the last: null keys
     for index, (first, end) in enumerate(parts):
         part_of_rank[first:end] = index
-    part_of_row = part_of_rank[codes]  # a null key's code, -1, picks the last entry
-    pairs = np.unique(
-        part_of_row[part_of_row >= 0] * len(group_rows) + group_of_row[part_of_row >= 0]
-    )
+    giant_ranks = np.flatnonzero(giant).tolist()
     part_row_groups: list[list[int]] = [[] for _ in parts]
-    for part, group in zip(*np.divmod(pairs, len(group_rows)), strict=True):
-        part_row_groups[int(part)].append(int(group))
+    in_group = {rank: np.zeros(len(group_rows), dtype=np.int64) for rank in giant_ranks}
+    for group, codes in ranks_by_group():
+        for part in np.unique(part_of_rank[codes]).tolist():  # -1 (null) picks the last
+            if part >= 0:
+                part_row_groups[part].append(group)
+        for rank in giant_ranks:
+            in_group[rank][group] = int((codes == rank).sum())
     giants = []
-    for rank in np.flatnonzero(giant).tolist():
-        where = np.searchsorted(starts, np.flatnonzero(codes == rank), side="right") - 1
-        in_group = np.bincount(where, minlength=len(group_rows))
+    for rank in giant_ranks:
         chunks: list[list[int]] = []
         held = 0.0
-        for group in np.flatnonzero(in_group).tolist():
-            size = in_group[group] * per_row
+        for group in np.flatnonzero(in_group[rank]).tolist():
+            size = in_group[rank][group] * per_row
             if not chunks or held + size > budget / CHUNK_EXPANSION:
                 chunks.append([])
                 held = 0.0
@@ -183,7 +197,7 @@ def plan(source: str, dissolve_by: str, memory_limit_mb: int, min_parts: int) ->
             {
                 "rank": rank,
                 "key": _key_text(uniques[rank]),
-                "rows": int(in_group.sum()),
+                "rows": int(in_group[rank].sum()),
                 "mb": round(float(sizes[rank]) / 2**20, 1),
                 "chunks": chunks,
             }
