@@ -409,8 +409,8 @@ def test_ingest_parts_concatenated_equal_the_whole(naturalearth_shp, tmp_path):
     joined = tasks.concatenate(
         [p["path"] for p in parts],
         str(tmp_path / "joined.parquet"),
-        [p["geo"] for p in parts],
-        [p["runs"] for p in parts],
+        runs=[p["runs"] for p in parts],
+        geos=[p["geo"] for p in parts],
     )
     single = tasks.ingest(str(source), str(tmp_path / "single.parquet"))
     _same_frame(geopandas.read_parquet(joined["path"]), whole)
@@ -426,8 +426,8 @@ def test_ingest_parts_concatenated_equal_the_whole(naturalearth_shp, tmp_path):
     from_groups = tasks.concatenate(
         [g["path"] for g in groups],
         str(tmp_path / "g.parquet"),
-        [g["geo"] for g in groups],
-        [g["runs"] for g in groups],
+        runs=[g["runs"] for g in groups],
+        geos=[g["geo"] for g in groups],
     )
     _same_frame(geopandas.read_parquet(from_groups["path"]), whole)
 

@@ -136,7 +136,7 @@ def ingest(runner: Runner, source: str, staged: Path, layer: str | None = None) 
             {
                 "parts": [str(p) for p in parts],
                 "geos": [r.facts["geo"] for r in results],
-                "runs": [r.facts.get("runs") for r in results],
+                "runs": [r.facts["runs"] for r in results],
             },
         ),
     )
@@ -163,7 +163,7 @@ def reproject(runner: Runner, source: str, staged: Path, target_crs: str) -> Tas
         [{"row_groups": groups} for groups in plan],
         lambda parts, results: (
             "concatenate",
-            {"parts": [str(p) for p in parts], "runs": [r.facts.get("runs") for r in results]},
+            {"parts": [str(p) for p in parts], "runs": [r.facts["runs"] for r in results]},
         ),
     )
     return _combined(

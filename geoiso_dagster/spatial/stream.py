@@ -50,7 +50,7 @@ class TableSink:
     (measured at 1M polygons: a part's write 0.26 s -> 0.11 s, the join's reading of the
     parts 0.5 s -> 0.01 s).
 
-    With `domain` (the CRS's coordinate limits), rows are put in Hilbert order (see
+    Rows are put in Hilbert order over `domain` (the CRS's coordinate limits; see
     spatial/hilbert.py) in bounded memory: tables gather into runs of RUN_BYTES, each run
     is sorted and spilled (to the part itself, or to a temp file beside the output), and
     `close` merges the runs into row groups of `group_rows`. A part keeps its runs with
@@ -61,8 +61,9 @@ class TableSink:
         tmp: Path,
         geometry: str,
         part: bool,
+        *,
+        domain: tuple[float, float, float, float],
         store_schema: bool = True,
-        domain: tuple[float, float, float, float] | None = None,
         group_rows: int = ROW_GROUP_ROWS,
     ):
         self.tmp, self.geometry, self.part, self.store_schema = tmp, geometry, part, store_schema
@@ -74,16 +75,11 @@ class TableSink:
         self.spill_writer = None
         self.runs: list[list[int]] = []  # [first batch, batches] of each run in the spill
         self.batches = 0
-        self.rows = 0
         self.closed = False
 
     def write(self, table: pa.Table) -> None:
-        if self.domain is None:
-            self._put(table)
-            return
         self.pending.append(hilbert.with_keys(table, self.domain))
         self.pending_bytes += self.pending[-1].nbytes
-        self.rows += table.num_rows
         if self.pending_bytes >= hilbert.RUN_BYTES:
             self._spill_run()
 
@@ -118,19 +114,18 @@ class TableSink:
 
     def close(self, geo: dict | None = None) -> list[list[int]] | None:
         """Close the file; `geo`: the `geo` metadata, when it was not in the schema.
-        Returns the runs of a sorted part ([first batch, batches] each), else None."""
+        Returns a part's runs ([first batch, batches] each), else None."""
         if self.closed:
             return None
         self.closed = True
         try:
-            if self.domain is not None:
-                self._finish_sorting()
+            self._finish_sorting()
         finally:
             if self.spill_writer is not None:
                 self.spill_writer.close()
                 self.spill_writer = None
         try:
-            if self.domain is not None and self.runs and not self.part:
+            if self.runs and not self.part:
                 merged = hilbert.merge(_spilled_runs(self.spill, self.runs))
                 for table in _row_groups(merged, self.group_rows):
                     self._put(table.drop_columns([hilbert.KEY]))
@@ -142,7 +137,7 @@ class TableSink:
                 self.writer.add_key_value_metadata({"geo": json.dumps(geo)})
             self.writer.close()
             self.writer = None
-        return self.runs if self.part and self.domain is not None else None
+        return self.runs if self.part else None
 
     def abort(self) -> None:
         """Stop after a failure: close what is open, remove the spill of an output (the
@@ -333,38 +328,26 @@ def reproject_file(
 def concatenate(
     parts: list[Path],
     tmp: Path,
+    runs: list[list[list[int]]],
     geos: list[dict] | None = None,
-    runs: list[list[list[int]] | None] | None = None,
 ) -> int:
-    """Write the parts' rows into one GeoParquet file: merged in Hilbert order when the
-    parts are sorted runs (`runs`: each part's, from TableSink.close), else their row
-    groups in order. The parts share a schema by construction; their `geo` metadata
-    (from `geos`, else from each part's schema) is merged: geometry types united, bboxes
-    united."""
-    opened = [part_tables(part) for part in parts]
+    """Merge the parts' sorted runs (`runs`: each part's, from TableSink.close) into one
+    GeoParquet file in Hilbert order. The parts share a schema by construction; their
+    `geo` metadata (from `geos`, else from each part's schema) is merged: geometry types
+    united, bboxes united."""
+    schemas = [part_tables(part)[0] for part in parts]
     if geos is None:
-        geos = [json.loads(schema.metadata[b"geo"]) for schema, _ in opened]
+        geos = [json.loads(schema.metadata[b"geo"]) for schema in schemas]
     geo = merged_geo(geos)
-    schema = opened[0][0]
-    sorted_runs = hilbert.KEY in schema.names
-    if sorted_runs and (runs is None or any(r is None for r in runs)):
-        raise ValueError("sorted parts are merged by their runs: pass each part's runs")
-    if sorted_runs:
-        schema = schema.remove(schema.get_field_index(hilbert.KEY))
-        each = [
-            run for part, own in zip(parts, runs, strict=True) for run in _spilled_runs(part, own)
-        ]
-        tables = _row_groups(hilbert.merge(each), ROW_GROUP_ROWS)
-    else:
-        tables = (table for _, part_tables_ in opened for table in part_tables_)
+    schema = schemas[0].remove(schemas[0].get_field_index(hilbert.KEY))
+    each = [run for part, own in zip(parts, runs, strict=True) for run in _spilled_runs(part, own)]
+    tables = _row_groups(hilbert.merge(each), ROW_GROUP_ROWS)
     schema = schema.with_metadata({**(schema.metadata or {}), b"geo": json.dumps(geo).encode()})
     rows = 0
     with pq.ParquetWriter(tmp, schema, **writer_options(schema, geo["primary_column"])) as out:
         for table in tables:
-            if sorted_runs:
-                table = table.drop_columns([hilbert.KEY])
             out.write_table(
-                table.replace_schema_metadata(schema.metadata),
+                table.drop_columns([hilbert.KEY]).replace_schema_metadata(schema.metadata),
                 row_group_size=max(1, table.num_rows),
             )
             rows += table.num_rows

@@ -85,16 +85,16 @@ def survey(source: str, layer: str | None = None) -> dict:
 def concatenate(
     parts: list[str],
     output: str,
+    runs: list[list[list[int]]],
     geos: list[dict] | None = None,
-    runs: list[list[list[int]] | None] | None = None,
 ) -> dict:
-    """Join the parts of a fan-out into `output` (atomically): merged in Hilbert order
-    when they are sorted runs (`runs`, see stream.TableSink), else in order; `geos`: the
-    parts' `geo` metadata when their files do not carry it (ingest parts)."""
+    """Join the parts of a fan-out into `output` (atomically), their sorted runs (`runs`,
+    see stream.TableSink) merged in Hilbert order; `geos`: the parts' `geo` metadata when
+    their files do not carry it (ingest parts)."""
     faults.at_start("concatenate")
     try:
         with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
-            stream.concatenate([Path(p) for p in parts], tmp, geos, runs)
+            stream.concatenate([Path(p) for p in parts], tmp, runs, geos)
     except OSError as exc:
         raise io.os_error(Path(output), exc, "writing") from exc
     return io.describe(Path(output))
@@ -278,11 +278,7 @@ def dissolve(
     if read is None:  # a part of a fan-out with no group of its own
         return {"path": None, "rows": 0, "dropped_null_keys": 0}
     table, geometry_name, crs = read
-    columns = [
-        c
-        for c in table.column_names
-        if c != geometry_name and (c != io.SOURCE_ROW or c == dissolve_by)
-    ]
+    columns = union.attribute_columns(table.column_names, dissolve_by, geometry_name)
     order = _source_order(table)
     if dissolve_by not in columns:
         raise BadInputError(
@@ -391,11 +387,7 @@ def _read_for_dissolve(
     no key. `row_groups`: only those are read (the plan's: where the range's keys are)."""
     if ranks is None:
         return io.read_geoparquet_table(source)
-    names = [n for n in pq.read_schema(source).names if n != "bbox"]
-    if dissolve_by not in names:
-        raise BadInputError(
-            source, f"dissolve_by column {dissolve_by!r} is not in the data; columns: {names}"
-        )
+    _require_key_column(source, dissolve_by)
     uniques = union.sorted_keys(source, dissolve_by)
     if len(uniques) == 0:
         raise BadInputError(source, f"dissolve_by column {dissolve_by!r} is null in every row")
@@ -403,6 +395,14 @@ def _read_for_dissolve(
     if not mine:
         return None
     return io.read_geoparquet_table(source, where=(dissolve_by, mine), row_groups=row_groups)
+
+
+def _require_key_column(source: str, dissolve_by: str) -> None:
+    names = [n for n in pq.read_schema(source).names if n != "bbox"]
+    if dissolve_by not in names:
+        raise BadInputError(
+            source, f"dissolve_by column {dissolve_by!r} is not in the data; columns: {names}"
+        )
 
 
 def _source_order(table: pa.Table) -> np.ndarray | None:
@@ -492,11 +492,7 @@ def plan_dissolve(source: str, dissolve_by: str, memory_limit_mb: int, min_parts
     """How a dissolve fits workers of `memory_limit_mb` (see spatial/union.py)."""
     faults.at_start("plan_dissolve")
     _check_dissolve_columns(source, dissolve_by)
-    if dissolve_by not in io.read_schema(Path(source)).names:
-        columns = [n for n in io.read_schema(Path(source)).names if n != "bbox"]
-        raise BadInputError(
-            source, f"dissolve_by column {dissolve_by!r} is not in the data; columns: {columns}"
-        )
+    _require_key_column(source, dissolve_by)
     return union.plan(source, dissolve_by, memory_limit_mb, min_parts)
 
 

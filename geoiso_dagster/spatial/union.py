@@ -102,6 +102,14 @@ def union_group(geometries: np.ndarray) -> tuple[object, bool]:
     return shapely.union_all(geometries), False
 
 
+def attribute_columns(names, dissolve_by: str, *geometry_columns) -> list[str]:
+    """The columns a dissolve aggregates (its key among them): all but the geometry, its
+    bbox, and the source row numbers unless they are the key."""
+    return [
+        n for n in names if n not in geometry_columns and (n != io.SOURCE_ROW or n == dissolve_by)
+    ]
+
+
 # --- the plan -----------------------------------------------------------------------
 
 
@@ -341,12 +349,7 @@ def _write_group(stats, union, output, source, dissolve_by, rank, aggfunc, aggre
     geometry_name = geo["primary_column"]
     crs = io.geoparquet_crs(Path(source), geo)
     uniques = sorted_keys(source, dissolve_by)
-    columns = [
-        n
-        for n in schema.names
-        if n not in (geometry_name, io.covering_column(geo))
-        and (n != io.SOURCE_ROW or n == dissolve_by)
-    ]
+    columns = attribute_columns(schema.names, dissolve_by, geometry_name, io.covering_column(geo))
     facts = {
         "repaired_geometries": stats["__repaired"],
         "dropped_non_polygonal": stats["__dropped"],
@@ -439,11 +442,7 @@ def _combine_stats(stats: pd.DataFrame, aggfunc, aggregations) -> dict:
                 out[key + name] = _plain(stats.loc[pick, key + name])
                 out[key + name + "_at"] = int(at[pick])
         elif name in _SAME:
-            series = stats[key + name]
-            value = (
-                getattr(series, name)() if name not in ("first", "last") else _first(series, name)
-            )
-            out[key + name] = _plain(value)
+            out[key + name] = _plain(getattr(stats[key + name], name)())
         elif name == "count":
             out[key + name] = int(stats[key + name].sum())
         elif name == "mean":
@@ -456,13 +455,6 @@ def _combine_stats(stats: pd.DataFrame, aggfunc, aggregations) -> dict:
             values = [v for text in stats[key + "values"] for v in json.loads(text)]
             out[key + "values"] = json.dumps(values, default=str)
     return out
-
-
-def _first(series: pd.Series, which: str):
-    present = series.dropna()
-    if present.empty:
-        return None
-    return present.iloc[0] if which == "first" else present.iloc[-1]
 
 
 def _chan(counts, means, m2s) -> tuple[int, float, float]:
