@@ -40,6 +40,7 @@ import shapely
 
 from benchmarks.data import CACHE, EXTENT, voronoi_coverage
 from geoiso_dagster.paths import ASSET_NAMES
+from tests.live import materialize_command
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
@@ -128,21 +129,9 @@ def _arrow(frame) -> pa.Table:
     return table.replace_schema_metadata({b"geo": json.dumps(geo).encode()})
 
 
-def materialize(root: Path, home: Path, key: str, select: list[str], config: dict, env: dict):
-    """A real `dagster asset materialize`; returns (seconds from start to exit, run id)."""
-    command = [
-        BIN / "dagster",
-        "asset",
-        "materialize",
-        "-m",
-        "geoiso_dagster.definitions",
-        "--select",
-        ",".join(select),
-        "--partition",
-        key,
-        "--config-json",
-        json.dumps({"ops": config}),
-    ]
+def materialize(key: str, select: list[str], config: dict, env: dict) -> float:
+    """A real `dagster asset materialize`; returns the seconds from its start to its exit."""
+    command = materialize_command(key, {"ops": config}, select)
     started = time.perf_counter()
     run = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     seconds = time.perf_counter() - started
@@ -277,7 +266,7 @@ def measure(n: int, memory_limit_mb: int, work: Path) -> dict:
         "dissolved_regions": {"config": {"dissolve_by": "region_id"}},
     }
     print(f"{n:,}: materializing the three assets ...", flush=True)
-    seconds = materialize(root, home, key, list(ASSET_NAMES), config, env)
+    seconds = materialize(key, list(ASSET_NAMES), config, env)
     steps = run_facts(home)
     warehouse = root / "warehouse"
     out = {name: warehouse / name / f"{key}.parquet" for name in ASSET_NAMES}
@@ -299,7 +288,7 @@ def measure(n: int, memory_limit_mb: int, work: Path) -> dict:
     )
     print(f"{n:,}: one giant group (dissolve_by country) ...", flush=True)
     giant = {"dissolved_regions": {"config": {"dissolve_by": "country"}}}
-    result["giant_s"] = materialize(root, home, key, ["dissolved_regions"], giant, env)
+    result["giant_s"] = materialize(key, ["dissolved_regions"], giant, env)
     result["giant"] = run_facts(home)["dissolved_regions"]
     result["giant_areas"] = areas_check(
         out["reprojected_features"], out["dissolved_regions"], "country"
