@@ -3,24 +3,68 @@
 Readers see the old file or the new one, never half of one. Temp files are dot-files
 named after their target and writer, so nothing mistakes them for output and a later
 writer can sweep the leftovers of a writer that was killed.
+
+Many hosts (or run containers) may share one data root. A writer is named by its pid
+*and* its host, so a sweep judges a writer by its pid only on the writer's own host; a
+temp written on another host is left alone while it is fresh, and swept once nobody has
+written it for the lease (GEOISO_TEMP_LEASE_S): a dead host or container never comes
+back to finish it, and a live writer on another host is never judged by a pid that
+means nothing here.
 """
 
 import contextlib
+import functools
 import hashlib
 import os
+import re
 import secrets
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 
 TEMP_MARKER = ".tmp-"
-# A temp name is '.' + the target's name + '.tmp-<pid>-<token>', once per writer in the
-# chain (run process, worker, fan-out part: three at most). File systems allow 255 bytes
-# a name; a long target name is shortened to this many bytes, keeping its start and a hash
-# of the whole, so that every temp of every key stays well under the limit.
+# A temp name is '.' + the target's name + '.tmp-<pid>@<host tag>-<token>', once per
+# writer in the chain (run process, worker, fan-out part: three at most). File systems
+# allow 255 bytes a name; a long target name is shortened to this many bytes, keeping its
+# start and a hash of the whole, so that every temp of every key stays under the limit
+# (3 writers x at most 43 bytes + 1 + 120 = 250).
 TEMP_BASE_MAX = 120
+LEASE_ENV = "GEOISO_TEMP_LEASE_S"
+# A temp of another host is presumed dead after this long without a write. Far longer
+# than any pause of a live writer here (a fan-out part waits for its siblings for
+# minutes at most), far shorter than leaving a dead container's gigabytes for good.
+DEFAULT_LEASE_S = 3600.0
+_WRITER = re.compile(r"(\d+)(?:@([A-Za-z0-9.]+))?-")
+
+
+def host_name() -> str:
+    """The machine or container this process runs in, as the catalog shows it."""
+    return socket.gethostname()
+
+
+@functools.cache
+def host_tag() -> str:
+    """This host's identity in temp names: its name (at most 12 characters, letters and
+    digits) and a hash that also covers the boot and the pid namespace, so two
+    containers that share a host name (or a host and its containers) never pass for one
+    another and judge each other's pids."""
+    name = host_name()
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot, namespace = "", 0
+    digest = hashlib.sha256(f"{name}|{boot}|{namespace}".encode()).hexdigest()[:6]
+    return f"{re.sub(r'[^A-Za-z0-9]', '', name)[:12] or 'host'}.{digest}"
+
+
+def lease_seconds() -> float:
+    value = os.environ.get(LEASE_ENV)
+    return float(value) if value else DEFAULT_LEASE_S
 
 
 def _short(name: str) -> str:
@@ -36,22 +80,52 @@ def temp_path_for(target: Path) -> Path:
     appends this writer to the chain rather than shortening again, so the sweep still
     knows every writer of it."""
     base = target.name if TEMP_MARKER in target.name else _short(target.name)
-    return target.with_name(f".{base}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+    writer = f"{os.getpid()}@{host_tag()}"
+    return target.with_name(f".{base}{TEMP_MARKER}{writer}-{secrets.token_hex(4)}")
 
 
-def _writer_pids(name: str) -> list[int]:
-    return [
-        int(part.split("-", 1)[0])
-        for part in name.split(TEMP_MARKER)[1:]
-        if part.split("-", 1)[0].isdigit()
-    ]
+def _writers(name: str) -> list[tuple[int, str | None]]:
+    """(pid, host tag) of each writer in a temp name's chain; the tag is None in names
+    written before temps carried one (they were all of one host)."""
+    found = []
+    for part in name.split(TEMP_MARKER)[1:]:
+        match = _WRITER.match(part)
+        if match:
+            found.append((int(match.group(1)), match.group(2)))
+    return found
+
+
+def _idle_seconds(path: Path) -> float:
+    """How long since anything wrote `path` (or, for an unpacked archive, any file in
+    it)."""
+    try:
+        latest = path.lstat().st_mtime
+        if path.is_dir() and not path.is_symlink():
+            for inner in path.rglob("*"):
+                latest = max(latest, inner.lstat().st_mtime)
+    except OSError:
+        return 0.0
+    return time.time() - latest
+
+
+def _abandoned(candidate: Path) -> bool:
+    """True when no writer will finish or rename `candidate`: a writer of this host is
+    gone, or a writer of another host let the lease run out."""
+    here = host_tag()
+    writers = _writers(candidate.name)
+    if any(tag in (None, here) and not psutil.pid_exists(pid) for pid, tag in writers):
+        return True
+    if any(tag not in (None, here) for _, tag in writers):
+        return _idle_seconds(candidate) > lease_seconds()
+    return False
 
 
 def sweep_stale_temps(target: Path) -> list[Path]:
-    """Remove temp files of `target` (and temps of its temps) that a dead process left.
+    """Remove temp files of `target` (and temps of its temps) that a dead writer left.
 
-    A temp name carries the pid of each writer in its chain (run process, then worker);
-    if any of them is gone, nobody will finish or rename the file.
+    A temp name carries the pid and host of each writer in its chain (run process, then
+    worker); if one of this host's writers is gone, or the file of another host's writer
+    has not been written for the lease, nobody will finish or rename it.
     """
     removed: list[Path] = []
     if not target.parent.is_dir():
@@ -60,8 +134,8 @@ def sweep_stale_temps(target: Path) -> list[Path]:
     for candidate in target.parent.iterdir():
         if not (candidate.name.startswith(".") and candidate.name.lstrip(".").startswith(prefix)):
             continue
-        if all(psutil.pid_exists(pid) for pid in _writer_pids(candidate.name)):
-            continue  # every writer still alive: in progress
+        if not _abandoned(candidate):
+            continue  # a writer is still at it
         if candidate.is_dir() and not candidate.is_symlink():
             shutil.rmtree(candidate, ignore_errors=True)  # an unpacked archive
         else:

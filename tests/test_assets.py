@@ -1,6 +1,7 @@
 """The assets in a real Dagster run (materialize, in process) with real worker pools."""
 
 import shutil
+import socket
 
 import pyarrow.parquet as pq
 import pytest
@@ -97,6 +98,7 @@ def test_three_assets_with_metadata_and_passed_checks(instance, data_root, count
         ):
             assert key in md, key
         assert md["worker_peak_rss_mb"].value > 50
+        assert md["worker_host"].value == socket.gethostname()  # no container here
     checks = result.get_asset_check_evaluations()
     assert len(checks) == len(CRITERIA_BY_ASSET) == 3  # one per asset, for this file
     assert all(c.passed for c in checks)

@@ -2,12 +2,14 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 
+from geoiso_dagster import fsutil
 from geoiso_dagster.defs.retries import MAX_ATTEMPTS, MAX_WAIT_S, MIN_WAIT_S, backoff_seconds
 from geoiso_dagster.errors import UnsafeNameError
-from geoiso_dagster.fsutil import atomic_path, sweep_stale_temps, temp_path_for
+from geoiso_dagster.fsutil import TEMP_MARKER, atomic_path, sweep_stale_temps, temp_path_for
 from geoiso_dagster.paths import check_partition_key, output_path, source_path
 
 
@@ -63,15 +65,19 @@ def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
     assert target.read_bytes() == b"new"
 
 
-def test_sweep_removes_only_temps_of_dead_writers(tmp_path):
-    target = tmp_path / "out.parquet"
+def _dead_pid() -> int:
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         capture_output=True,
         text=True,
         check=True,
     )
-    dead_pid = int(dead.stdout)
+    return int(dead.stdout)
+
+
+def test_sweep_removes_only_temps_of_dead_writers(tmp_path):
+    target = tmp_path / "out.parquet"
+    dead_pid = _dead_pid()
     orphan = tmp_path / f".out.parquet.tmp-{dead_pid}-abcd"
     orphan_of_live = tmp_path / f"..out.parquet.tmp-{os.getpid()}-ab.tmp-{dead_pid}-cd"
     live = temp_path_for(target)
@@ -81,6 +87,41 @@ def test_sweep_removes_only_temps_of_dead_writers(tmp_path):
     removed = sweep_stale_temps(target)
     assert sorted(removed) == sorted([orphan, orphan_of_live])
     assert live.exists() and unrelated.exists()
+
+
+def test_sweep_judges_other_hosts_by_lease_never_by_pid(tmp_path, monkeypatch):
+    """A shared data root: a pid from another host means nothing here. Its temps stay
+    while they are fresh, whatever pids exist here, and go once the lease ran out."""
+    monkeypatch.setenv(fsutil.LEASE_ENV, "600")
+    target = tmp_path / "out.parquet"
+    here = fsutil.host_tag()
+    other = "runabc123.f00d42"
+    assert other != here and temp_path_for(target).name.count(f"@{here}-") == 1
+    dead_pid = _dead_pid()
+    fresh_other = tmp_path / f".out.parquet.tmp-{dead_pid}@{other}-aaaa"  # dead here, alive there
+    stale_other = tmp_path / f".out.parquet.tmp-{os.getpid()}@{other}-bbbb"  # alive here
+    other_dir = tmp_path / f".out.parquet.tmp-{dead_pid}@{other}-cccc"  # an unpacked archive
+    dead_here = tmp_path / f".out.parquet.tmp-{dead_pid}@{here}-dddd"
+    for p in (fresh_other, stale_other, dead_here):
+        p.write_bytes(b"x")
+    other_dir.mkdir()
+    (other_dir / "inner.shp").write_bytes(b"x")
+    old = time.time() - 601
+    os.utime(stale_other, (old, old))
+    os.utime(other_dir, (old, old))  # the folder is old but a file in it was just written
+    removed = sweep_stale_temps(target)
+    assert sorted(removed) == sorted([stale_other, dead_here])
+    assert fresh_other.exists() and other_dir.exists()
+    os.utime(other_dir / "inner.shp", (old, old))
+    os.utime(fresh_other, (old, old))
+    assert sorted(sweep_stale_temps(target)) == sorted([fresh_other, other_dir])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_temp_names_stay_under_255_bytes_through_three_writers(tmp_path):
+    target = tmp_path / ("k" * 200 + ".parquet")
+    name = temp_path_for(temp_path_for(temp_path_for(target))).name
+    assert len(name.encode()) <= 255 and name.count(TEMP_MARKER) == 3
 
 
 def test_backoff_stays_within_5_and_60_seconds_and_grows():

@@ -80,6 +80,7 @@ def metadata(result: TaskResult, path: Path) -> dict:
         "duration_s": MetadataValue.float(result.duration_s),
         "worker_peak_rss_mb": MetadataValue.float(result.peak_rss_mb),
         "worker_pid": MetadataValue.int(result.pid),
+        "worker_host": MetadataValue.text(result.host),
     }
     for library, version in facts["versions"].items():
         entry[f"{library}_version"] = MetadataValue.text(version)

@@ -206,6 +206,7 @@ def _combined(joined: TaskResult, results: list[TaskResult], **facts) -> TaskRes
         peak_rss_mb=max(r.peak_rss_mb for r in [*results, joined]),
         duration_s=max(r.duration_s for r in results) + joined.duration_s,
         tasks_run=joined.tasks_run,
+        host=joined.host,
     )
 
 

@@ -91,6 +91,8 @@ class TaskResult:
     peak_rss_mb: float
     duration_s: float
     tasks_run: int
+    # The machine or container the worker ran in (socket.gethostname() there).
+    host: str = ""
     # What the task left changed in its worker (environment, working folder, umask, GDAL
     # options) and the worker put back before its next task.
     restored: tuple[str, ...] = ()
@@ -268,6 +270,7 @@ class WorkerPool:
                 peak_rss_mb=worker["peak_rss_mb"],
                 duration_s=worker["duration_s"],
                 tasks_run=worker["tasks_run"],
+                host=worker["host"],
                 restored=tuple(worker.get("restored", ())),
             )
         kind, message = envelope["kind"], envelope["message"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import psutil
 
 from geoiso_dagster.errors import BadInputError, TransientIOError
+from geoiso_dagster.fsutil import host_name
 from geoiso_dagster.pool import gdal_jail
 from geoiso_dagster.pool._events import EventSender
 from geoiso_dagster.pool.env import gdal_config_options
@@ -266,6 +267,7 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
     envelope["worker"] = {
         "restored": restored,
         "pid": os.getpid(),
+        "host": host_name(),
         "peak_rss_mb": round(peak / 2**20, 1),
         "duration_s": round(time.perf_counter() - started, 4),
         "tasks_run": state.tasks_run,
