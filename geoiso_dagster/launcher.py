@@ -1,0 +1,138 @@
+"""GeoisoDockerRunLauncher: every run in its own container, sized from the pool settings.
+
+Dagster's DockerRunLauncher (dagster-docker) with what this code location needs on top,
+so that deploy/dagster.yaml stays declarative:
+
+- a cgroup memory limit per run container: max_workers x memory_limit_mb (the pool's
+  per-worker ceilings, from the run's config or the GEOISO_POOL_* variables) plus the
+  run process; swap is off, so the limit is the limit;
+- the image from GEOISO_IMAGE (default geoiso-dagster:latest) unless the config names one;
+- a host name of its own per run container (the metadata's worker_host, and the host
+  identity in temp names: with host networking a container would otherwise report the
+  host's name);
+- the data root and DAGSTER_HOME bound at the same paths, the GEOISO_* and
+  DAGSTER_POSTGRES_* variables passed on, and the host user's uid:gid, so outputs belong
+  to the user who runs the deployment;
+- a run monitor's verdict that names the memory limit when the kernel killed the run
+  process at it.
+
+No geo imports: the daemon and the webserver load this class.
+"""
+
+import os
+from pathlib import Path
+
+from dagster import Field, IntSource, StringSource
+from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster_docker import DockerRunLauncher
+from dagster_docker.container_context import DockerContainerContext
+from dagster_docker.utils import DOCKER_CONFIG_SCHEMA
+
+from geoiso_dagster.paths import DATA_ROOT_ENV, data_root
+
+IMAGE_ENV = "GEOISO_IMAGE"
+DEFAULT_IMAGE = "geoiso-dagster:latest"
+# Overrides the derived limit of every run container (MB); for operators, and the tests.
+CONTAINER_MEMORY_ENV = "GEOISO_RUN_CONTAINER_MEMORY_MB"
+# What the run process itself needs beside its workers: Dagster, the definitions, the
+# instance's connections (about 250 MB measured here), with room to spare.
+DEFAULT_RUN_PROCESS_MB = 768
+LABEL = "geoiso-dagster"
+MEMORY_LABEL = "geoiso-dagster/memory_mb"
+_PASSED_ON = ("GEOISO_", "DAGSTER_POSTGRES_")
+
+
+def _pool_setting(run_config: dict, field: str) -> int:
+    """A pool setting as the run will see it: its run config, else the GEOISO_POOL_*
+    variable, else the resource's default."""
+    from geoiso_dagster.defs.resources import SpatialWorkerPool
+
+    configured = ((run_config or {}).get("resources") or {}).get("spatial_pool", {}).get(
+        "config"
+    ) or {}
+    if field in configured:
+        return int(configured[field])
+    value = os.environ.get(f"GEOISO_POOL_{field.upper()}")
+    if value:
+        return int(value)
+    return int(SpatialWorkerPool.model_fields[field].default)
+
+
+def container_memory_mb(run_config: dict, run_process_mb: int = DEFAULT_RUN_PROCESS_MB) -> int:
+    """The memory limit of a run's container: its workers' ceilings plus the run process."""
+    override = os.environ.get(CONTAINER_MEMORY_ENV)
+    if override:
+        return int(override)
+    workers = _pool_setting(run_config, "max_workers")
+    return workers * _pool_setting(run_config, "memory_limit_mb") + run_process_mb
+
+
+def run_host_name(run_id: str) -> str:
+    return f"geoiso-run-{run_id[:12]}"
+
+
+class GeoisoDockerRunLauncher(DockerRunLauncher):
+    def __init__(self, inst_data=None, run_process_memory_mb=DEFAULT_RUN_PROCESS_MB, **config):
+        config["image"] = config.get("image") or os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
+        super().__init__(inst_data=inst_data, **config)
+        self.run_process_memory_mb = run_process_memory_mb
+
+    @classmethod
+    def config_type(cls):
+        return {
+            **DOCKER_CONFIG_SCHEMA,
+            "image": Field(StringSource, is_required=False),
+            "run_process_memory_mb": Field(
+                IntSource,
+                is_required=False,
+                default_value=DEFAULT_RUN_PROCESS_MB,
+                description="Memory of the run process, added to max_workers x memory_limit_mb.",
+            ),
+        }
+
+    def get_container_context(self, dagster_run: DagsterRun) -> DockerContainerContext:
+        """This deployment's container settings, then whatever the instance config or the
+        code location sets (those win)."""
+        memory_mb = container_memory_mb(dagster_run.run_config, self.run_process_memory_mb)
+        root = str(data_root())
+        mounts = {root: {"bind": root, "mode": "rw"}}
+        environment = [
+            f"{name}={value}"
+            for name, value in sorted(os.environ.items())
+            if name.startswith(_PASSED_ON) and name != DATA_ROOT_ENV
+        ]
+        environment.append(f"{DATA_ROOT_ENV}={root}")
+        if os.environ.get("DAGSTER_HOME"):
+            home = str(Path(os.environ["DAGSTER_HOME"]).resolve())
+            mounts[home] = {"bind": home, "mode": "rw"}
+            environment.append(f"DAGSTER_HOME={home}")
+        ours = DockerContainerContext(
+            env_vars=environment,
+            container_kwargs={
+                "mem_limit": f"{memory_mb}m",
+                "memswap_limit": f"{memory_mb}m",
+                "hostname": run_host_name(dagster_run.run_id),
+                "volumes": mounts,
+                "user": f"{os.getuid()}:{os.getgid()}",
+                "labels": {LABEL: "run", MEMORY_LABEL: str(memory_mb)},
+            },
+        )
+        return ours.merge(super().get_container_context(dagster_run))
+
+    def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
+        result = super().check_run_worker_health(run)
+        if result.status != WorkerStatus.FAILED:
+            return result
+        container = self._get_container(run)
+        state = (container.attrs.get("State") or {}) if container is not None else {}
+        if state.get("OOMKilled"):
+            limit = (container.labels or {}).get(MEMORY_LABEL, "?")
+            return CheckRunHealthResult(
+                WorkerStatus.FAILED,
+                msg=f"The run container went over its memory limit of {limit} MB "
+                "(max_workers x memory_limit_mb + the run process) and the kernel killed it. "
+                "Lower max_workers or memory_limit_mb, or raise the limit with "
+                f"{CONTAINER_MEMORY_ENV}. {result.msg}",
+            )
+        return result

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The production topology on this machine, on 127.0.0.1 (README "Deploy"):
+#
+#   scripts/stack.sh up     PostgreSQL, dockerd (when none runs), the image (when
+#                           missing), the code server, the webserver, the daemon
+#   scripts/stack.sh down   stop all of it: no process and no run container left
+#
+# State lives in $GEOISO_STACK_DIR (default .stack/, git-ignored): the Postgres cluster,
+# DAGSTER_HOME (deploy/dagster.yaml), logs, pids. Ports: $GEOISO_WEBSERVER_PORT (3000),
+# $GEOISO_CODE_SERVER_PORT (4266), $DAGSTER_POSTGRES_PORT (55432). The data root is
+# $GEOISO_DATA_ROOT (default ./data); the inbox sensor is on.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+stack=$(realpath -m "${GEOISO_STACK_DIR:-.stack}")
+web_port=${GEOISO_WEBSERVER_PORT:-3000}
+code_port=${GEOISO_CODE_SERVER_PORT:-4266}
+export DAGSTER_HOME=$stack/home
+export GEOISO_DATA_ROOT=$(realpath -m "${GEOISO_DATA_ROOT:-./data}")
+export DAGSTER_POSTGRES_HOST=127.0.0.1 DAGSTER_POSTGRES_PORT=${DAGSTER_POSTGRES_PORT:-55432}
+export DAGSTER_POSTGRES_USER=${DAGSTER_POSTGRES_USER:-geoiso} DAGSTER_POSTGRES_DB=${DAGSTER_POSTGRES_DB:-dagster}
+bin=$repo/.venv/bin
+
+say() { echo "stack: $*"; }
+
+# stop NAME: SIGTERM the process group in $stack/NAME.pid, SIGKILL what is left after 20 s.
+stop() {
+    local file=$stack/$1.pid pid
+    [ -f "$file" ] || return 0
+    pid=$(cat "$file")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+        kill -KILL -- "-$pid" 2>/dev/null || true
+        say "stopped $1 ($pid)"
+    fi
+    rm -f "$file"
+}
+
+# launch NAME COMMAND...: in a session of its own, output to $stack/NAME.log.
+launch() {
+    local name=$1
+    shift
+    setsid "$@" >"$stack/$name.log" 2>&1 </dev/null &
+    echo $! >"$stack/$name.pid"
+    say "started $name ($!), log $stack/$name.log"
+}
+
+up() {
+    mkdir -p "$stack/home" "$GEOISO_DATA_ROOT/inbox"
+    chmod 711 "$stack"  # the cluster inside belongs to `nobody` when run as root
+    [ -x "$bin/dagster" ] || scripts/setup.sh
+    # The password is made once and kept for this stack only (0600, git-ignored).
+    if [ -z "${DAGSTER_POSTGRES_PASSWORD:-}" ]; then
+        [ -f "$stack/postgres.password" ] ||
+            (umask 077 && "$bin/python" -c "import secrets; print(secrets.token_urlsafe(24))" >"$stack/postgres.password")
+        DAGSTER_POSTGRES_PASSWORD=$(cat "$stack/postgres.password")
+    fi
+    export DAGSTER_POSTGRES_PASSWORD
+    scripts/postgres.sh up "$stack/postgres" "$DAGSTER_POSTGRES_PORT"
+    say "started PostgreSQL on 127.0.0.1:$DAGSTER_POSTGRES_PORT ($stack/postgres)"
+
+    if ! docker info >/dev/null 2>&1; then
+        [ "$(id -u)" = 0 ] || { say "no Docker engine answers, and only root may start one" >&2; exit 1; }
+        launch dockerd dockerd --bridge=none --iptables=false --ip6tables=false \
+            --data-root "${GEOISO_DOCKER_DATA_ROOT:-/var/lib/docker}"
+        for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+        docker info >/dev/null 2>&1 || { say "dockerd did not start; see $stack/dockerd.log" >&2; exit 1; }
+    fi
+    image=${GEOISO_IMAGE:-geoiso-dagster:latest}
+    docker image inspect "$image" >/dev/null 2>&1 || IMAGE=$image scripts/image.sh
+
+    cp deploy/dagster.yaml "$DAGSTER_HOME/dagster.yaml"
+    sed "s/port: 4266/port: $code_port/" deploy/workspace.yaml >"$stack/workspace.yaml"
+    launch code-server "$bin/dagster" code-server start -h 127.0.0.1 -p "$code_port" \
+        -m geoiso_dagster.definitions --location-name geoiso_dagster
+    launch webserver "$bin/dagster-webserver" -h 127.0.0.1 -p "$web_port" -w "$stack/workspace.yaml"
+    launch daemon "$bin/dagster-daemon" run -w "$stack/workspace.yaml"
+
+    local query='{"query":"{ workspaceOrError { ... on Workspace { locationEntries { loadStatus locationOrLoadError { __typename } } } } }"}'
+    for _ in $(seq 1 180); do
+        if curl -sf -H 'Content-Type: application/json' -d "$query" "http://127.0.0.1:$web_port/graphql" 2>/dev/null |
+            grep -q '"__typename":"RepositoryLocation"'; then
+            say "up: http://127.0.0.1:$web_port (data root $GEOISO_DATA_ROOT, inbox $GEOISO_DATA_ROOT/inbox)"
+            return 0
+        fi
+        sleep 1
+    done
+    say "the webserver did not load the code location; logs in $stack" >&2
+    exit 1
+}
+
+down() {
+    for name in daemon webserver code-server; do stop "$name"; done
+    if docker info >/dev/null 2>&1; then
+        local containers
+        containers=$(docker ps -aq --filter label=geoiso-dagster=run)
+        [ -z "$containers" ] || { docker rm -f $containers >/dev/null; say "removed run containers"; }
+    fi
+    stop dockerd
+    if [ -f "$stack/postgres/data/postmaster.pid" ]; then
+        scripts/postgres.sh stop "$stack/postgres" && say "stopped PostgreSQL"
+    fi
+    say "down"
+}
+
+case ${1:-} in
+up) up ;;
+down) down ;;
+*) echo "usage: scripts/stack.sh up|down" >&2; exit 2 ;;
+esac
