@@ -2,8 +2,9 @@
 # Set up everything the project needs on a fresh machine, idempotently.
 #   scripts/setup.sh          the package and its dev tools in .venv
 #   scripts/setup.sh --test   also what only the tests need, from Debian: libgdal-dev (for
-#                             the optional osgeo bindings, built to match it) and
-#                             chromium (for the browser test, driven by Playwright)
+#                             the optional osgeo bindings, built to match it), chromium
+#                             (for the browser test, driven by Playwright), and for the
+#                             deployment's tests postgresql, docker.io and debootstrap
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,6 +13,9 @@ if [ "${1:-}" = "--test" ]; then
     missing=()
     command -v gdal-config >/dev/null 2>&1 || missing+=(libgdal-dev)
     [ -x /usr/bin/chromium ] || missing+=(chromium)
+    ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
+    command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+    command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
             echo "setup: installing Debian's ${missing[*]}"

@@ -1,5 +1,7 @@
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,29 @@ def require_osgeo() -> bool:
     """CI installs the osgeo bindings and sets GEOISO_REQUIRE_OSGEO=1: there a missing
     install fails the test instead of skipping it."""
     return os.environ.get("GEOISO_REQUIRE_OSGEO") == "1"
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A PostgreSQL 15 cluster of the tests' own on 127.0.0.1, stopped at the end."""
+    from tests.deploy import Postgres, postgres_installed, unavailable
+
+    if not postgres_installed():
+        unavailable("PostgreSQL is not installed (apt-get install postgresql)")
+    cluster = Postgres(Path(tempfile.mkdtemp(prefix="geoiso-pg-"))).up()
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(cluster.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def instance_setup(request):
+    """(dagster.yaml text, environment) of the instance kind the test is parametrized
+    with: "sqlite" (the repo's dagster.yaml) or "postgres" (deploy/dagster.yaml's storage,
+    queue, pools and run monitoring, on a fresh database, runs as child processes)."""
+    if request.param == "sqlite":
+        return None, {}
+    from tests.deploy import postgres_instance_yaml
+
+    name = "t_" + re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[-40:]
+    return postgres_instance_yaml(), request.getfixturevalue("postgres").database(name)

@@ -42,8 +42,12 @@ def _default_signals() -> None:
 
 
 class DagsterDev:
-    def __init__(self, home: Path, data_root: Path, log: Path, **env: str) -> None:
+    def __init__(
+        self, home: Path, data_root: Path, log: Path, instance_yaml: str | None = None, **env: str
+    ) -> None:
+        """`instance_yaml`: the instance's dagster.yaml (default: the repo's, SQLite)."""
         self.home, self.data_root, self.log_path = home, data_root, log
+        self.instance_yaml = instance_yaml or (REPO / "dagster.yaml").read_text()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -56,7 +60,7 @@ class DagsterDev:
 
     def start(self, timeout: float = 180) -> "DagsterDev":
         self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+        (self.home / "dagster.yaml").write_text(self.instance_yaml)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [BIN / "dagster", "dev", "-h", "127.0.0.1", "-p", str(self.port)],

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from geoiso_dagster.paths import ASSET_NAMES, output_path
+from tests.deploy import postgres_instance_yaml
 from tests.live import BIN, FAST_INBOX, DagsterDev
 
 LOCATION = "geoiso_dagster"
@@ -45,15 +46,23 @@ CHECKS = """query Checks($path: [String!]!, $name: String!) {
     runId status evaluation { partition } } }"""
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("live")
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(request, tmp_path_factory):
+    """dagster dev on the repo's dagster.yaml (SQLite), then on deploy/dagster.yaml's
+    Postgres storage, queue, pools and run monitoring: every test here runs on both."""
+    root = tmp_path_factory.mktemp(f"live-{request.param}")
     (root / "data" / "inbox").mkdir(parents=True)
+    instance_yaml, instance_env = None, {}
+    if request.param == "postgres":
+        instance_yaml = postgres_instance_yaml()
+        instance_env = request.getfixturevalue("postgres").database("live")
     dev = DagsterDev(
         root / "home",
         root / "data",
         root / "dagster-dev.log",
+        instance_yaml,
         **FAST_INBOX,
+        **instance_env,
     ).start()
     yield dev
     dev.stop()

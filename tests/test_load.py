@@ -89,7 +89,13 @@ class WorkerSampler(threading.Thread):
 
 
 @pytest.mark.timeout(900)
-def test_twenty_files_at_once_and_two_cli_runs_of_one_partition(tmp_path, naturalearth_shp):
+@pytest.mark.parametrize("instance_setup", ["sqlite", "postgres"], indirect=True)
+def test_twenty_files_at_once_and_two_cli_runs_of_one_partition(
+    tmp_path, naturalearth_shp, instance_setup, monkeypatch
+):
+    instance_yaml, instance_env = instance_setup
+    for name, value in instance_env.items():  # this process opens the instance too
+        monkeypatch.setenv(name, value)
     data_root, home = tmp_path / "data", tmp_path / "home"
     (data_root / "inbox").mkdir(parents=True)
     staging = tmp_path / "staging"
@@ -100,7 +106,9 @@ def test_twenty_files_at_once_and_two_cli_runs_of_one_partition(tmp_path, natura
         "GEOISO_POOL_MEMORY_LIMIT_MB": str(CEILING_MB),
         **FAST_INBOX,
     }
-    server = DagsterDev(home, data_root, tmp_path / "dagster-dev.log", **pool_env).start()
+    server = DagsterDev(
+        home, data_root, tmp_path / "dagster-dev.log", instance_yaml, **pool_env, **instance_env
+    ).start()
     sampler = WorkerSampler()
     sampler.start()
     try:

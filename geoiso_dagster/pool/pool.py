@@ -31,7 +31,7 @@ from geoiso_dagster.errors import (
     WorkerTimeoutError,
 )
 from geoiso_dagster.formats import ALLOWED_GDAL_DRIVERS
-from geoiso_dagster.pool import _forkserver
+from geoiso_dagster.pool import _forkserver, cgroup
 from geoiso_dagster.pool._events import EventListener
 from geoiso_dagster.pool.env import worker_env
 from geoiso_dagster.pool.worker import MEMORY_EXIT_CODE, WorkerSettings, initialize, run_task
@@ -126,6 +126,8 @@ class WorkerPool:
         # Futures handed out and not yet settled, so that close() can settle them all.
         self._outstanding: dict[str, tuple[str, concurrent.futures.Future]] = {}
         self._memory_events: dict[int, dict] = {}
+        # OOM kills in this cgroup already accounted for (each explains one SIGKILL).
+        self._oom_kills_seen = cgroup.oom_kills()
         self._workers: dict[int, psutil.Process] = {}
         self._cond = threading.Condition()
 
@@ -294,6 +296,14 @@ class WorkerPool:
             return MemoryLimitError(
                 f"{what}: worker {exc.pid} used {peak} of memory, over its ceiling "
                 f"memory_limit_mb={limit}; it was stopped"
+            )
+        if code == -signal.SIGKILL and cgroup.oom_kills() > self._oom_kills_seen:
+            self._oom_kills_seen = cgroup.oom_kills()
+            limit = cgroup.memory_limit_mb()
+            return MemoryLimitError(
+                f"{what}: worker {exc.pid} was killed by the kernel's OOM killer: its container "
+                f"went over its memory limit of {limit} MB (max_workers x memory_limit_mb + "
+                "the run process); lower max_workers or memory_limit_mb, or raise the limit"
             )
         if code is not None and code < 0:
             try:

@@ -20,7 +20,7 @@ import psutil
 
 from geoiso_dagster.errors import BadInputError, TransientIOError
 from geoiso_dagster.fsutil import host_name
-from geoiso_dagster.pool import gdal_jail
+from geoiso_dagster.pool import cgroup, gdal_jail
 from geoiso_dagster.pool._events import EventSender
 from geoiso_dagster.pool.env import gdal_config_options
 
@@ -114,6 +114,7 @@ def initialize(settings: WorkerSettings) -> None:
     # The pool kills a worker only when it must (timeout, teardown): die at once,
     # even inside a C call, instead of pebble's graceful SystemExit.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    cgroup.volunteer_for_oom_killer()
     os.environ.update(settings.env)
     _apply_geo_config(settings.env)
     if settings.allowed_gdal_drivers is not None:
