@@ -10,10 +10,14 @@ RUN apt-get update \
         python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
+# The dependencies first (a layer that changes only with them), then the project.
 COPY build/wheels /tmp/wheels
 RUN python3 -m venv /opt/geoiso \
-    && /opt/geoiso/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels geoiso-dagster \
-    && rm -rf /tmp/wheels \
+    && /opt/geoiso/bin/pip install --no-cache-dir --no-index /tmp/wheels/*.whl \
+    && rm -rf /tmp/wheels
+COPY build/project /tmp/project
+RUN /opt/geoiso/bin/pip install --no-cache-dir --no-index --no-deps /tmp/project/*.whl \
+    && rm -rf /tmp/project \
     && /opt/geoiso/bin/python -c "import dagster_docker, dagster_postgres, geopandas, geoiso_dagster"
 
 # A run container reads its instance from the run launcher's arguments; DAGSTER_HOME is

@@ -1,5 +1,5 @@
 # The two commands the README opens with; both set everything up from nothing.
-.PHONY: demo test setup lint bench
+.PHONY: demo test setup lint bench image
 
 demo:            ## set up, then run the main job on the shipped sample data
 	scripts/setup.sh
@@ -16,3 +16,6 @@ setup:
 lint:
 	.venv/bin/ruff check geoiso_dagster tests
 	.venv/bin/ruff format --check geoiso_dagster tests
+
+image:           ## build geoiso-dagster:latest, the image of every run container (README, Deploy)
+	scripts/image.sh

@@ -1,7 +1,7 @@
 """Many small files: N files dropped at once into the inbox of a real `dagster dev`,
 against a plain loop over the same files, side by side in one run.
 
-    .venv/bin/python -m benchmarks.small_files [--files 500] [--bad 0]
+    .venv/bin/python -m benchmarks.small_files [--files 500] [--bad 0] [--deployment]
 
   loop     the plain recipe (benchmarks/recipe.py) through a fresh process pool per file
            (the seed's wrapper: ProcessPoolExecutor(max_workers=1) with the forkserver
@@ -13,6 +13,11 @@ against a plain loop over the same files, side by side in one run.
            with the sensor at settle 2 s, interval 5 s; timed from the drop to the last
            dissolved output published. Every file must succeed and be a partition with
            its three materializations.
+
+  deployment  (with --deployment) the same drop into the inbox of the production topology,
+           `scripts/stack.sh up` (Postgres, code server, webserver, daemon, every run in
+           its own container of geoiso-dagster:latest, built first); its run start is
+           the container's start.
 
 With --bad K, K unreadable files are dropped among them (not given to the loop): each
 must fail alone, named with its cause, while every good file still succeeds.
@@ -188,6 +193,50 @@ def project(sources: list[Path], root: Path, bad: list[Path]) -> dict:
     return report
 
 
+def deployment(sources: list[Path], root: Path) -> dict:
+    """The drop into the inbox of scripts/stack.sh's stack (a container per run)."""
+    import os
+
+    from tests.deploy import DockerEngine, Stack
+
+    root.mkdir(parents=True)
+    for folder in (root.parent, root):  # the benchmark's temp folder, then this one:
+        folder.chmod(0o711)  # the Postgres cluster inside belongs to `nobody` as root
+    engine = DockerEngine(root).start()
+    image_s = engine.build_image()
+    stack = Stack(root / "stack", root / "data", **SENSOR)
+    try:
+        started = time.monotonic()
+        stack.script("up")
+        up_s = time.monotonic() - started
+        inbox = root / "data" / "inbox"
+        dropped = time.time()
+        for path in sorted(sources):
+            shutil.copy(path, inbox / f".{path.name}.part")
+            (inbox / f".{path.name}.part").rename(inbox / path.name)
+        outputs = [root / "data/warehouse/dissolved_regions" / f"{p.name}.parquet" for p in sources]
+        os.environ.update(stack.instance_env)
+        instance = DagsterInstance.get()
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            runs = instance.get_runs()
+            if all(o.exists() for o in outputs) and runs and all(r.is_finished for r in runs):
+                break
+            time.sleep(0.5)
+        last_output = max(o.stat().st_mtime for o in outputs if o.exists())
+        report = _split(instance, dropped, sources)
+        report.update(
+            elapsed_s=last_output - dropped,
+            outputs=sum(o.exists() for o in outputs),
+            stack_up_s=up_s,
+            image_s=image_s,
+        )
+    finally:
+        stack.script("down")
+        engine.stop()
+    return report
+
+
 def _all(fetch) -> list:
     """Every record of a paged fetch (the instance gives at most 10,000 at a time)."""
     records, cursor = [], None
@@ -302,6 +351,11 @@ def main() -> None:
     parser.add_argument(
         "--bad", type=int, default=0, help="bad files dropped among them (not in the loop)"
     )
+    parser.add_argument(
+        "--deployment",
+        action="store_true",
+        help="also through scripts/stack.sh (Postgres, a container per run)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -315,6 +369,7 @@ def main() -> None:
             path.write_bytes(b"not a GeoPackage" * 64)
             bad.append(path)
         result = project(sources, root / "project", bad)
+        deployed = deployment(sources, root / "deployment") if args.deployment else None
     n = args.files
     rate = {
         "loop": n / loop_s * 60,
@@ -366,9 +421,25 @@ def main() -> None:
             f"{b['remainder_runs']} remainder runs, {b['outputs_left']} outputs of theirs; "
             f"causes named: {b['causes']}"
         )
+    if deployed:
+        d = deployed
+        rate["deployment"] = n / d["elapsed_s"] * 60
+        print(
+            f"\ndeployment (scripts/stack.sh: Postgres, a container per run): "
+            f"{rate['deployment']:.1f} files per minute, {rate['deployment'] / rate['loop']:.2f}x "
+            f"the loop, {rate['deployment'] / rate['project']:.2f}x dagster dev; "
+            f"{d['outputs']} of {n} outputs in {d['elapsed_s']:.1f} s; {d['runs']} runs "
+            f"({d['runs_succeeded']} succeeded), median {d['files_per_run']:g} files a run; "
+            f"run start (the container's start to the run process's first event) median "
+            f"{d['run_start_s_median']:.1f} s against {r['run_start_s_median']:.1f} s for a "
+            f"child process; queue {d['queue_s_median']:.1f} s; pool start and plan "
+            f"{d['pool_start_s_median']:.1f} s; stack.sh up {d['stack_up_s']:.1f} s, "
+            f"make image {d['image_s']:.0f} s"
+        )
     out = REPO / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     report = {"files": n, "files_per_minute": rate, "project": result, "loop_s": loop_s}
+    report["deployment"] = deployed
     (out / f"small-files-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
         json.dumps(report, indent=2)
     )

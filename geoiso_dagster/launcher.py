@@ -33,7 +33,8 @@ from geoiso_dagster.paths import DATA_ROOT_ENV, data_root
 
 IMAGE_ENV = "GEOISO_IMAGE"
 DEFAULT_IMAGE = "geoiso-dagster:latest"
-# Overrides the derived limit of every run container (MB); for operators, and the tests.
+# Override the derived limit (MB): of one run, by its tag; of every run, by the variable.
+CONTAINER_MEMORY_TAG = "geoiso-dagster/container_memory_mb"
 CONTAINER_MEMORY_ENV = "GEOISO_RUN_CONTAINER_MEMORY_MB"
 # What the run process itself needs beside its workers: Dagster, the definitions, the
 # instance's connections (about 250 MB measured here), with room to spare.
@@ -59,13 +60,14 @@ def _pool_setting(run_config: dict, field: str) -> int:
     return int(SpatialWorkerPool.model_fields[field].default)
 
 
-def container_memory_mb(run_config: dict, run_process_mb: int = DEFAULT_RUN_PROCESS_MB) -> int:
-    """The memory limit of a run's container: its workers' ceilings plus the run process."""
-    override = os.environ.get(CONTAINER_MEMORY_ENV)
+def container_memory_mb(run: DagsterRun, run_process_mb: int = DEFAULT_RUN_PROCESS_MB) -> int:
+    """The memory limit of a run's container: its workers' ceilings plus the run process,
+    unless the run's tag or the operator's variable sets it."""
+    override = run.tags.get(CONTAINER_MEMORY_TAG) or os.environ.get(CONTAINER_MEMORY_ENV)
     if override:
         return int(override)
-    workers = _pool_setting(run_config, "max_workers")
-    return workers * _pool_setting(run_config, "memory_limit_mb") + run_process_mb
+    workers = _pool_setting(run.run_config, "max_workers")
+    return workers * _pool_setting(run.run_config, "memory_limit_mb") + run_process_mb
 
 
 def run_host_name(run_id: str) -> str:
@@ -94,7 +96,7 @@ class GeoisoDockerRunLauncher(DockerRunLauncher):
     def get_container_context(self, dagster_run: DagsterRun) -> DockerContainerContext:
         """This deployment's container settings, then whatever the instance config or the
         code location sets (those win)."""
-        memory_mb = container_memory_mb(dagster_run.run_config, self.run_process_memory_mb)
+        memory_mb = container_memory_mb(dagster_run, self.run_process_memory_mb)
         root = str(data_root())
         mounts = {root: {"bind": root, "mode": "rw"}}
         environment = [
@@ -132,7 +134,7 @@ class GeoisoDockerRunLauncher(DockerRunLauncher):
                 WorkerStatus.FAILED,
                 msg=f"The run container went over its memory limit of {limit} MB "
                 "(max_workers x memory_limit_mb + the run process) and the kernel killed it. "
-                "Lower max_workers or memory_limit_mb, or raise the limit with "
-                f"{CONTAINER_MEMORY_ENV}. {result.msg}",
+                "Lower max_workers or memory_limit_mb, or raise the limit (the run's tag "
+                f"{CONTAINER_MEMORY_TAG}, or {CONTAINER_MEMORY_ENV}). {result.msg}",
             )
         return result

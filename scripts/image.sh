@@ -16,7 +16,7 @@ BASE=${BASE:-debian:bookworm-slim}
 IMAGE=${IMAGE:-${GEOISO_IMAGE:-geoiso-dagster:latest}}
 started=$(date +%s)
 
-docker info >/dev/null 2>&1 || { echo "image: no Docker engine answers (scripts/dockerd.sh starts one)" >&2; exit 1; }
+docker info >/dev/null 2>&1 || { echo "image: no Docker engine answers (scripts/dockerd.sh start PIDFILE LOG starts one)" >&2; exit 1; }
 
 if ! docker image inspect "$BASE" >/dev/null 2>&1 && ! docker pull -q "$BASE" >/dev/null 2>&1; then
     if [ "$BASE" != debian:bookworm-slim ]; then
@@ -38,11 +38,14 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1 && ! docker pull -q "$BASE" >/
     fi
 fi
 
-echo "image: wheels for the image in build/wheels"
-mkdir -p build/wheels
-rm -f build/wheels/geoiso_dagster-*.whl
+# The dependencies' wheels (build/wheels) and the project's (build/project) apart: the
+# image installs them in two layers, so a code change rebuilds only the small one.
+echo "image: wheels for the image in build/wheels and build/project"
+rm -rf build/wheels build/project
+mkdir -p build/wheels build/project
 PIP=${PIP:-.venv/bin/python -m pip}
 $PIP wheel --disable-pip-version-check -q --wheel-dir build/wheels . 2>&1 | grep -v "^WARNING: Location" || true
+mv build/wheels/geoiso_dagster-*.whl build/project/
 
 echo "image: docker build $IMAGE from $BASE"
 docker build -q --network host --build-arg "BASE=$BASE" -t "$IMAGE" . >/dev/null

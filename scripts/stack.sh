@@ -46,7 +46,15 @@ launch() {
     say "started $name ($!), log $stack/$name.log"
 }
 
+in_use() { (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 up() {
+    for port in "$web_port" "$code_port" "$DAGSTER_POSTGRES_PORT"; do
+        if in_use "$port"; then
+            say "127.0.0.1:$port is in use (a stack already up? scripts/stack.sh down)" >&2
+            exit 1
+        fi
+    done
     mkdir -p "$stack/home" "$GEOISO_DATA_ROOT/inbox"
     chmod 711 "$stack"  # the cluster inside belongs to `nobody` when run as root
     [ -x "$bin/dagster" ] || scripts/setup.sh
@@ -61,11 +69,8 @@ up() {
     say "started PostgreSQL on 127.0.0.1:$DAGSTER_POSTGRES_PORT ($stack/postgres)"
 
     if ! docker info >/dev/null 2>&1; then
-        [ "$(id -u)" = 0 ] || { say "no Docker engine answers, and only root may start one" >&2; exit 1; }
-        launch dockerd dockerd --bridge=none --iptables=false --ip6tables=false \
-            --data-root "${GEOISO_DOCKER_DATA_ROOT:-/var/lib/docker}"
-        for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
-        docker info >/dev/null 2>&1 || { say "dockerd did not start; see $stack/dockerd.log" >&2; exit 1; }
+        scripts/dockerd.sh start "$stack/dockerd.pid" "$stack/dockerd.log"
+        say "started dockerd ($(cat "$stack/dockerd.pid")), log $stack/dockerd.log"
     fi
     image=${GEOISO_IMAGE:-geoiso-dagster:latest}
     docker image inspect "$image" >/dev/null 2>&1 || IMAGE=$image scripts/image.sh
@@ -74,7 +79,10 @@ up() {
     sed "s/port: 4266/port: $code_port/" deploy/workspace.yaml >"$stack/workspace.yaml"
     launch code-server "$bin/dagster" code-server start -h 127.0.0.1 -p "$code_port" \
         -m geoiso_dagster.definitions --location-name geoiso_dagster
-    launch webserver "$bin/dagster-webserver" -h 127.0.0.1 -p "$web_port" -w "$stack/workspace.yaml"
+    # A pooled connection is reused for 5 s at most (Dagster's default: an hour), so after
+    # a Postgres restart the webserver reconnects instead of failing on a dead socket.
+    launch webserver "$bin/dagster-webserver" -h 127.0.0.1 -p "$web_port" -w "$stack/workspace.yaml" \
+        --db-pool-recycle 5
     launch daemon "$bin/dagster-daemon" run -w "$stack/workspace.yaml"
 
     local query='{"query":"{ workspaceOrError { ... on Workspace { locationEntries { loadStatus locationOrLoadError { __typename } } } } }"}'
@@ -97,7 +105,9 @@ down() {
         containers=$(docker ps -aq --filter label=geoiso-dagster=run)
         [ -z "$containers" ] || { docker rm -f $containers >/dev/null; say "removed run containers"; }
     fi
-    stop dockerd
+    if [ -f "$stack/dockerd.pid" ]; then
+        scripts/dockerd.sh stop "$stack/dockerd.pid" && say "stopped dockerd"
+    fi
     if [ -f "$stack/postgres/data/postmaster.pid" ]; then
         scripts/postgres.sh stop "$stack/postgres" && say "stopped PostgreSQL"
     fi

@@ -14,8 +14,9 @@ _ROOT = Path("/sys/fs/cgroup")
 # Above this the "limit" is the kernel's way of saying none (v1 reports 2**63 rounded).
 _NO_LIMIT = 2**60
 # Workers are what the OOM killer should take first: they are restartable, the run
-# process holds the run. An unprivileged process may raise its own score.
-WORKER_OOM_SCORE_ADJ = 500
+# process holds the run. An unprivileged process may raise its own score; at the
+# maximum, a worker is always chosen before any process that did not raise its own.
+WORKER_OOM_SCORE_ADJ = 1000
 
 
 def memory_limit_mb() -> int | None:
