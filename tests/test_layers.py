@@ -5,9 +5,10 @@ GEO_MODULES = ("geopandas", "shapely", "pyogrio", "pyproj", "osgeo")
 
 
 def test_definitions_import_no_geo_library():
-    """The orchestration layer (and the CLI) must not load GDAL, GEOS or PROJ."""
+    """The orchestration layer (and the CLI, and the run launcher the daemon and the
+    webserver load) must not load GDAL, GEOS or PROJ."""
     code = (
-        "import sys, geoiso_dagster.definitions, geoiso_dagster.cli;"
+        "import sys, geoiso_dagster.definitions, geoiso_dagster.cli, geoiso_dagster.launcher;"
         f"print(','.join(m for m in {GEO_MODULES!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
