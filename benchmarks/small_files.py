@@ -153,28 +153,37 @@ class ProcessWatch:
         self._thread.join()
 
 
+def _drop_and_wait(instance: DagsterInstance, data_root: Path, sources: list, bad: list):
+    """Drop every file into the inbox at once (temp name, then rename), then wait for every
+    dissolved output and every run to finish. Returns the drop's start and end, the
+    outputs, and when the last one was published."""
+    inbox = data_root / "inbox"
+    dropped = time.time()
+    for path in sorted([*sources, *bad]):
+        shutil.copy(path, inbox / f".{path.name}.part")
+        (inbox / f".{path.name}.part").rename(inbox / path.name)
+    dropped_done = time.time()
+    outputs = [data_root / "warehouse/dissolved_regions" / f"{p.name}.parquet" for p in sources]
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        runs = instance.get_runs()
+        if all(o.exists() for o in outputs) and runs and all(r.is_finished for r in runs):
+            break
+        time.sleep(0.5)
+    last_output = max(o.stat().st_mtime for o in outputs if o.exists())
+    return dropped, dropped_done, outputs, last_output
+
+
 def project(sources: list[Path], root: Path, bad: list[Path]) -> dict:
     inbox = root / "data" / "inbox"
     inbox.mkdir(parents=True)
     server = DagsterDev(root / "home", root / "data", root / "dev.log", **SENSOR).start()
     try:
         with ProcessWatch(server) as watch:
-            dropped = time.time()
-            for path in sorted([*sources, *bad]):
-                shutil.copy(path, inbox / f".{path.name}.part")
-                (inbox / f".{path.name}.part").rename(inbox / path.name)
-            dropped_done = time.time()
-            outputs = [
-                root / "data/warehouse/dissolved_regions" / f"{p.name}.parquet" for p in sources
-            ]
             instance = DagsterInstance.from_config(str(root / "home"))
-            deadline = time.monotonic() + 1800
-            while time.monotonic() < deadline:
-                runs = instance.get_runs()
-                if all(o.exists() for o in outputs) and runs and all(r.is_finished for r in runs):
-                    break
-                time.sleep(0.5)
-            last_output = max(o.stat().st_mtime for o in outputs if o.exists())
+            dropped, dropped_done, outputs, last_output = _drop_and_wait(
+                instance, root / "data", sources, bad
+            )
         report = _split(instance, dropped, sources)
         report["bad_files"] = _bad_files(instance, root / "data", bad)
         report.update(
@@ -209,21 +218,9 @@ def deployment(sources: list[Path], root: Path) -> dict:
         started = time.monotonic()
         stack.script("up")
         up_s = time.monotonic() - started
-        inbox = root / "data" / "inbox"
-        dropped = time.time()
-        for path in sorted(sources):
-            shutil.copy(path, inbox / f".{path.name}.part")
-            (inbox / f".{path.name}.part").rename(inbox / path.name)
-        outputs = [root / "data/warehouse/dissolved_regions" / f"{p.name}.parquet" for p in sources]
         os.environ.update(stack.instance_env)
         instance = DagsterInstance.get()
-        deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline:
-            runs = instance.get_runs()
-            if all(o.exists() for o in outputs) and runs and all(r.is_finished for r in runs):
-                break
-            time.sleep(0.5)
-        last_output = max(o.stat().st_mtime for o in outputs if o.exists())
+        dropped, _, outputs, last_output = _drop_and_wait(instance, root / "data", sources, [])
         report = _split(instance, dropped, sources)
         report.update(
             elapsed_s=last_output - dropped,

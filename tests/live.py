@@ -168,6 +168,29 @@ def materialize_command(key: str, config: dict | None = None, select=None) -> li
     return command
 
 
+def launch_params(partition: str, run_config: dict | None = None, tags: dict | None = None):
+    """ExecutionParams of the webserver's launch mutation (what the UI sends) for the three
+    assets of one partition."""
+    from geoiso_dagster.paths import ASSET_NAMES
+
+    return {
+        "selector": {
+            "repositoryLocationName": "geoiso_dagster",
+            "repositoryName": "__repository__",
+            "pipelineName": "__ASSET_JOB",
+            "assetSelection": [{"path": [a]} for a in ASSET_NAMES],
+        },
+        "runConfigData": json.dumps(run_config or {}),
+        "mode": "default",
+        "executionMetadata": {
+            "tags": [
+                {"key": k, "value": v}
+                for k, v in {"dagster/partition": partition, **(tags or {})}.items()
+            ]
+        },
+    }
+
+
 def covered_partitions(instance, run) -> list[str]:
     """The partition keys a run covers: its one partition, or every key of its range
     (a batch run), in the order the instance keeps them."""

@@ -23,12 +23,11 @@ from dagster import DagsterRunStatus as Status
 
 from geoiso_dagster.paths import ASSET_NAMES, output_path
 from tests.deploy import DockerEngine, Postgres, Stack, containers, inspect
-from tests.live import FAST_INBOX
+from tests.live import FAST_INBOX, launch_params
 
 pytestmark = pytest.mark.timeout(900)
 
 MAX_WORKERS, CEILING_MB, RUN_PROCESS_MB = 2, 1024, 768  # deploy/dagster.yaml
-LOCATION = "geoiso_dagster"
 LAUNCH = """
 mutation Launch($params: ExecutionParams!) {
   launchPipelineExecution(executionParams: $params) {
@@ -107,22 +106,7 @@ def _finished(instance: DagsterInstance, run_id: str) -> Status | None:
 
 
 def _launch(stack: Stack, partition: str, tags: dict | None = None) -> str:
-    params = {
-        "selector": {
-            "repositoryLocationName": LOCATION,
-            "repositoryName": "__repository__",
-            "pipelineName": "__ASSET_JOB",
-            "assetSelection": [{"path": [a]} for a in ASSET_NAMES],
-        },
-        "runConfigData": "{}",
-        "mode": "default",
-        "executionMetadata": {
-            "tags": [
-                {"key": k, "value": v}
-                for k, v in {"dagster/partition": partition, **(tags or {})}.items()
-            ]
-        },
-    }
+    params = launch_params(partition, tags=tags)
     launched = stack.graphql(LAUNCH, {"params": params})["launchPipelineExecution"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     return launched["run"]["runId"]

@@ -14,9 +14,8 @@ import pytest
 
 from geoiso_dagster.paths import ASSET_NAMES, output_path
 from tests.deploy import postgres_instance_yaml
-from tests.live import BIN, FAST_INBOX, DagsterDev
+from tests.live import BIN, FAST_INBOX, DagsterDev, launch_params
 
-LOCATION = "geoiso_dagster"
 LAUNCH = """
 mutation Launch($params: ExecutionParams!) {
   launchPipelineExecution(executionParams: $params) {
@@ -117,24 +116,13 @@ def test_launch_through_graphql_and_read_the_catalog(server, tmp_path):
         text=True,
     ).stdout.split()[-1]
     # Registered through the inbox, the sensor runs it too; this test launches its own.
-    params = {
-        "selector": {
-            "repositoryLocationName": LOCATION,
-            "repositoryName": "__repository__",
-            "pipelineName": "__ASSET_JOB",
-            "assetSelection": [{"path": [a]} for a in ASSET_NAMES],
-        },
-        "runConfigData": json.dumps(
-            {
-                "ops": {
-                    "reprojected_features": {"config": {"target_crs": "EPSG:6933"}},
-                    "dissolved_regions": {"config": {"dissolve_by": "continent"}},
-                }
-            }
-        ),
-        "mode": "default",
-        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": key}]},
+    config = {
+        "ops": {
+            "reprojected_features": {"config": {"target_crs": "EPSG:6933"}},
+            "dissolved_regions": {"config": {"dissolve_by": "continent"}},
+        }
     }
+    params = launch_params(key, config)
     launched = server.graphql(LAUNCH, {"params": params})["launchPipelineExecution"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     assert _wait_run(server, launched["run"]["runId"]) == "SUCCESS"
