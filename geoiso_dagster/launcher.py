@@ -36,6 +36,7 @@ DEFAULT_IMAGE = "geoiso-dagster:latest"
 # Override the derived limit (MB): of one run, by its tag; of every run, by the variable.
 CONTAINER_MEMORY_TAG = "geoiso-dagster/container_memory_mb"
 CONTAINER_MEMORY_ENV = "GEOISO_RUN_CONTAINER_MEMORY_MB"
+MIN_CONTAINER_MB, MAX_CONTAINER_MB = 128, 4 * 2**20
 # What the run process itself needs beside its workers: Dagster, the definitions, the
 # instance's connections (about 250 MB measured here), with room to spare.
 DEFAULT_RUN_PROCESS_MB = 768
@@ -60,12 +61,25 @@ def _pool_setting(run_config: dict, field: str) -> int:
     return int(SpatialWorkerPool.model_fields[field].default)
 
 
+def _megabytes(value: str, where: str) -> int:
+    """A memory size someone set (a tag anyone launching a run may set): whole MB, within
+    reason, or a clear refusal."""
+    text = str(value).strip()
+    if not text.isdigit() or not MIN_CONTAINER_MB <= int(text) <= MAX_CONTAINER_MB:
+        raise ValueError(
+            f"{where} must be a whole number of MB from {MIN_CONTAINER_MB} to "
+            f"{MAX_CONTAINER_MB}, not {text[:40]!r}"
+        )
+    return int(text)
+
+
 def container_memory_mb(run: DagsterRun, run_process_mb: int = DEFAULT_RUN_PROCESS_MB) -> int:
     """The memory limit of a run's container: its workers' ceilings plus the run process,
     unless the run's tag or the operator's variable sets it."""
-    override = run.tags.get(CONTAINER_MEMORY_TAG) or os.environ.get(CONTAINER_MEMORY_ENV)
-    if override:
-        return int(override)
+    if run.tags.get(CONTAINER_MEMORY_TAG):
+        return _megabytes(run.tags[CONTAINER_MEMORY_TAG], f"the run tag {CONTAINER_MEMORY_TAG}")
+    if os.environ.get(CONTAINER_MEMORY_ENV):
+        return _megabytes(os.environ[CONTAINER_MEMORY_ENV], CONTAINER_MEMORY_ENV)
     workers = _pool_setting(run.run_config, "max_workers")
     return workers * _pool_setting(run.run_config, "memory_limit_mb") + run_process_mb
 

@@ -43,6 +43,12 @@ def test_the_limit_is_the_workers_ceilings_plus_the_run_process(monkeypatch):
     assert container_memory_mb(_run(config)) == 900
 
 
+@pytest.mark.parametrize("value", ["lots", "-1", "1e9", "0", "99999999999", "512; rm -rf /"])
+def test_a_memory_tag_that_is_not_a_size_is_refused_clearly(value):
+    with pytest.raises(ValueError, match="must be a whole number of MB from 128"):
+        container_memory_mb(_run(tags={"geoiso-dagster/container_memory_mb": value}))
+
+
 def test_every_run_container_gets_its_limit_host_mounts_and_only_our_variables(
     monkeypatch, tmp_path
 ):
