@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import geopandas
 import psutil
@@ -82,8 +83,10 @@ def _drop(stack: Stack, source: Path, name: str) -> float:
 
 
 def _instance(stack: Stack) -> DagsterInstance:
-    os.environ.update(stack.instance_env)
-    return DagsterInstance.get()
+    """The stack's instance, opened with its environment; this process's stays as it was
+    (the tests after this module must not inherit a DAGSTER_HOME that is gone)."""
+    with mock.patch.dict(os.environ, stack.instance_env):
+        return DagsterInstance.get()
 
 
 def _runs_of(instance: DagsterInstance, partition: str):
