@@ -28,9 +28,10 @@ stop() {
     local file=$stack/$1.pid pid
     [ -f "$file" ] || return 0
     pid=$(cat "$file")
-    if kill -0 "$pid" 2>/dev/null; then
+    # The whole group: a child (the code server's gRPC process) outlives a dead leader.
+    if kill -0 -- "-$pid" 2>/dev/null || kill -0 "$pid" 2>/dev/null; then
         kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+        for _ in $(seq 1 40); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
         kill -KILL -- "-$pid" 2>/dev/null || true
         say "stopped $1 ($pid)"
     fi
