@@ -297,8 +297,9 @@ class WorkerPool:
                 f"{what}: worker {exc.pid} used {peak} of memory, over its ceiling "
                 f"memory_limit_mb={limit}; it was stopped"
             )
-        if code == -signal.SIGKILL and cgroup.oom_kills() > self._oom_kills_seen:
-            self._oom_kills_seen = cgroup.oom_kills()
+        kills = cgroup.oom_kills() if code == -signal.SIGKILL else 0
+        if kills > self._oom_kills_seen:
+            self._oom_kills_seen = kills
             limit = cgroup.memory_limit_mb()
             return MemoryLimitError(
                 f"{what}: worker {exc.pid} was killed by the kernel's OOM killer: its container "
