@@ -29,6 +29,7 @@ from dagster_docker import DockerRunLauncher
 from dagster_docker.container_context import DockerContainerContext
 from dagster_docker.utils import DOCKER_CONFIG_SCHEMA
 
+from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.paths import DATA_ROOT_ENV, data_root
 
 IMAGE_ENV = "GEOISO_IMAGE"
@@ -48,8 +49,6 @@ _PASSED_ON = ("GEOISO_", "DAGSTER_POSTGRES_")
 def _pool_setting(run_config: dict, field: str) -> int:
     """A pool setting as the run will see it: its run config, else the GEOISO_POOL_*
     variable, else the resource's default."""
-    from geoiso_dagster.defs.resources import SpatialWorkerPool
-
     configured = ((run_config or {}).get("resources") or {}).get("spatial_pool", {}).get(
         "config"
     ) or {}

@@ -13,7 +13,6 @@ costs a reconnect and never a dead socket: 3.5 ms an event (benchmarks.small_fil
 from collections.abc import Mapping
 from typing import Any
 
-from dagster._core.storage.config import pg_config
 from dagster_postgres.event_log import PostgresEventLogStorage
 from dagster_postgres.utils import (
     create_pg_engine,
@@ -39,10 +38,6 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
             pool_pre_ping=True,
             pool_recycle=RECYCLE_S,
         )
-
-    @classmethod
-    def config_type(cls):
-        return pg_config()
 
     @classmethod
     def from_config_value(
