@@ -42,7 +42,6 @@ import geopandas
 import psutil
 import pyogrio
 from dagster import (
-    AssetCheckEvaluation,
     AssetKey,
     DagsterEventType,
     DagsterInstance,
@@ -51,7 +50,7 @@ from dagster import (
 )
 from dagster._core.storage.event_log.base import AssetRecordsFilter
 
-from tests.live import DagsterDev
+from tests.live import DagsterDev, report_check_events
 
 NATURAL_EARTH = (
     Path(pyogrio.__file__).parent / "tests/fixtures/naturalearth_lowres/naturalearth_lowres.shp"
@@ -249,15 +248,7 @@ def _event_write_ms(instance: DagsterInstance, n: int = 100) -> float:
     """What writing one asset event costs on this instance, measured after the run: a
     check result for a partition, as a step writes it (without the step around it)."""
     started = time.perf_counter()
-    for i in range(n):
-        instance.report_runless_asset_event(
-            AssetCheckEvaluation(
-                asset_key=AssetKey("event_write_probe"),
-                check_name="probe",
-                passed=True,
-                partition=f"p{i}",
-            )
-        )
+    report_check_events(instance, "event_write_probe", "p", n)
     return (time.perf_counter() - started) / n * 1000
 
 

@@ -191,6 +191,20 @@ def launch_params(partition: str, run_config: dict | None = None, tags: dict | N
     }
 
 
+def report_check_events(instance, asset: str, prefix: str, n: int) -> None:
+    """Write `n` asset events to `instance` as a step writes them (a passed check result
+    for partitions <prefix>0 .. <prefix>n-1), without the step around them: the probe of
+    what one event costs an instance."""
+    from dagster import AssetCheckEvaluation, AssetKey
+
+    for i in range(n):
+        instance.report_runless_asset_event(
+            AssetCheckEvaluation(
+                asset_key=AssetKey(asset), check_name="probe", passed=True, partition=f"{prefix}{i}"
+            )
+        )
+
+
 def covered_partitions(instance, run) -> list[str]:
     """The partition keys a run covers: its one partition, or every key of its range
     (a batch run), in the order the instance keeps them."""

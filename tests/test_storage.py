@@ -6,22 +6,11 @@ import os
 from unittest import mock
 
 import sqlalchemy
-from dagster import AssetCheckEvaluation, AssetKey, DagsterInstance
+from dagster import DagsterInstance
 
 from geoiso_dagster.storage import PooledPostgresEventLogStorage
 from tests.deploy import postgres_instance_yaml
-
-
-def _report(instance: DagsterInstance, prefix: str, n: int) -> None:
-    for i in range(n):
-        instance.report_runless_asset_event(
-            AssetCheckEvaluation(
-                asset_key=AssetKey("probe"),
-                check_name="probe",
-                passed=True,
-                partition=f"{prefix}{i}",
-            )
-        )
+from tests.live import report_check_events
 
 
 def test_events_reuse_one_connection_and_survive_a_postgres_restart(postgres, tmp_path):
@@ -36,13 +25,15 @@ def test_events_reuse_one_connection_and_survive_a_postgres_restart(postgres, tm
     try:
         with mock.patch.dict(os.environ, env), DagsterInstance.get() as instance:
             assert isinstance(instance.event_log_storage, PooledPostgresEventLogStorage)
-            _report(instance, "a", 5)
+            report_check_events(instance, "probe", "a", 5)
             connects.clear()
-            _report(instance, "b", 50)
+            report_check_events(instance, "probe", "b", 50)
             assert len(connects) == 0  # dagster-postgres alone: 150 new connections
             postgres.stop()
             postgres.start()
-            _report(instance, "c", 5)  # the pooled connection is dead: pinged, replaced
+            report_check_events(
+                instance, "probe", "c", 5
+            )  # the pooled connection is dead: pinged, replaced
             assert len(connects) >= 1
             with instance.event_log_storage.index_connection() as connection:
                 stored = connection.execute(
