@@ -153,8 +153,11 @@ class Stack:
             "GEOISO_DATA_ROOT": str(data_root),
             "GEOISO_WEBSERVER_PORT": str(self.port),
             "GEOISO_CODE_SERVER_PORT": str(free_port()),
+            "DAGSTER_POSTGRES_HOST": "127.0.0.1",
             "DAGSTER_POSTGRES_PORT": str(free_port()),
+            "DAGSTER_POSTGRES_USER": "geoiso",
             "DAGSTER_POSTGRES_PASSWORD": secrets.token_urlsafe(18),
+            "DAGSTER_POSTGRES_DB": "dagster",
             **env,
         }
         self.env.pop("DAGSTER_HOME", None)
@@ -175,9 +178,6 @@ class Stack:
         """What a process needs to open the stack's instance (DAGSTER_HOME + Postgres)."""
         return {
             "DAGSTER_HOME": str(self.folder / "home"),
-            "DAGSTER_POSTGRES_HOST": "127.0.0.1",
-            "DAGSTER_POSTGRES_USER": "geoiso",
-            "DAGSTER_POSTGRES_DB": "dagster",
             **{k: v for k, v in self.env.items() if k.startswith("DAGSTER_POSTGRES_")},
         }
 

@@ -114,8 +114,8 @@ def _launch(stack: Stack, partition: str, tags: dict | None = None) -> str:
 
 
 def _countries(naturalearth_shp: Path, folder: Path, name: str, copies: int = 1) -> Path:
-    """Natural Earth countries keyed by continent; `copies` > 1 repeats them, shifted, to
-    make a file that takes the workers some seconds."""
+    """Natural Earth countries keyed by continent; `copies` > 1 repeats them (each row
+    numbered in `rank`) to make a file that takes the workers some seconds."""
     frame = geopandas.read_file(naturalearth_shp)
     frame["region_id"] = frame["continent"]
     if copies > 1:
