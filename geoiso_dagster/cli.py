@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from geoiso_dagster import formats, inbox, paths
+from geoiso_dagster import formats, inbox, objectstore, paths
 from geoiso_dagster.errors import BadInputError, GeoisoError
 from geoiso_dagster.fsutil import atomic_path
 
@@ -35,6 +35,9 @@ def add(files: list[str]) -> list[str]:
 
     from geoiso_dagster.defs.partitions import source_files
 
+    remote = paths.remote_root()
+    if remote is not None:
+        objectstore.check_bucket(remote)  # refused here, naming the bucket, not in a run
     root = paths.data_root()
     keys = []
     for name in files:
@@ -47,7 +50,14 @@ def add(files: list[str]) -> list[str]:
             raise BadInputError(str(source), why.replace("waits for", "needs"))
         inbox.read_sidecar(source)  # a bad sidecar refuses its file here, not in a run
         target = paths.source_path(key, root)
-        if source.resolve() != target.resolve():
+        if remote is not None:
+            # As below: the parts first, the main object last, so that a sensor listing
+            # the bucket never sees a .shp before its .shx and .dbf.
+            for part in inbox.companions(source):
+                if not part.name.endswith(formats.SQLITE_PARTS):
+                    objectstore.upload(remote, part, remote.key(f"inbox/{part.name}"))
+            objectstore.upload(remote, source, remote.key(f"inbox/{key}"))
+        elif source.resolve() != target.resolve():
             # Sidecars first, the main file last: a watcher never sees a .shp whose
             # .shx or .dbf has not arrived yet. SQLite's -wal/-shm stay behind: a
             # GeoPackage with changes in its log was refused above.
@@ -71,11 +81,33 @@ def _crs_label(geo: dict) -> str:
     return str(crs)
 
 
+def _fetched(path: Path) -> str:
+    """Where an output is, as users name it. With an S3 root the published object is
+    brought into this host's mirror first (unless it holds that version), and a path
+    the bucket does not have is removed from the mirror."""
+    remote = paths.remote_root()
+    if remote is None:
+        return str(path)
+    relative = paths.relative_to_root(path)
+    key = remote.key(relative)
+    try:
+        info = objectstore.head(remote, key)
+    except BadInputError:  # no such object
+        path.unlink(missing_ok=True)
+        return remote.uri_of(relative)
+    if not objectstore.mirror_holds(path, info):
+        objectstore.etag_file(path).unlink(missing_ok=True)
+        objectstore.download(remote, key, path, expect_etag=info.etag)
+        objectstore.remember(path, info.etag)
+    return remote.uri_of(relative)
+
+
 def show(keys: list[str]) -> list[dict]:
     rows = []
     for key in keys:
         for asset in paths.ASSET_NAMES:
             path = paths.output_path(asset, key)
+            shown = _fetched(path)
             if not path.exists():
                 rows.append(
                     {
@@ -83,7 +115,7 @@ def show(keys: list[str]) -> list[dict]:
                         "asset": asset,
                         "rows": None,
                         "crs": None,
-                        "path": f"{path} (missing)",
+                        "path": f"{shown} (missing)",
                     }
                 )
                 continue
@@ -95,7 +127,7 @@ def show(keys: list[str]) -> list[dict]:
                     "asset": asset,
                     "rows": parquet.metadata.num_rows,
                     "crs": _crs_label(geo),
-                    "path": str(path),
+                    "path": shown,
                 }
             )
     return rows

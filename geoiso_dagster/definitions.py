@@ -2,10 +2,15 @@
 
 from dagster import Definitions, in_process_executor
 
+from geoiso_dagster import paths
 from geoiso_dagster.defs.assets import geo_assets
 from geoiso_dagster.defs.jobs import geo_pipeline
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.sensors import build_inbox_sensor, build_remainder_sensor
+
+# A data root this project cannot serve (gs://..., s3:/typo) stops the code location from
+# loading, with the reason, instead of being taken as a relative folder.
+paths.configured_root()
 
 # In-process executor: one worker pool per run, shared by its steps; the pool, not the
 # executor, supplies the process isolation (and starts ~2.5x faster per run).

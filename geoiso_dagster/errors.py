@@ -29,6 +29,11 @@ class TransientIOError(GeoisoError):
     retryable = True
 
 
+class StorageAccessError(GeoisoError):
+    """The object store refuses the data root (403, no such bucket): a setting to fix,
+    never retried. The message names the bucket, never a credential."""
+
+
 class WorkerError(GeoisoError):
     """A worker process did not return a result."""
 

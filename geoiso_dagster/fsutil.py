@@ -67,7 +67,7 @@ def lease_seconds() -> float:
     return float(value) if value else DEFAULT_LEASE_S
 
 
-def _short(name: str) -> str:
+def short_name(name: str) -> str:
     if len(name.encode()) <= TEMP_BASE_MAX:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
@@ -79,7 +79,7 @@ def temp_path_for(target: Path) -> Path:
     """A temp name beside `target`, for one writer (this process). The temp of a temp
     appends this writer to the chain rather than shortening again, so the sweep still
     knows every writer of it."""
-    base = target.name if TEMP_MARKER in target.name else _short(target.name)
+    base = target.name if TEMP_MARKER in target.name else short_name(target.name)
     writer = f"{os.getpid()}@{host_tag()}"
     return target.with_name(f".{base}{TEMP_MARKER}{writer}-{secrets.token_hex(4)}")
 
@@ -108,16 +108,22 @@ def _idle_seconds(path: Path) -> float:
     return time.time() - latest
 
 
-def _abandoned(candidate: Path) -> bool:
-    """True when no writer will finish or rename `candidate`: a writer of this host is
-    gone, or a writer of another host let the lease run out."""
+def abandoned_name(name: str, idle_seconds) -> bool:
+    """True when no writer will finish or rename the temp named `name`: a writer of this
+    host is gone, or a writer of another host let the lease run out. `idle_seconds`: how
+    long nothing wrote it (a number, or a function giving it, asked only when needed)."""
     here = host_tag()
-    writers = _writers(candidate.name)
+    writers = _writers(name)
     if any(tag in (None, here) and not psutil.pid_exists(pid) for pid, tag in writers):
         return True
     if any(tag not in (None, here) for _, tag in writers):
-        return _idle_seconds(candidate) > lease_seconds()
+        idle = idle_seconds() if callable(idle_seconds) else idle_seconds
+        return idle > lease_seconds()
     return False
+
+
+def _abandoned(candidate: Path) -> bool:
+    return abandoned_name(candidate.name, lambda: _idle_seconds(candidate))
 
 
 def sweep_stale_temps(target: Path) -> list[Path]:
@@ -130,7 +136,7 @@ def sweep_stale_temps(target: Path) -> list[Path]:
     removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
-    prefix = f"{_short(target.name)}{TEMP_MARKER}"
+    prefix = f"{short_name(target.name)}{TEMP_MARKER}"
     for candidate in target.parent.iterdir():
         if not (candidate.name.startswith(".") and candidate.name.lstrip(".").startswith(prefix)):
             continue

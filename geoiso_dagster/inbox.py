@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from geoiso_dagster import formats
+from geoiso_dagster import formats, objectstore
 from geoiso_dagster.errors import BadInputError
-from geoiso_dagster.paths import check_partition_key, data_root, inbox_dir
+from geoiso_dagster.paths import S3Root, check_partition_key, data_root, inbox_dir, remote_root
 from geoiso_dagster.settings import check_aggregations, check_layer, check_target_crs
 
 CONFIG_SIDECAR_SUFFIX = ".geoiso.json"
@@ -99,7 +99,12 @@ def read_sidecar(path: Path, root: Path | None = None) -> dict:
     sidecar = config_sidecar(path)
     if not os.path.lexists(sidecar):
         return {}
-    text = _read_small_regular_file(sidecar, root)
+    return parse_sidecar(_read_small_regular_file(sidecar, root), str(sidecar))
+
+
+def parse_sidecar(text: str, where: str) -> dict:
+    """read_sidecar's checks on a sidecar's text; `where` names it in errors."""
+    sidecar = where
     try:
         settings = json.loads(text)
     except RecursionError:
@@ -225,10 +230,12 @@ def scan(
     as unchanged and not looked at again: one directory listing and one lstat per entry,
     so that an inbox of ten thousand processed files costs milliseconds. So is one whose
     fingerprint is its entry in `seen` (name: fingerprint of a file already taken)."""
+    now = time.time() if now is None else now
+    if root is None and (remote := remote_root()) is not None:
+        return scan_bucket(remote, settle_s, now, since, seen)
     root = (root or data_root()).resolve()
     inbox = inbox_dir(root)
     result = Scan()
-    now = time.time() if now is None else now
     try:
         with os.scandir(inbox) as listing:
             entries = {entry.name: entry for entry in listing}
@@ -314,3 +321,95 @@ def _look_at(path: Path, root: Path, settle_s: float, now: float):
     config = read_sidecar(path, root)
     size = sum(info.st_size for info in infos)
     return InboxFile(path.name, path, _fingerprint(files), config, size, youngest), None
+
+
+def scan_bucket(
+    root: S3Root,
+    settle_s: float = 5.0,
+    now: float | None = None,
+    since: float | None = None,
+    seen: dict[str, str] | None = None,
+) -> Scan:
+    """scan() of an S3 root's inbox: one listing of `inbox/` (1,000 keys a request), with
+    the same rules as a folder. An object is whole once it is listed, so a file is ready
+    when it, its parts and its sidecar were last written `settle_s` seconds ago or more;
+    its fingerprint is their names, sizes and ETags, so a re-upload is a new version.
+    Only a sidecar is read (a small GET); sources are fetched by the workers."""
+    now = time.time() if now is None else now
+    result = Scan()
+    entries = {
+        info.key.rpartition("/")[2]: info for info in objectstore.list_objects(root, "inbox")
+    }
+    local_inbox = inbox_dir(data_root())
+    for name in sorted(entries):
+        if why_not_a_source(name) is not None:
+            continue
+        infos = {
+            each: entries[each]
+            for each in [name, *formats.companion_names(name), name + CONFIG_SIDECAR_SUFFIX]
+            if each in entries
+        }
+        changed = max(info.modified for info in infos.values())
+        if since is not None and changed <= since:
+            result.unchanged += 1
+            continue
+        fingerprint = _object_digest(infos)
+        if seen and seen.get(name) == fingerprint:
+            result.unchanged += 1
+            result.seen_again[name] = (fingerprint, changed)
+            continue
+        try:
+            item, waiting = _look_at_object(root, name, infos, fingerprint, settle_s, now)
+        except BadInputError as exc:
+            result.refused[name] = exc.cause if exc.path == name else str(exc)
+            continue
+        if item is not None:
+            result.ready.append(
+                InboxFile(name, local_inbox / name, fingerprint, item, _item_size(infos), changed)
+            )
+        elif waiting:
+            result.waiting[name] = waiting
+    return result
+
+
+def _item_size(infos: dict[str, "objectstore.ObjectInfo"]) -> int:
+    return sum(
+        info.size for name, info in infos.items() if not name.endswith(CONFIG_SIDECAR_SUFFIX)
+    )
+
+
+def _object_digest(infos: dict[str, "objectstore.ObjectInfo"]) -> str:
+    parts = [f"{name}:{info.size}:{info.etag}" for name, info in sorted(infos.items())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _look_at_object(root: S3Root, name: str, infos: dict, fingerprint: str, settle_s, now):
+    """(run config, None) when the object is ready, (None, why) while it waits;
+    BadInputError when it is refused."""
+    check_source_name(Path(name))
+    lower = name.lower()
+    if lower.endswith(".shp"):
+        stem = name[: -len(".shp")]
+        have = {n[len(stem) :].lower() for n in infos}
+        missing = [s for s in SHAPEFILE_REQUIRED if s not in have]
+        if missing:
+            return None, f"shapefile waits for its {', '.join(missing)}"
+    wal = infos.get(name + "-wal")
+    if lower.endswith(".gpkg") and wal is not None and wal.size > 0:
+        return None, (
+            f"{name}-wal holds changes not yet in the file (SQLite WAL); waits for a "
+            "checkpoint (close the program writing it)"
+        )
+    youngest = max(info.modified for info in infos.values())
+    if now - youngest < settle_s:
+        return None, f"changed {now - youngest:.1f} s ago; waits {settle_s:g} s"
+    sidecar = infos.get(name + CONFIG_SIDECAR_SUFFIX)
+    if sidecar is None:
+        return {}, None
+    where = f"s3://{root.bucket}/{sidecar.key}"
+    data = objectstore.read_small(root, sidecar.key, MAX_SIDECAR_BYTES)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(where, f"is not UTF-8 text: {exc}") from None
+    return parse_sidecar(text, where), None

@@ -30,7 +30,7 @@ from dagster_docker.container_context import DockerContainerContext
 from dagster_docker.utils import DOCKER_CONFIG_SCHEMA
 
 from geoiso_dagster.defs.resources import SpatialWorkerPool
-from geoiso_dagster.paths import DATA_ROOT_ENV, data_root
+from geoiso_dagster.paths import DATA_ROOT_ENV, data_root, root_uri
 
 IMAGE_ENV = "GEOISO_IMAGE"
 DEFAULT_IMAGE = "geoiso-dagster:latest"
@@ -110,6 +110,8 @@ class GeoisoDockerRunLauncher(DockerRunLauncher):
         """This deployment's container settings, then whatever the instance config or the
         code location sets (those win)."""
         memory_mb = container_memory_mb(dagster_run, self.run_process_memory_mb)
+        # The local root, or with an S3 root this host's mirror of it (a cache the run
+        # container shares; the bucket stays the truth).
         root = str(data_root())
         mounts = {root: {"bind": root, "mode": "rw"}}
         environment = [
@@ -117,7 +119,7 @@ class GeoisoDockerRunLauncher(DockerRunLauncher):
             for name, value in sorted(os.environ.items())
             if name.startswith(_PASSED_ON) and name != DATA_ROOT_ENV
         ]
-        environment.append(f"{DATA_ROOT_ENV}={root}")
+        environment.append(f"{DATA_ROOT_ENV}={root_uri()}")
         if os.environ.get("DAGSTER_HOME"):
             home = str(Path(os.environ["DAGSTER_HOME"]).resolve())
             mounts[home] = {"bind": home, "mode": "rw"}

@@ -2,16 +2,32 @@
 
 Every path this project reads or writes comes from here, and every one is checked to
 stay inside the data root: a partition key is a file name, never a path.
+
+The data root is a local folder or an S3 prefix (`s3://bucket/prefix`); anything else
+(another scheme, a malformed bucket) is refused, never taken as a relative folder. With
+an S3 root the bucket holds the truth, and each host works in a local mirror of the
+part of it a step touches (`data_root()`, under GEOISO_SCRATCH_DIR): sources and
+upstream outputs are fetched into it, outputs are staged in it, uploaded, checked in
+the bucket and only then published there (see objectstore.py and defs/envelope.py).
 """
 
+import hashlib
 import os
 import re
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from geoiso_dagster.errors import UnsafeNameError
+from geoiso_dagster.errors import GeoisoError, UnsafeNameError
 
 DATA_ROOT_ENV = "GEOISO_DATA_ROOT"
 DEFAULT_DATA_ROOT = "./data"
+SCRATCH_ENV = "GEOISO_SCRATCH_DIR"
+# A URI scheme ("s3:", "gs:", "https:"); one letter is a Windows drive, not a scheme.
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+# S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens (AWS's rules).
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX_PART = re.compile(r"^[A-Za-z0-9!_.*'()@=+,-]+$")
 ASSET_NAMES = ("raw_features", "reprojected_features", "dissolved_regions")
 MAX_KEY_LENGTH = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -19,9 +35,107 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _RESERVED = (",", "[", "]", "...")
 
 
+class DataRootError(GeoisoError):
+    """GEOISO_DATA_ROOT names a root this project cannot serve."""
+
+
+@dataclass(frozen=True)
+class S3Root:
+    """An `s3://bucket/prefix` data root: keys below `prefix/` are the root's files."""
+
+    bucket: str
+    prefix: str  # without a leading or trailing '/'; '' for the bucket's top
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def key(self, relative: str) -> str:
+        """The object key of `relative` (a path below the root, '/'-separated)."""
+        parts = relative.split("/")
+        if not relative or any(p in ("", ".", "..") for p in parts):
+            raise UnsafeNameError(relative, f"is not a path inside the data root {self.uri}")
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def relative(self, key: str) -> str:
+        """The path below the root of object `key`; UnsafeNameError for a key outside it."""
+        head = f"{self.prefix}/" if self.prefix else ""
+        rest = key[len(head) :] if key.startswith(head) else None
+        if not rest or any(p in ("", ".", "..") for p in rest.split("/")):
+            raise UnsafeNameError(key, f"lies outside the data root {self.uri}")
+        return rest
+
+    def uri_of(self, relative: str) -> str:
+        return f"s3://{self.bucket}/{self.key(relative)}"
+
+
+def parse_root(text: str) -> Path | S3Root:
+    """A local folder (made absolute) or an S3Root; DataRootError for anything else."""
+    match = _SCHEME.match(text)
+    if not match:
+        if "://" in text:
+            raise DataRootError(f"{DATA_ROOT_ENV}={text[:200]!r} is not a folder or s3:// URI")
+        return Path(text).resolve()
+    scheme = match.group(1).lower()
+    if scheme != "s3":
+        raise DataRootError(
+            f"{DATA_ROOT_ENV}={text[:200]!r}: scheme {scheme!r} is not supported; "
+            "use a local folder or s3://bucket/prefix"
+        )
+    if not text.startswith(("s3://", "S3://")):
+        raise DataRootError(f"{DATA_ROOT_ENV}={text[:200]!r} is not of the form s3://bucket/prefix")
+    bucket, _, prefix = text[5:].partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise DataRootError(
+            f"{DATA_ROOT_ENV}={text[:200]!r}: {bucket[:80]!r} is not an S3 bucket name "
+            "(3-63 lower-case letters, digits, '.' and '-')"
+        )
+    prefix = prefix.strip("/")
+    parts = prefix.split("/") if prefix else []
+    if any(p in (".", "..") or not _PREFIX_PART.match(p) for p in parts) or len(prefix) > 512:
+        raise DataRootError(
+            f"{DATA_ROOT_ENV}={text[:200]!r}: the prefix must be '/'-separated names of "
+            "letters, digits and !_.*'()@=+,- (no empty, '.' or '..' parts)"
+        )
+    return S3Root(bucket, prefix)
+
+
+def configured_root() -> Path | S3Root:
+    """The data root as configured: $GEOISO_DATA_ROOT, or ./data."""
+    return parse_root(os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT)
+
+
+def remote_root() -> S3Root | None:
+    """The S3 root, or None when the data root is a local folder."""
+    root = configured_root()
+    return root if isinstance(root, S3Root) else None
+
+
+def mirror_dir(root: S3Root) -> Path:
+    """This host's local working copy of an S3 root: $GEOISO_SCRATCH_DIR/<root's hash>
+    (default under the system temp folder). Nothing in it is the truth; it is safe to
+    delete between runs."""
+    base = Path(os.environ.get(SCRATCH_ENV) or Path(tempfile.gettempdir()) / "geoiso-scratch")
+    digest = hashlib.sha256(root.uri.encode()).hexdigest()[:12]
+    return (base / f"{root.bucket[:40]}-{digest}").resolve()
+
+
 def data_root() -> Path:
-    """The data root: $GEOISO_DATA_ROOT, or ./data, made absolute."""
-    return Path(os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT).resolve()
+    """The local folder every step reads and writes: the data root itself, or for an S3
+    root this host's mirror of it."""
+    root = configured_root()
+    return mirror_dir(root) if isinstance(root, S3Root) else root
+
+
+def root_uri() -> str:
+    """The data root as users name it: a folder's absolute path, or s3://bucket/prefix."""
+    root = configured_root()
+    return root.uri if isinstance(root, S3Root) else str(root)
+
+
+def relative_to_root(path: Path, root: Path | None = None) -> str:
+    """`path` (inside the local root or mirror) as a '/'-separated path below it."""
+    return path.resolve().relative_to((root or data_root()).resolve()).as_posix()
 
 
 def inbox_dir(root: Path | None = None) -> Path:

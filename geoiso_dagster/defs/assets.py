@@ -1,6 +1,7 @@
 """raw_features -> reprojected_features -> dissolved_regions, one GeoParquet file per
 source file. The steps here only orchestrate: the work runs in the worker pool."""
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,11 +25,19 @@ from geoiso_dagster import paths
 from geoiso_dagster.defs import fanout
 from geoiso_dagster.defs.batch import produce_batch
 from geoiso_dagster.defs.checks import check_specs
-from geoiso_dagster.defs.envelope import FileWork, metadata, stage_and_judge
+from geoiso_dagster.defs.envelope import (
+    FileWork,
+    discard,
+    metadata,
+    publish,
+    stage_and_judge,
+    sweep,
+)
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
-from geoiso_dagster.errors import BadInputError, UnsafeNameError
-from geoiso_dagster.fsutil import publish, sweep_stale_temps, temp_path_for
+from geoiso_dagster.defs.retries import raise_for
+from geoiso_dagster.errors import BadInputError, GeoisoError, UnsafeNameError
+from geoiso_dagster.fsutil import temp_path_for
 from geoiso_dagster.settings import check_aggregations, check_layer, check_target_crs
 
 GROUP = "geo"
@@ -89,14 +98,17 @@ def _step(
 ) -> Iterator:
     """The step for one file (a run of one partition) or for a batch (a run over a range
     of partitions, defs/batch.py); `plan` says what to do for a partition key."""
-    if not context.has_partition_key:
-        yield from produce_batch(context, pool, asset_name, context.partition_keys, plan)
-        return
     try:
-        work = plan(context.partition_key)
-    except UnsafeNameError as exc:
-        raise Failure(description=f"Bad input: {exc}", allow_retries=False) from None
-    yield from _produce(context, pool, asset_name, work)
+        if not context.has_partition_key:
+            yield from produce_batch(context, pool, asset_name, context.partition_keys, plan)
+            return
+        try:
+            work = plan(context.partition_key)
+        except UnsafeNameError as exc:
+            raise Failure(description=f"Bad input: {exc}", allow_retries=False) from None
+        yield from _produce(context, pool, asset_name, work)
+    except GeoisoError as exc:  # raised here, not in a worker: the object store's answers
+        raise_for(context, exc)
 
 
 def _produce(
@@ -107,7 +119,7 @@ def _produce(
     good output in place and fails the step (the checks are blocking), so nothing
     downstream runs on it."""
     output = work.output
-    sweep_stale_temps(output)
+    sweep(output)
     staged = temp_path_for(output)
     try:
         judged = stage_and_judge(fanout.StepRunner(context, pool), asset_name, work, staged)
@@ -123,8 +135,9 @@ def _produce(
             )
             yield from judged.checks
     finally:
-        staged.unlink(missing_ok=True)
-        sweep_stale_temps(output)  # what a killed worker of this step left behind
+        discard(staged)
+        with contextlib.suppress(GeoisoError):  # the step's own error matters more
+            sweep(output)  # what a killed worker of this step left behind
 
 
 def _geo_asset(name: str, upstream: AssetsDefinition | None, library: str):
@@ -167,6 +180,8 @@ def raw_features(
             output,
             lambda runner, staged: fanout.ingest(runner, source, staged, layer=config.layer),
             {"source": source, "layer": config.layer},
+            reads=paths.relative_to_root(Path(source)),
+            reads_source=True,
         )
 
     yield from _step(context, spatial_pool, "raw_features", plan)
@@ -186,6 +201,7 @@ def reprojected_features(
             output,
             lambda runner, staged: fanout.reproject(runner, source, staged, config.target_crs),
             {"expected_crs": config.target_crs},
+            reads=paths.relative_to_root(Path(source)),
         )
 
     yield from _step(context, spatial_pool, "reprojected_features", plan)
@@ -211,6 +227,7 @@ def dissolved_regions(
             output,
             lambda runner, staged: fanout.dissolve(runner, source, staged, **options),
             {"expected_crs_of": source, "unique_key": config.dissolve_by, "geometries": "all"},
+            reads=paths.relative_to_root(Path(source)),
         )
 
     yield from _step(context, spatial_pool, "dissolved_regions", plan)

@@ -35,7 +35,15 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,  # not exported; what a check points at
 )
 
-from geoiso_dagster.defs.envelope import FileWork, Judged, metadata, stage_and_judge
+from geoiso_dagster.defs.envelope import (
+    FileWork,
+    Judged,
+    discard,
+    metadata,
+    publish,
+    stage_and_judge,
+    sweep,
+)
 from geoiso_dagster.defs.fanout import PoolRunner
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import (
@@ -46,7 +54,7 @@ from geoiso_dagster.defs.retries import (
     retrying,
 )
 from geoiso_dagster.errors import BadInputError, GeoisoError
-from geoiso_dagster.fsutil import publish, sweep_stale_temps, temp_path_for
+from geoiso_dagster.fsutil import temp_path_for
 
 # Metadata key of a batch step's failure: {partition key: cause}, read by the sensor
 # that carries the other files of the batch on.
@@ -90,12 +98,12 @@ def _one_file(
         return outcome
     output = outcome.work.output
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        sweep_stale_temps(output)
         staged = temp_path_for(output)
         try:
+            sweep(output)
             outcome.judged = stage_and_judge(runner, asset_name, outcome.work, staged)
         except GeoisoError as exc:
-            staged.unlink(missing_ok=True)
+            discard(staged)
             if not exc.retryable:
                 outcome.error = describe_failure(exc)[0]
                 return outcome
@@ -107,12 +115,12 @@ def _one_file(
             stop.wait(wait)
             continue
         except BaseException:
-            staged.unlink(missing_ok=True)
+            discard(staged)
             raise
         if outcome.judged.passed:
             outcome.staged = staged
         else:
-            staged.unlink(missing_ok=True)
+            discard(staged)
         return outcome
     raise AssertionError("unreachable")
 
@@ -143,7 +151,7 @@ def _run_files(
         threads.shutdown(wait=False, cancel_futures=True)
         for outcome in outcomes.values():
             if outcome.staged is not None:
-                outcome.staged.unlink(missing_ok=True)
+                discard(outcome.staged)
         raise
     threads.shutdown()
     return [outcomes[k] for k in keys]

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from dagster import AssetCheckResult, MetadataValue, TableColumn, TableSchema
 
+from geoiso_dagster import fsutil, objectstore, paths
 from geoiso_dagster.defs.checks import check_results
 from geoiso_dagster.defs.fanout import Runner
+from geoiso_dagster.errors import GeoisoError
 from geoiso_dagster.pool import TaskResult
 
 # Step-specific facts that go to the catalog as they are.
@@ -36,6 +38,10 @@ class FileWork:
     output: Path
     produce: Callable[[Runner, Path], TaskResult]
     inspect_kwargs: dict = field(default_factory=dict)
+    # What the step reads, as paths below the data root (S3 roots fetch it into the
+    # host's mirror first; a source also brings the files its format opens beside it).
+    reads: str | None = None
+    reads_source: bool = False
 
 
 @dataclass
@@ -55,22 +61,79 @@ class Judged:
 
 
 def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Path) -> Judged:
-    """Produce `staged` and judge it; raises what the runner raises."""
+    """Produce `staged` and judge it; raises what the runner raises.
+
+    With an S3 root, what the step reads is fetched into the mirror first, and the staged
+    file is uploaded to its staged key and read back from the bucket for the checks:
+    the object judged is the object that will be published."""
+    remote = paths.remote_root()
+    if remote is not None and work.reads:
+        runner.run("fetch", relative=work.reads, source=work.reads_source)
     result = work.produce(runner, staged)
-    seen = runner.run("inspect", path=str(staged), **work.inspect_kwargs)
+    if remote is None:
+        seen = runner.run("inspect", path=str(staged), **work.inspect_kwargs)
+    else:
+        relative = paths.relative_to_root(staged)
+        runner.run("upload", path=str(staged), relative=relative)
+        seen = runner.run("inspect_object", relative=relative, **work.inspect_kwargs)
     return Judged(result, check_results(asset_name, result.facts, seen.facts))
+
+
+def sweep(output: Path) -> None:
+    """Remove what dead writers of `output` left: local temps and, with an S3 root, staged
+    objects and open multipart uploads."""
+    fsutil.sweep_stale_temps(output)
+    remote = paths.remote_root()
+    if remote is not None:
+        objectstore.sweep_staged(remote, remote.key(paths.relative_to_root(output)))
+
+
+def discard(staged: Path) -> None:
+    """Remove a staged file that will not be published, and its staged object (uploaded
+    only while the local file exists: publishing moves both)."""
+    if not staged.exists():
+        return
+    remote = paths.remote_root()
+    if remote is not None:
+        try:
+            objectstore.discard_staged(remote, remote.key(paths.relative_to_root(staged)))
+        except GeoisoError:
+            return  # the bucket is away: the next writer's sweep removes both
+    staged.unlink(missing_ok=True)
+
+
+def publish(staged: Path, output: Path) -> None:
+    """Make a checked staged file the published output. With an S3 root the staged object
+    becomes the published key (the truth), then the mirror keeps the file for the steps
+    after this one on this host."""
+    remote = paths.remote_root()
+    if remote is not None:
+        key = remote.key(paths.relative_to_root(output))
+        objectstore.publish(remote, remote.key(paths.relative_to_root(staged)), key)
+        objectstore.etag_file(output).unlink(missing_ok=True)
+        fsutil.publish(staged, output)
+        objectstore.remember(output, objectstore.head(remote, key).etag)
+        return
+    fsutil.publish(staged, output)
+
+
+def location(path: Path) -> str:
+    """Where users find an output: its file URI, or its s3:// URI with an S3 root."""
+    remote = paths.remote_root()
+    return remote.uri_of(paths.relative_to_root(path)) if remote else path.as_uri()
 
 
 def metadata(result: TaskResult, path: Path) -> dict:
     """The catalog entry of a published file (DESIGN.md, Metadata)."""
     facts = result.facts
+    uri = location(path)
     entry = {
         "dagster/row_count": MetadataValue.int(facts["rows"]),
         "dagster/column_schema": TableSchema(
             columns=[TableColumn(name=c["name"], type=c["type"]) for c in facts["columns"]]
         ),
-        "dagster/uri": MetadataValue.text(path.as_uri()),
-        "path": MetadataValue.path(str(path)),
+        "dagster/uri": MetadataValue.text(uri),
+        "path": MetadataValue.path(uri if uri.startswith("s3://") else str(path)),
         "crs": MetadataValue.text(facts["crs"]),
         "crs_name": MetadataValue.text(facts["crs_name"]),
         "bbox": MetadataValue.json({"minx_miny_maxx_maxy": facts["bbox"]}),

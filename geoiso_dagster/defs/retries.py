@@ -56,7 +56,7 @@ def run_tasks(
                 break
         for future in futures:
             if future.done() and future.exception() is not None:
-                _raise_for(context, future.exception())
+                raise_for(context, future.exception())
         results = [f.result() for f in futures]
     finally:
         for future in futures:
@@ -78,7 +78,9 @@ def describe_failure(exc: GeoisoError) -> tuple[str, dict]:
     return str(exc), {}
 
 
-def _raise_for(context: OpExecutionContext, exc: BaseException) -> None:
+def raise_for(context: OpExecutionContext, exc: BaseException) -> None:
+    """Raise what a step raises for `exc`: Failure for what is not retried, RetryRequested
+    with backoff for transient faults (until the last attempt), other exceptions as they are."""
     if not isinstance(exc, GeoisoError):
         raise exc
     if not exc.retryable:

@@ -6,8 +6,6 @@ the forkserver that workers are forked from is started with them, and each worke
 applies them again (plus GDAL's own config options) in its initializer.
 """
 
-from pathlib import Path
-
 from geoiso_dagster import paths
 
 # One thread each: the pool already runs one worker per core, and GDAL's or Arrow's
@@ -52,7 +50,11 @@ def worker_env(
     (the jail every source must stay in; default: this process's), then overrides."""
     env = dict(DEFAULT_WORKER_ENV)
     env["GDAL_CACHEMAX"] = str(int(gdal_cachemax_mb))
-    env[paths.DATA_ROOT_ENV] = str(Path(data_root).resolve() if data_root else paths.data_root())
+    if data_root:
+        root = paths.parse_root(data_root)
+        env[paths.DATA_ROOT_ENV] = root.uri if isinstance(root, paths.S3Root) else str(root)
+    else:
+        env[paths.DATA_ROOT_ENV] = paths.root_uri()
     env.update(overrides or {})
     return env
 

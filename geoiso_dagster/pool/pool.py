@@ -25,6 +25,7 @@ from geoiso_dagster.errors import (
     BadInputError,
     GeoisoError,
     MemoryLimitError,
+    StorageAccessError,
     TaskError,
     TransientIOError,
     WorkerCrashedError,
@@ -280,6 +281,8 @@ class WorkerPool:
             raise BadInputError(envelope["path"], message)
         if kind == "transient_io":
             raise TransientIOError(f"{what}: {message}")
+        if kind == "storage_access":
+            raise StorageAccessError(message)
         if kind == "memory":
             raise MemoryLimitError(
                 f"{what}: {message}: the address-space backstop stopped an allocation; "

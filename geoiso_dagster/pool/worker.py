@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from geoiso_dagster.errors import BadInputError, TransientIOError
+from geoiso_dagster.errors import BadInputError, StorageAccessError, TransientIOError
 from geoiso_dagster.fsutil import host_name
 from geoiso_dagster.pool import cgroup, gdal_jail
 from geoiso_dagster.pool._events import EventSender
@@ -251,6 +251,8 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
         envelope = {"ok": False, "kind": "bad_input", "path": exc.path, "message": exc.cause}
     except TransientIOError as exc:
         envelope = {"ok": False, "kind": "transient_io", "message": str(exc)}
+    except StorageAccessError as exc:
+        envelope = {"ok": False, "kind": "storage_access", "message": str(exc)}
     except MemoryError as exc:
         detail = f": {exc}" if str(exc) else ""
         envelope = {"ok": False, "kind": "memory", "message": f"allocation failed{detail}"}

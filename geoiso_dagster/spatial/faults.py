@@ -1,7 +1,7 @@
 """Fault injection for the isolation tests. Off unless GEOISO_FAULTS is set.
 
 GEOISO_FAULTS holds a JSON list of faults, each
-    {"task": "reproject", "at": "start" | "write", "fault": KIND, "times": 1,
+    {"task": "reproject", "at": "start" | "write" | POINT, "fault": KIND, "times": 1,
      "state": "/some/dir"}
 KIND is one of:
     abort     the interpreter aborts (SIGABRT), as a crash inside GDAL would
@@ -11,6 +11,7 @@ KIND is one of:
     enospc    the real write runs under RLIMIT_FSIZE=4 KiB and fails (EFBIG)
     enomem    the write fails as Arrow's does when a worker is out of address space
               (OSError ENOMEM, "Memory mapping file failed: Cannot allocate memory")
+POINT is a named point inside a task (faults.at_point), e.g. "part" of "upload".
 A fault fires on its first `times` occasions, counted across processes with files in
 `state`, so "crash once, then succeed" is expressible. Production never sets the variable.
 """
@@ -78,6 +79,14 @@ def at_start(task: str) -> None:
     global _current_task
     _current_task = task
     for fault in _faults(task, "start"):
+        if fault["fault"] != "enospc" and _claim(fault):
+            _fire(fault)
+
+
+def at_point(task: str, point: str) -> None:
+    """Called by a task at a named point of its work (the upload task: "part", after
+    each part of a multipart upload)."""
+    for fault in _faults(task, point):
         if fault["fault"] != "enospc" and _claim(fault):
             _fire(fault)
 

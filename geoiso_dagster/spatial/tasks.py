@@ -14,14 +14,16 @@ import pyarrow.parquet as pq
 import pyproj
 import shapely
 
+from geoiso_dagster import paths
 from geoiso_dagster.errors import BadInputError
-from geoiso_dagster.fsutil import atomic_path
+from geoiso_dagster.fsutil import atomic_path, temp_path_for
 from geoiso_dagster.pool.worker import progress
 from geoiso_dagster.settings import check_aggregations, check_target_crs
 from geoiso_dagster.spatial import faults, integrity, io, sources, stream, thumbnail, union
 from geoiso_dagster.spatial.ingest import gdal_info, ingest_file
 from geoiso_dagster.spatial.ingest import survey as ingest_survey
 from geoiso_dagster.spatial.io import write_geoparquet
+from geoiso_dagster.spatial.transfer import download_staged, fetch, upload  # noqa: F401 - tasks
 from geoiso_dagster.spatial.union import polygonal_parts, repair, union_group
 
 FEATURE_COUNT_COLUMN = "feature_count"
@@ -590,6 +592,20 @@ def inspect(
             facts["duplicate_keys"] = int(keys.duplicated().sum())
         else:
             facts["duplicate_keys"] = None
+    return facts
+
+
+def inspect_object(relative: str, **kwargs) -> dict:
+    """inspect() of a staged object of an S3 root, read back from the bucket: the bytes
+    checked are the bytes that will be published, not the local file they came from."""
+    copy = temp_path_for(paths.data_root() / relative)
+    try:
+        info = download_staged(relative, copy)
+        facts = inspect(str(copy), **kwargs)
+    finally:
+        copy.unlink(missing_ok=True)
+    facts["path"] = f"s3://{paths.remote_root().bucket}/{info.key}"
+    facts["etag"] = info.etag
     return facts
 
 

@@ -1,0 +1,314 @@
+"""The S3 side of an `s3://bucket/prefix` data root. No geo imports.
+
+Every object operation of the project goes through here, for the run process (listing
+the inbox, publishing, sweeping) and the workers (fetching sources, uploading staged
+outputs) alike, so that errors mean one thing everywhere (DESIGN.md, Failure table):
+
+| what S3 said                                      | error            | retried |
+| ------------------------------------------------- | ---------------- | ------- |
+| endpoint unreachable, timeout, 5xx, SlowDown      | TransientIOError | yes     |
+| 403 (denied, bad key or signature), no such bucket| StorageAccessError | no    |
+| no such key (deleted between listing and reading) | BadInputError    | no      |
+
+Endpoint, region and credentials come from the standard AWS chain (AWS_ENDPOINT_URL,
+AWS_REGION, AWS_ACCESS_KEY_ID..., ~/.aws/config and credentials, instance roles).
+Messages name the bucket and key and S3's error code, never a credential: they are
+built here from the code and status alone, not from the client's text.
+
+Object stores have no rename. A staged object is written under a temp name beside its
+final key (the same names as local temps, fsutil.temp_path_for), checked, then copied
+onto the final key and deleted: readers see the old object or the new one, never a part.
+Staged objects and multipart uploads of writers that died are swept like local temps.
+"""
+
+import functools
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from geoiso_dagster import fsutil
+from geoiso_dagster.errors import (
+    BadInputError,
+    GeoisoError,
+    StorageAccessError,
+    TransientIOError,
+)
+from geoiso_dagster.paths import S3Root
+
+# Multipart part size: S3 allows 5 MiB to 5 GiB a part and 10,000 parts (16 MiB parts:
+# objects up to 156 GiB). GEOISO_S3_PART_MB changes it (at least 5).
+PART_BYTES = max(5, int(os.environ.get("GEOISO_S3_PART_MB") or 16)) * 2**20
+_COPY_MAX = 5 * 2**30  # a single CopyObject copies up to 5 GiB
+_ACCESS_CODES = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "NoSuchBucket",
+    "AccountProblem",
+    "403",
+}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    modified: float  # seconds since the epoch
+
+
+@functools.cache
+def client():
+    """One S3 client per process, from the standard AWS chain. Its own retries are few
+    and fast; the step's retry policy (3 attempts, 5-60 s) covers longer outages."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=60,
+        s3={"addressing_style": os.environ.get("GEOISO_S3_ADDRESSING_STYLE", "auto")},
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+def etag_file(local: Path) -> Path:
+    """Where a host's mirror records which object version its copy of a file is."""
+    return local.with_name(f".{local.name}.etag")
+
+
+def remember(local: Path, etag: str) -> None:
+    etag_file(local).write_text(etag)
+
+
+def mirror_holds(local: Path, info: ObjectInfo) -> bool:
+    """True when the mirror's copy `local` is that very object (same ETag and size)."""
+    try:
+        return local.stat().st_size == info.size and etag_file(local).read_text() == info.etag
+    except OSError:
+        return False
+
+
+def storage_error(exc: BaseException, bucket: str, key: str | None, doing: str) -> GeoisoError:
+    """The project's error for an exception of the S3 client, naming the object only."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "?"))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code in ("PreconditionFailed", "412"):
+            return BadInputError(
+                where,
+                f"changed after it was listed, while {doing}; it is taken again once it settles",
+            )
+        if code in _MISSING_CODES and key is not None:
+            return BadInputError(
+                where, f"does not exist (it was deleted or never arrived) while {doing}"
+            )
+        if code == "NoSuchBucket" or (code in _MISSING_CODES and key is None):
+            return StorageAccessError(f"{where}: the bucket {bucket!r} does not exist ({doing})")
+        if code in _ACCESS_CODES or status == 403:
+            return StorageAccessError(
+                f"{where}: access denied by the bucket {bucket!r} ({code}, HTTP {status}) "
+                f"while {doing}; check the credentials and the bucket policy"
+            )
+        if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError"):
+            return TransientIOError(
+                f"{where}: the S3 service failed ({code}, HTTP {status}) while {doing}"
+            )
+        return StorageAccessError(
+            f"{where}: S3 refused the request ({code}, HTTP {status}) while {doing}"
+        )
+    if isinstance(exc, BotoCoreError | OSError):
+        # EndpointConnectionError, timeouts, a reset connection: the endpoint may come back.
+        return TransientIOError(
+            f"{where}: S3 endpoint unreachable while {doing} ({type(exc).__name__})"
+        )
+    return GeoisoError(f"{where}: unexpected {type(exc).__name__} while {doing}")
+
+
+def _call(doing: str, bucket: str, key: str | None, fn, **kwargs):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(Bucket=bucket, **({"Key": key} if key is not None else {}), **kwargs)
+    except (ClientError, BotoCoreError, OSError) as exc:
+        raise storage_error(exc, bucket, key, doing) from None
+
+
+def check_bucket(root: S3Root) -> None:
+    """StorageAccessError (or TransientIOError) unless the root's bucket answers."""
+    _call("checking the bucket", root.bucket, None, client().head_bucket)
+
+
+def head(root: S3Root, key: str) -> ObjectInfo:
+    root.relative(key)  # refuses keys outside the root
+    answer = _call("reading its size", root.bucket, key, client().head_object)
+    return ObjectInfo(
+        key, int(answer["ContentLength"]), answer["ETag"], answer["LastModified"].timestamp()
+    )
+
+
+def list_objects(root: S3Root, relative_dir: str) -> Iterator[ObjectInfo]:
+    """The objects directly in `relative_dir/` (not in its sub-folders), page by page."""
+    prefix = root.key(relative_dir) + "/"
+    token = None
+    while True:
+        extra = {"ContinuationToken": token} if token else {}
+        page = _call(
+            "listing", root.bucket, None, client().list_objects_v2,
+            Prefix=prefix, Delimiter="/", MaxKeys=1000, **extra,
+        )  # fmt: skip
+        for item in page.get("Contents", []):
+            yield ObjectInfo(
+                item["Key"], int(item["Size"]), item["ETag"], item["LastModified"].timestamp()
+            )
+        if not page.get("IsTruncated"):
+            return
+        token = page["NextContinuationToken"]
+
+
+def read_small(root: S3Root, key: str, limit: int) -> bytes:
+    """The bytes of a small object (a settings sidecar); BadInputError when larger."""
+    info = head(root, key)
+    if info.size > limit:
+        raise BadInputError(f"s3://{root.bucket}/{key}", f"is {info.size} bytes; at most {limit}")
+    answer = _call("reading", root.bucket, key, client().get_object, Range=f"bytes=0-{limit}")
+    return answer["Body"].read(limit + 1)
+
+
+def download(root: S3Root, key: str, target: Path, expect_etag: str | None = None) -> ObjectInfo:
+    """Copy object `key` to local `target` atomically (a temp, then a rename); with
+    `expect_etag`, BadInputError if the object changed since it was listed."""
+    root.relative(key)
+    extra = {"IfMatch": expect_etag} if expect_etag else {}
+    answer = _call("downloading", root.bucket, key, client().get_object, **extra)
+    try:
+        with fsutil.atomic_path(target) as tmp, open(tmp, "wb") as out:
+            for chunk in answer["Body"].iter_chunks(PART_BYTES // 4):
+                out.write(chunk)
+    except OSError as exc:
+        raise TransientIOError(f"{target}: {exc.strerror or exc} while downloading") from None
+    except Exception as exc:  # the connection dropped mid-body
+        raise storage_error(exc, root.bucket, key, "downloading") from None
+    return ObjectInfo(
+        key, int(answer["ContentLength"]), answer["ETag"], answer["LastModified"].timestamp()
+    )
+
+
+def upload(root: S3Root, source: Path, key: str, on_part=None) -> ObjectInfo:
+    """Upload local `source` to `key`: one PUT when small, else a multipart upload (aborted
+    on any error, so no part of it is ever visible). `on_part(n)` after each part."""
+    root.relative(key)
+    s3 = client()
+    size = source.stat().st_size
+    digest = hashlib.md5(usedforsecurity=False)
+    if size <= PART_BYTES:
+        body = source.read_bytes()
+        answer = _call("uploading", root.bucket, key, s3.put_object, Body=body)
+        return ObjectInfo(key, size, answer["ETag"], time.time())
+    started = _call("starting an upload", root.bucket, key, s3.create_multipart_upload)
+    upload_id = started["UploadId"]
+    try:
+        parts = []
+        with open(source, "rb") as handle:
+            number = 1
+            while chunk := handle.read(PART_BYTES):
+                digest.update(chunk)
+                answer = _call(
+                    "uploading a part", root.bucket, key, s3.upload_part,
+                    UploadId=upload_id, PartNumber=number, Body=chunk,
+                )  # fmt: skip
+                parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+                if on_part is not None:
+                    on_part(number)
+                number += 1
+        answer = _call(
+            "finishing an upload", root.bucket, key, s3.complete_multipart_upload,
+            UploadId=upload_id, MultipartUpload={"Parts": parts},
+        )  # fmt: skip
+    except BaseException:
+        try:
+            s3.abort_multipart_upload(Bucket=root.bucket, Key=key, UploadId=upload_id)
+        except Exception:  # noqa: BLE001 - the sweep aborts it later
+            pass
+        raise
+    return ObjectInfo(key, size, answer["ETag"], time.time())
+
+
+def publish(root: S3Root, staged_key: str, key: str) -> None:
+    """Make the checked staged object the published one (server-side copy, then delete).
+    A copy is atomic for readers: they get the old object or the new one."""
+    root.relative(staged_key)
+    root.relative(key)
+    source = {"Bucket": root.bucket, "Key": staged_key}
+    size = head(root, staged_key).size
+    if size <= _COPY_MAX:
+        _call("publishing", root.bucket, key, client().copy_object, CopySource=source)
+    else:  # a managed multipart copy, still server-side
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            client().copy(source, root.bucket, key)
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise storage_error(exc, root.bucket, key, "publishing") from None
+    delete(root, staged_key)
+
+
+def delete(root: S3Root, key: str) -> None:
+    root.relative(key)
+    _call("deleting", root.bucket, key, client().delete_object)
+
+
+def discard_staged(root: S3Root, key: str) -> None:
+    """Delete a staged object and abort any multipart upload still open on its key (a
+    worker killed mid-upload leaves one: invisible, but billed until aborted)."""
+    delete(root, key)
+    uploads = _call(
+        "listing uploads", root.bucket, None, client().list_multipart_uploads, Prefix=key
+    )
+    for item in uploads.get("Uploads", []):
+        if item["Key"] == key:
+            _call(
+                "aborting an upload", root.bucket, key,
+                client().abort_multipart_upload, UploadId=item["UploadId"],
+            )  # fmt: skip
+
+
+def sweep_staged(root: S3Root, key: str) -> list[str]:
+    """Delete staged objects of `key` whose writer is dead (fsutil's rules: a writer of
+    this host by its pid, another host's by the lease on the object's age), and abort
+    their multipart uploads still open. Returns the keys swept."""
+    folder, _, name = key.rpartition("/")
+    stem = f"{folder}/.{fsutil.short_name(name)}{fsutil.TEMP_MARKER}"
+    now = time.time()
+    swept = []
+    relative_dir = root.relative(key).rpartition("/")[0]
+    for info in list_objects(root, relative_dir):
+        if info.key.startswith(stem) and fsutil.abandoned_name(
+            info.key.rpartition("/")[2], now - info.modified
+        ):
+            delete(root, info.key)
+            swept.append(info.key)
+    uploads = _call(
+        "listing uploads", root.bucket, None, client().list_multipart_uploads, Prefix=stem
+    )
+    for item in uploads.get("Uploads", []):
+        idle = now - item["Initiated"].timestamp()
+        if fsutil.abandoned_name(item["Key"].rpartition("/")[2], idle):
+            _call(
+                "aborting an upload", root.bucket, item["Key"],
+                client().abort_multipart_upload, UploadId=item["UploadId"],
+            )  # fmt: skip
+            swept.append(f"{item['Key']} (upload {item['UploadId'][:8]})")
+    return swept

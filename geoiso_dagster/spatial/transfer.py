@@ -1,0 +1,99 @@
+"""Worker tasks that move files between an S3 data root and this host's mirror of it.
+
+They run in the pool like every task (timeout kill, memory ceiling, errors by kind), so
+a stalled download or upload is killed and retried like a stalled GDAL read. GDAL never
+opens a network path: a source is fetched whole into the mirror first, where the source
+jail (spatial/sources.py) checks it exactly as a file of a local root.
+"""
+
+import os
+from pathlib import Path
+
+from geoiso_dagster import formats, objectstore, paths
+from geoiso_dagster.errors import BadInputError, GeoisoError
+from geoiso_dagster.spatial import faults
+
+
+def _root() -> paths.S3Root:
+    root = paths.remote_root()
+    if root is None:
+        raise GeoisoError("this worker's data root is not an s3:// root; nothing to transfer")
+    return root
+
+
+def _local(relative: str) -> Path:
+    """The mirror path of `relative`, checked to stay inside the mirror."""
+    mirror = paths.data_root()
+    target = (mirror / relative).resolve()
+    if not target.is_relative_to(mirror):
+        raise BadInputError(relative, f"resolves outside the mirror {mirror}")
+    return target
+
+
+def _fetch_one(root: paths.S3Root, info: objectstore.ObjectInfo, local: Path) -> bool:
+    if objectstore.mirror_holds(local, info):
+        return False
+    objectstore.etag_file(local).unlink(missing_ok=True)
+    fetched = objectstore.download(root, info.key, local, expect_etag=info.etag)
+    objectstore.remember(local, fetched.etag)
+    return True
+
+
+def fetch(relative: str, source: bool = False) -> dict:
+    """Bring `<root>/<relative>` into the mirror unless it holds that version already.
+    With `source`, also the files its format may open beside it (a shapefile's parts, by
+    exact stem) and nothing else; parts the bucket no longer has are removed from the
+    mirror, and a GeoPackage whose SQLite log holds changes is refused as locally."""
+    faults.at_start("fetch")
+    root = _root()
+    local = _local(relative)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    main = objectstore.head(root, root.key(relative))
+    fetched = []
+    if source:
+        folder = relative.rpartition("/")[0]
+        wanted = set(formats.companion_names(local.name))
+        present = {
+            info.key.rpartition("/")[2]: info
+            for info in objectstore.list_objects(root, folder)
+            if info.key.rpartition("/")[2] in wanted
+        }
+        wal = present.get(local.name + "-wal")
+        if local.suffix.lower() == ".gpkg" and wal is not None and wal.size > 0:
+            raise BadInputError(
+                f"s3://{root.bucket}/{main.key}",
+                f"has un-checkpointed changes in {local.name}-wal (SQLite write-ahead log); "
+                "checkpoint it and deliver the file again",
+            )
+        for name in sorted(wanted):
+            part = local.with_name(name)
+            if name.endswith(formats.SQLITE_PARTS):
+                continue  # never used: a GeoPackage with a live log was refused above
+            if name in present:
+                if _fetch_one(root, present[name], part):
+                    fetched.append(name)
+            elif os.path.lexists(part):
+                part.unlink()
+                objectstore.etag_file(part).unlink(missing_ok=True)
+    if _fetch_one(root, main, local):
+        fetched.append(local.name)
+    return {"path": str(local), "fetched": fetched, "bytes": main.size, "etag": main.etag}
+
+
+def upload(path: str, relative: str) -> dict:
+    """Upload the local staged file `path` to the staged key of `relative`."""
+    faults.at_start("upload")
+    root = _root()
+    local = Path(path)
+    if not local.resolve().is_relative_to(paths.data_root()):
+        raise BadInputError(path, "is not inside this host's mirror of the data root")
+    info = objectstore.upload(
+        root, local, root.key(relative), on_part=lambda n: faults.at_point("upload", "part")
+    )
+    return {"key": info.key, "bytes": info.size, "etag": info.etag}
+
+
+def download_staged(relative: str, local: Path) -> objectstore.ObjectInfo:
+    """Read a staged object back into `local`, for the checks (tasks.inspect_object)."""
+    root = _root()
+    return objectstore.download(root, root.key(relative), local)
