@@ -26,6 +26,7 @@ def _copy_atomic(source: Path, target: Path) -> None:
 
 
 def add(files: list[str]) -> list[str]:
+    paths.configured_root()  # a root this project cannot serve is refused first
     if not os.environ.get("DAGSTER_HOME"):
         raise GeoisoError(
             "DAGSTER_HOME is not set: set it to the instance folder the dagster CLI and "

@@ -72,7 +72,7 @@ def client():
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": 3, "mode": "standard"},
+        retries={"total_max_attempts": 3, "mode": "standard"},
         connect_timeout=5,
         read_timeout=60,
         s3={"addressing_style": os.environ.get("GEOISO_S3_ADDRESSING_STYLE", "auto")},

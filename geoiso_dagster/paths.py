@@ -90,7 +90,7 @@ def parse_root(text: str) -> Path | S3Root:
             f"{DATA_ROOT_ENV}={text[:200]!r}: {bucket[:80]!r} is not an S3 bucket name "
             "(3-63 lower-case letters, digits, '.' and '-')"
         )
-    prefix = prefix.strip("/")
+    prefix = prefix.removesuffix("/")
     parts = prefix.split("/") if prefix else []
     if any(p in (".", "..") or not _PREFIX_PART.match(p) for p in parts) or len(prefix) > 512:
         raise DataRootError(

@@ -84,3 +84,32 @@ def instance_setup(request):
 
     name = "t_" + re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[-40:]
     return postgres_instance_yaml(), request.getfixturevalue("postgres").database(name)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3 API server (moto) on 127.0.0.1 for the session, stopped at its end."""
+    from tests.s3 import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server, tmp_path, monkeypatch):
+    """An empty bucket `geo` and GEOISO_DATA_ROOT=s3://geo/team-a, through the standard
+    AWS variables only; the host's mirror in this test's folder."""
+    from geoiso_dagster import objectstore
+
+    s3_server.reset()
+    client = s3_server.client()
+    client.create_bucket(Bucket="geo")
+    env = s3_server.env("s3://geo/team-a", GEOISO_SCRATCH_DIR=str(tmp_path / "scratch"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    objectstore.client.cache_clear()
+    yield type(
+        "S3Root", (), {"server": s3_server, "client": client, "env": env, "uri": "s3://geo/team-a"}
+    )
+    objectstore.client.cache_clear()
