@@ -64,10 +64,15 @@ class ObjectInfo:
     modified: float  # seconds since the epoch
 
 
-@functools.cache
 def client():
-    """One S3 client per process, from the standard AWS chain. Its own retries are few
-    and fast; the step's retry policy (3 attempts, 5-60 s) covers longer outages."""
+    """The S3 client of this process, from the standard AWS chain: one per set of AWS_*
+    variables (a test, or a long-lived process, may change them). Its own retries are
+    few and fast; the step's retry policy (3 attempts, 5-60 s) covers longer outages."""
+    return _client(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+
+
+@functools.cache
+def _client(_aws_environment: tuple):
     import boto3
     from botocore.config import Config
 

@@ -100,7 +100,6 @@ def s3_server(tmp_path_factory):
 def s3_root(s3_server, tmp_path, monkeypatch):
     """An empty bucket `geo` and GEOISO_DATA_ROOT=s3://geo/team-a, through the standard
     AWS variables only; the host's mirror in this test's folder."""
-    from geoiso_dagster import objectstore
 
     s3_server.reset()
     client = s3_server.client()
@@ -108,8 +107,6 @@ def s3_root(s3_server, tmp_path, monkeypatch):
     env = s3_server.env("s3://geo/team-a", GEOISO_SCRATCH_DIR=str(tmp_path / "scratch"))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    objectstore.client.cache_clear()
     yield type(
         "S3Root", (), {"server": s3_server, "client": client, "env": env, "uri": "s3://geo/team-a"}
     )
-    objectstore.client.cache_clear()
