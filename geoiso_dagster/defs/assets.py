@@ -124,7 +124,8 @@ def _produce(
     try:
         judged = stage_and_judge(fanout.StepRunner(context, pool), asset_name, work, staged)
         if judged.passed:
-            publish(staged, output)
+            if seconds := publish(staged, output):
+                context.log.info(f"{asset_name}: published to the bucket in {seconds:.1f} s")
             yield MaterializeResult(
                 metadata=metadata(judged.result, output), check_results=judged.checks
             )

@@ -2,6 +2,7 @@
 batch: the task writes a staged file, a worker reads it back, the blocking checks judge
 it, and only a file that passed is published, with the standard metadata."""
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,16 +68,31 @@ def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Pat
     file is uploaded to its staged key and read back from the bucket for the checks:
     the object judged is the object that will be published."""
     remote = paths.remote_root()
-    if remote is not None and work.reads:
-        runner.run("fetch", relative=work.reads, source=work.reads_source)
-    result = work.produce(runner, staged)
     if remote is None:
+        result = work.produce(runner, staged)
         seen = runner.run("inspect", path=str(staged), **work.inspect_kwargs)
-    else:
-        relative = paths.relative_to_root(staged)
-        runner.run("upload", path=str(staged), relative=relative)
-        seen = runner.run("inspect_object", relative=relative, **work.inspect_kwargs)
+        return Judged(result, check_results(asset_name, result.facts, seen.facts))
+    clock = time.monotonic()
+    fetched = {"fetched_bytes": 0}
+    if work.reads:
+        fetched = runner.run("fetch", relative=work.reads, source=work.reads_source).facts
+    fetch_s, clock = time.monotonic() - clock, time.monotonic()
+    result = work.produce(runner, staged)
+    produce_s, clock = time.monotonic() - clock, time.monotonic()
+    relative = paths.relative_to_root(staged)
+    uploaded = runner.run("upload", path=str(staged), relative=relative).facts
+    upload_s, clock = time.monotonic() - clock, time.monotonic()
+    seen = runner.run("inspect_object", relative=relative, **work.inspect_kwargs)
+    runner.log(
+        f"{asset_name}: S3 transfers: fetch {_mb(fetched['fetched_bytes'])} in {fetch_s:.1f} s, "
+        f"work {produce_s:.1f} s, upload {_mb(uploaded['bytes'])} in {upload_s:.1f} s, "
+        f"read back and checked in {time.monotonic() - clock:.1f} s"
+    )
     return Judged(result, check_results(asset_name, result.facts, seen.facts))
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
 
 
 def sweep(output: Path) -> None:
@@ -102,19 +118,21 @@ def discard(staged: Path) -> None:
     staged.unlink(missing_ok=True)
 
 
-def publish(staged: Path, output: Path) -> None:
+def publish(staged: Path, output: Path) -> float:
     """Make a checked staged file the published output. With an S3 root the staged object
     becomes the published key (the truth), then the mirror keeps the file for the steps
-    after this one on this host."""
+    after this one on this host; returns the seconds that took (0 for a local root)."""
     remote = paths.remote_root()
     if remote is not None:
+        clock = time.monotonic()
         key = remote.key(paths.relative_to_root(output))
         objectstore.publish(remote, remote.key(paths.relative_to_root(staged)), key)
         objectstore.etag_file(output).unlink(missing_ok=True)
         fsutil.publish(staged, output)
         objectstore.remember(output, objectstore.head(remote, key).etag)
-        return
+        return time.monotonic() - clock
     fsutil.publish(staged, output)
+    return 0.0
 
 
 def location(path: Path) -> str:

@@ -50,6 +50,7 @@ def fetch(relative: str, source: bool = False) -> dict:
     local.parent.mkdir(parents=True, exist_ok=True)
     main = objectstore.head(root, root.key(relative))
     fetched = []
+    fetched_bytes = 0
     if source:
         folder = relative.rpartition("/")[0]
         wanted = set(formats.companion_names(local.name))
@@ -72,12 +73,20 @@ def fetch(relative: str, source: bool = False) -> dict:
             if name in present:
                 if _fetch_one(root, present[name], part):
                     fetched.append(name)
+                    fetched_bytes += present[name].size
             elif os.path.lexists(part):
                 part.unlink()
                 objectstore.etag_file(part).unlink(missing_ok=True)
     if _fetch_one(root, main, local):
         fetched.append(local.name)
-    return {"path": str(local), "fetched": fetched, "bytes": main.size, "etag": main.etag}
+        fetched_bytes += main.size
+    return {
+        "path": str(local),
+        "fetched": fetched,
+        "fetched_bytes": fetched_bytes,
+        "bytes": main.size,
+        "etag": main.etag,
+    }
 
 
 def upload(path: str, relative: str) -> dict:

@@ -1,0 +1,152 @@
+"""One million polygons with the data root in a bucket, against the same on local disk.
+
+    .venv/bin/python -m benchmarks.s3_root [--polygons 1000000] [--repeats 2]
+
+The 1M Voronoi coverage of benchmarks/scale.py (GeoParquet, cached in benchmarks/.data)
+goes through a real `dagster asset materialize` of the three assets (EPSG:3035 ->
+EPSG:4326, dissolve by region_id) on a fresh instance, alternately:
+  local   GEOISO_DATA_ROOT a folder (the file hard-linked into its inbox)
+  s3      GEOISO_DATA_ROOT=s3://geo/bench on a local S3 API server (moto, 127.0.0.1)
+          started for the run; the file uploaded into its inbox first (timed apart), the
+          host's mirror empty at the start of each run
+Prints the medians of --repeats runs of each, the ratio s3 / local, and where the extra
+time goes, from the steps' own log lines ("S3 transfers: ...", "published ... in"):
+fetching what a step reads, uploading the staged object, reading it back for the
+checks, and publishing it. Results also go to benchmarks/results/s3-<time>.json.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.scale import BIN, REPO, TARGET_CRS, materialize, run_facts, source
+from geoiso_dagster.paths import ASSET_NAMES
+from tests.s3 import S3Server
+
+CONFIG = {
+    "reprojected_features": {"config": {"target_crs": TARGET_CRS}},
+    "dissolved_regions": {"config": {"dissolve_by": "region_id"}},
+}
+_TRANSFERS = re.compile(
+    r"(\w+): S3 transfers: fetch ([\d.]+) MB in ([\d.]+) s, work ([\d.]+) s, "
+    r"upload ([\d.]+) MB in ([\d.]+) s, read back and checked in ([\d.]+) s"
+)
+_PUBLISHED = re.compile(r"(\w+): published to the bucket in ([\d.]+) s")
+
+
+def _instance(work: Path, name: str) -> Path:
+    home = work / f"home-{name}"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+def run_local(given: Path, work: Path, n: int) -> dict:
+    home, root = _instance(work, f"local-{n}"), work / f"data-{n}"
+    (root / "inbox").mkdir(parents=True)
+    os.link(given, root / "inbox" / given.name)
+    env = {**os.environ, "DAGSTER_HOME": str(home), "GEOISO_DATA_ROOT": str(root)}
+    subprocess.run([BIN / "geoiso", "add", str(root / "inbox" / given.name)], env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    seconds = materialize(given.name, list(ASSET_NAMES), CONFIG, env)
+    return {"seconds": seconds, "steps": run_facts(home)}
+
+
+def run_s3(given: Path, work: Path, n: int, server: S3Server) -> dict:
+    home = _instance(work, f"s3-{n}")
+    prefix = f"bench-{n}"
+    scratch = work / f"scratch-{n}"
+    env = {
+        **os.environ,
+        **server.env(f"s3://geo/{prefix}"),
+        "DAGSTER_HOME": str(home),
+        "GEOISO_SCRATCH_DIR": str(scratch),
+    }
+    started = time.perf_counter()
+    subprocess.run([BIN / "geoiso", "add", str(given)], env=env, check=True, capture_output=True)
+    add_s = time.perf_counter() - started
+    seconds = materialize(given.name, list(ASSET_NAMES), CONFIG, env)
+    transfers = _transfers(home)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {"seconds": seconds, "add_s": add_s, "steps": run_facts(home), "transfers": transfers}
+
+
+def _transfers(home: Path) -> dict:
+    """Per asset: the seconds and MB its step's log reports for each S3 transfer."""
+    from dagster import DagsterInstance
+
+    os.environ["DAGSTER_HOME"] = str(home)
+    found: dict[str, dict] = {}
+    with DagsterInstance.get() as instance:
+        (record,) = instance.get_run_records(limit=1)
+        for entry in instance.all_logs(record.dagster_run.run_id):
+            if match := _TRANSFERS.search(entry.user_message or ""):
+                asset, fetch_mb, fetch_s, work_s, up_mb, up_s, back_s = match.groups()
+                found.setdefault(asset, {}).update(
+                    fetch_mb=float(fetch_mb), fetch_s=float(fetch_s), work_s=float(work_s),
+                    upload_mb=float(up_mb), upload_s=float(up_s), readback_s=float(back_s),
+                )  # fmt: skip
+            elif match := _PUBLISHED.search(entry.user_message or ""):
+                found.setdefault(match.group(1), {})["publish_s"] = float(match.group(2))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--polygons", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    given = source(args.polygons)
+    print(f"source: {given.name}, {given.stat().st_size / 2**20:.0f} MB", flush=True)
+    runs: dict[str, list] = {"local": [], "s3": []}
+    with tempfile.TemporaryDirectory(prefix="geoiso-s3-bench-") as tmp:
+        work = Path(tmp)
+        server = S3Server(work / "moto.log")
+        try:
+            server.client().create_bucket(Bucket="geo")
+            for i in range(args.repeats):
+                for kind in ("local", "s3"):
+                    n = f"{args.polygons}-{i}"
+                    print(f"run {i + 1}/{args.repeats}: {kind} ...", flush=True)
+                    if kind == "local":
+                        runs[kind].append(run_local(given, work, n))
+                    else:
+                        runs[kind].append(run_s3(given, work, n, server))
+                    print(f"  {runs[kind][-1]['seconds']:.1f} s", flush=True)
+        finally:
+            server.stop()
+    local = statistics.median(r["seconds"] for r in runs["local"])
+    s3 = statistics.median(r["seconds"] for r in runs["s3"])
+    print(f"\n{args.polygons:,} polygons, median of {args.repeats} runs each (same run):")
+    print(f"  local disk  {local:6.1f} s   1.00x")
+    print(f"  s3 (moto)   {s3:6.1f} s   {s3 / local:.2f}x   (+{s3 - local:.1f} s)")
+    print(f"  geoiso add uploading the source: {runs['s3'][0]['add_s']:.1f} s (not included)")
+    print("\nwhere the s3 run's time goes, per step (its last run):")
+    last = runs["s3"][-1]
+    print(f"  {'step':<22}{'step s':>8}{'local s':>9}{'fetch':>15}{'upload':>15}"
+          f"{'read back':>11}{'publish':>9}")  # fmt: skip
+    for asset in ASSET_NAMES:
+        t = last["transfers"].get(asset, {})
+        print(
+            f"  {asset:<22}{last['steps'][asset]['seconds']:8.1f}"
+            f"{runs['local'][-1]['steps'][asset]['seconds']:9.1f}"
+            f"{t.get('fetch_s', 0):6.1f} s{t.get('fetch_mb', 0):6.0f} MB"
+            f"{t.get('upload_s', 0):6.1f} s{t.get('upload_mb', 0):6.0f} MB"
+            f"{t.get('readback_s', 0):9.1f} s{t.get('publish_s', 0):7.1f} s"
+        )
+    results = REPO / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    out = results / f"s3-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"polygons": args.polygons, "runs": runs}, indent=2, default=str))
+    print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()
