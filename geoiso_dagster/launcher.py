@@ -13,6 +13,10 @@ so that deploy/dagster.yaml stays declarative:
 - the data root and DAGSTER_HOME bound at the same paths, the GEOISO_* and
   DAGSTER_POSTGRES_* variables passed on, and the host user's uid:gid, so outputs belong
   to the user who runs the deployment;
+- with an s3:// data root, the host's mirror bound instead, the AWS settings that are
+  not secrets passed on (endpoint, region, profile), and the AWS config and credentials
+  files bound read-only: keys travel as files (or come from an instance role), never as
+  container variables, which `docker inspect` shows to anyone who may list containers;
 - a run monitor's verdict that names the memory limit when the kernel killed the run
   process at it.
 
@@ -44,6 +48,17 @@ DEFAULT_RUN_PROCESS_MB = 768
 LABEL = "geoiso-dagster"
 MEMORY_LABEL = "geoiso-dagster/memory_mb"
 _PASSED_ON = ("GEOISO_", "DAGSTER_POSTGRES_")
+# AWS settings a run container gets as variables: none of them is a secret.
+_AWS_PASSED_ON = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_CA_BUNDLE",
+    "AWS_STS_REGIONAL_ENDPOINTS",
+)
+_AWS_FILES = ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 
 
 def _pool_setting(run_config: dict, field: str) -> int:
@@ -113,13 +128,20 @@ class GeoisoDockerRunLauncher(DockerRunLauncher):
         # The local root, or with an S3 root this host's mirror of it (a cache the run
         # container shares; the bucket stays the truth).
         root = str(data_root())
+        Path(root).mkdir(parents=True, exist_ok=True)  # else dockerd makes it, as root
         mounts = {root: {"bind": root, "mode": "rw"}}
         environment = [
             f"{name}={value}"
             for name, value in sorted(os.environ.items())
-            if name.startswith(_PASSED_ON) and name != DATA_ROOT_ENV
+            if (name.startswith(_PASSED_ON) and name != DATA_ROOT_ENV) or name in _AWS_PASSED_ON
         ]
         environment.append(f"{DATA_ROOT_ENV}={root_uri()}")
+        for name in _AWS_FILES:
+            path = os.environ.get(name)
+            if path and Path(path).is_file():
+                resolved = str(Path(path).resolve())
+                mounts[resolved] = {"bind": resolved, "mode": "ro"}
+                environment.append(f"{name}={resolved}")
         if os.environ.get("DAGSTER_HOME"):
             home = str(Path(os.environ["DAGSTER_HOME"]).resolve())
             mounts[home] = {"bind": home, "mode": "rw"}

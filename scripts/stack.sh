@@ -8,7 +8,8 @@
 # State lives in $GEOISO_STACK_DIR (default .stack/, git-ignored): the Postgres cluster,
 # DAGSTER_HOME (deploy/dagster.yaml), logs, pids. Ports: $GEOISO_WEBSERVER_PORT (3000),
 # $GEOISO_CODE_SERVER_PORT (4266), $DAGSTER_POSTGRES_PORT (55432). The data root is
-# $GEOISO_DATA_ROOT (default ./data); the inbox sensor is on.
+# $GEOISO_DATA_ROOT (default ./data), a folder or s3://bucket/prefix (README "Data in a
+# bucket"); the inbox sensor is on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -16,7 +17,13 @@ stack=$(realpath -m "${GEOISO_STACK_DIR:-.stack}")
 web_port=${GEOISO_WEBSERVER_PORT:-3000}
 code_port=${GEOISO_CODE_SERVER_PORT:-4266}
 export DAGSTER_HOME=$stack/home
-export GEOISO_DATA_ROOT=$(realpath -m "${GEOISO_DATA_ROOT:-./data}")
+GEOISO_DATA_ROOT=${GEOISO_DATA_ROOT:-./data}
+case $GEOISO_DATA_ROOT in
+    s3://*) ;;  # a bucket: checked (and refused if unusable) when the code loads
+    *://* | s3:*) echo "stack: GEOISO_DATA_ROOT=$GEOISO_DATA_ROOT is not a folder or s3://bucket/prefix" >&2; exit 2 ;;
+    *) GEOISO_DATA_ROOT=$(realpath -m "$GEOISO_DATA_ROOT") ;;
+esac
+export GEOISO_DATA_ROOT
 export DAGSTER_POSTGRES_HOST=127.0.0.1 DAGSTER_POSTGRES_PORT=${DAGSTER_POSTGRES_PORT:-55432}
 export DAGSTER_POSTGRES_USER=${DAGSTER_POSTGRES_USER:-geoiso} DAGSTER_POSTGRES_DB=${DAGSTER_POSTGRES_DB:-dagster}
 bin=$repo/.venv/bin
@@ -56,7 +63,8 @@ up() {
             exit 1
         fi
     done
-    mkdir -p "$stack/home" "$GEOISO_DATA_ROOT/inbox"
+    mkdir -p "$stack/home"
+    case $GEOISO_DATA_ROOT in s3://*) ;; *) mkdir -p "$GEOISO_DATA_ROOT/inbox" ;; esac
     chmod 711 "$stack"  # the cluster inside belongs to `nobody` when run as root
     [ -x "$bin/dagster" ] || scripts/setup.sh
     # The password is made once and kept for this stack only (0600, git-ignored).

@@ -310,3 +310,73 @@ def test_code_server_killed_then_back_loses_no_queued_run(stack):
     _wait(loaded, 120, "the location to load again", every=1)
     statuses = [_wait(lambda r=r: _finished(instance, r), 300, f"run {r}") for r in runs]
     assert statuses == [Status.SUCCESS] * 3
+
+
+def test_a_stack_on_a_bucket_reads_and_writes_it(engine, s3_server, naturalearth_shp, tmp_path):
+    """The same deployment with GEOISO_DATA_ROOT=s3://geo/deploy on the test S3 server:
+    a file uploaded into the bucket's inbox is taken by the daemon's sensor, run in a
+    container that reads and writes the bucket, and published there. The container gets
+    the credentials as a read-only file, never as variables."""
+    from tests.s3 import ACCESS_KEY, SECRET_KEY, objects
+
+    s3_server.reset()
+    client = s3_server.client()
+    client.create_bucket(Bucket="geo")
+    folder = Path(tempfile.mkdtemp(prefix="geoiso-stack-s3-"))
+    credentials = folder / "aws-credentials"
+    credentials.write_text(
+        f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+    )
+    credentials.chmod(0o600)
+    settings = {
+        "AWS_ENDPOINT_URL": s3_server.endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_SHARED_CREDENTIALS_FILE": str(credentials),
+        "AWS_CONFIG_FILE": str(folder / "no-aws-config"),
+        "GEOISO_SCRATCH_DIR": str(folder / "scratch"),
+        "GEOISO_POOL_MAX_WORKERS": str(MAX_WORKERS),
+        "GEOISO_POOL_MEMORY_LIMIT_MB": str(CEILING_MB),
+    }
+    stack = Stack(folder, "s3://geo/deploy", **FAST_INBOX, **settings)
+    for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        stack.env.pop(secret, None)
+    printed = stack.script("up")
+    try:
+        assert "data root s3://geo/deploy" in printed
+        source = _countries(naturalearth_shp, tmp_path, "bucket.gpkg")
+        started = time.monotonic()
+        client.upload_file(str(source), "geo", "deploy/inbox/bucket.gpkg")
+        dissolved = "deploy/warehouse/dissolved_regions/bucket.gpkg.parquet"
+        _wait(lambda: dissolved in objects(client, "geo", "deploy/"), 240, "the dissolved object")
+        latency = time.monotonic() - started
+        instance = _instance(stack)
+        (run,) = _wait(lambda: _runs_of(instance, "bucket.gpkg"), 30, "the sensor's run")
+        assert _wait(lambda: _finished(instance, run.run_id), 120, "the run") == Status.SUCCESS
+        run = instance.get_run_by_id(run.run_id)
+        container = inspect(run.tags["docker/container_id"])
+        config = repr(container["Config"]) + repr(container["HostConfig"])
+        assert SECRET_KEY not in config and ACCESS_KEY not in config
+        env = dict(v.split("=", 1) for v in container["Config"]["Env"])
+        assert env["GEOISO_DATA_ROOT"] == "s3://geo/deploy"
+        assert env["AWS_SHARED_CREDENTIALS_FILE"] == str(credentials)
+        host = f"geoiso-run-{run.run_id[:12]}"
+        for asset in ASSET_NAMES:
+            (record,) = _materializations(instance, asset, "bucket.gpkg")
+            metadata = record.asset_materialization.metadata
+            assert metadata["worker_host"].value == host
+            uri = f"s3://geo/deploy/warehouse/{asset}/bucket.gpkg.parquet"
+            assert metadata["dagster/uri"].value == uri
+        local = tmp_path / "dissolved.parquet"
+        client.download_file("geo", dissolved, str(local))
+        frame = geopandas.read_parquet(local)
+        source_frame = geopandas.read_file(source)
+        assert sorted(frame["region_id"]) == sorted(source_frame["continent"].unique())
+        staged = [k for k in objects(client, "geo", "deploy/") if "/." in k]
+        assert staged == []
+        print(f"upload -> dissolved object through a run container on the bucket: {latency:.1f} s")
+    finally:
+        processes = stack.processes()
+        stack.script("down")
+        still = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        shutil.rmtree(folder, ignore_errors=True)
+    assert still == []

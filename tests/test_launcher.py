@@ -2,11 +2,13 @@
 gets (limit, host name, mounts, environment), from the run's config, its tag and the
 deployment's variables. The live containers are in test_deploy.py."""
 
+from pathlib import Path
+
 import pytest
 from dagster import DagsterRun
 from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
 
-from geoiso_dagster import launcher
+from geoiso_dagster import launcher, paths
 from geoiso_dagster.launcher import GeoisoDockerRunLauncher, container_memory_mb
 
 
@@ -78,6 +80,39 @@ def test_every_run_container_gets_its_limit_host_mounts_and_only_our_variables(
     assert env["DAGSTER_POSTGRES_HOST"] == "127.0.0.1"
     assert "AWS_SECRET_ACCESS_KEY" not in env and "PATH" not in env
     assert context.networks == ["host"]
+
+
+def test_a_bucket_root_passes_its_uri_the_mirror_and_credentials_as_a_file_only(
+    monkeypatch, tmp_path
+):
+    credentials = tmp_path / "aws" / "credentials"
+    credentials.parent.mkdir()
+    credentials.write_text("[default]\naws_access_key_id = AKIA1\naws_secret_access_key = s3cret\n")
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.setenv("GEOISO_DATA_ROOT", "s3://geo/team-a")
+    monkeypatch.setenv("GEOISO_SCRATCH_DIR", str(tmp_path / "scratch"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-not-for-containers")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-containers")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "not-for-containers-either")
+    context = GeoisoDockerRunLauncher(network="host").get_container_context(_run())
+    env = dict(v.split("=", 1) for v in context.env_vars)
+    mirror = str(paths.data_root())
+    assert mirror.startswith(str(tmp_path / "scratch")) and Path(mirror).is_dir()
+    assert context.container_kwargs["volumes"] == {
+        mirror: {"bind": mirror, "mode": "rw"},
+        str(credentials): {"bind": str(credentials), "mode": "ro"},
+    }
+    assert env["GEOISO_DATA_ROOT"] == "s3://geo/team-a"
+    assert env["GEOISO_SCRATCH_DIR"] == str(tmp_path / "scratch")
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    assert env["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == str(credentials)
+    for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        assert secret not in env
+    assert "not-for-containers" not in repr(context.container_kwargs) + repr(env)
 
 
 def test_the_instance_config_overrides_our_container_settings(monkeypatch):
