@@ -14,6 +14,7 @@ the bucket and only then published there (see objectstore.py and defs/envelope.p
 import hashlib
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,12 +113,43 @@ def remote_root() -> S3Root | None:
 
 
 def mirror_dir(root: S3Root) -> Path:
-    """This host's local working copy of an S3 root: $GEOISO_SCRATCH_DIR/<root's hash>
-    (default under the system temp folder). Nothing in it is the truth; it is safe to
-    delete between runs."""
-    base = Path(os.environ.get(SCRATCH_ENV) or Path(tempfile.gettempdir()) / "geoiso-scratch")
+    """This host's local working copy of an S3 root: $GEOISO_SCRATCH_DIR/<bucket>-<hash
+    of the root> (default: geoiso-scratch-<uid> in the system temp folder). Nothing in it
+    is the truth; it is safe to delete between runs.
+
+    Workers trust what the mirror holds, so its folder must be this user's alone: a
+    folder someone else made (a link planted in /tmp, a group- or world-writable one)
+    could feed the workers files of their choosing. It is made 0700, and refused when it
+    is a link, belongs to another user or others may write it."""
+    default = Path(tempfile.gettempdir()) / f"geoiso-scratch-{os.geteuid()}"
+    base = Path(os.environ.get(SCRATCH_ENV) or default)
     digest = hashlib.sha256(root.uri.encode()).hexdigest()[:12]
-    return (base / f"{root.bucket[:40]}-{digest}").resolve()
+    mirror = base / f"{root.bucket[:40]}-{digest}"
+    for folder in (base, mirror):
+        _private_folder(folder)
+    return mirror.resolve()
+
+
+def _private_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.lstat()
+    except OSError as exc:
+        raise DataRootError(f"{SCRATCH_ENV} folder {folder}: {exc.strerror or exc}") from None
+    why = None
+    if stat.S_ISLNK(info.st_mode):
+        why = "is a symbolic link"
+    elif not stat.S_ISDIR(info.st_mode):
+        why = "is not a folder"
+    elif info.st_uid != os.geteuid():
+        why = f"belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()})"
+    elif info.st_mode & 0o022:
+        why = f"may be written by others (mode {stat.S_IMODE(info.st_mode):o})"
+    if why:
+        raise DataRootError(
+            f"the mirror folder {folder} {why}; workers would trust files others put there. "
+            f"Remove it, or set {SCRATCH_ENV} to a folder of your own"
+        )
 
 
 def data_root() -> Path:

@@ -3,6 +3,7 @@ parsing, the object store's errors, the bucket inbox, the sweep of staged object
 
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -219,3 +220,25 @@ def _dead_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+def test_a_mirror_folder_others_could_write_is_refused(tmp_path, monkeypatch):
+    """Workers trust the mirror: a planted link or a shared folder there is refused."""
+    monkeypatch.setenv("GEOISO_DATA_ROOT", "s3://geo/team-a")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    monkeypatch.setenv("GEOISO_SCRATCH_DIR", str(shared))
+    with pytest.raises(paths.DataRootError, match="may be written by others"):
+        paths.data_root()
+    elsewhere = tmp_path / "attacker"
+    elsewhere.mkdir()
+    (tmp_path / "planted").symlink_to(elsewhere)
+    monkeypatch.setenv("GEOISO_SCRATCH_DIR", str(tmp_path / "planted"))
+    with pytest.raises(paths.DataRootError, match="is a symbolic link"):
+        paths.data_root()
+    monkeypatch.setenv("GEOISO_SCRATCH_DIR", str(tmp_path / "mine"))
+    mirror = paths.data_root()
+    assert mirror.parent == tmp_path / "mine"
+    assert stat.S_IMODE(mirror.stat().st_mode) == 0o700
+    assert stat.S_IMODE(mirror.parent.stat().st_mode) == 0o700
