@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import geopandas
@@ -262,3 +263,52 @@ def test_access_denied_is_named_without_credentials_and_not_retried(
     assert _events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
     assert "access denied by the bucket 'geo'" in _failure(result)
     _secretless(_all_text(result))
+
+
+@pytest.mark.timeout(300)
+def test_a_batch_run_killed_mid_step_leaves_only_swept_staged_objects(s3_root, tmp_path):
+    """A batch run of three files on a bucket is SIGKILLed while one dissolve hangs: the
+    other files' dissolved outputs are staged objects (uploaded, read back, waiting for
+    the batch to publish), never published ones. Running the batch again sweeps the dead
+    run's staged objects and publishes every file."""
+    from tests.test_faults import _kill_and_expect_no_orphans, _start_with_a_hung_dissolve
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy("dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, **s3_root.env, "DAGSTER_HOME": str(home)}
+    keys = ["k1.gpkg", "k2.gpkg", "k3.gpkg"]
+    for key in keys:
+        shutil.copy("data/sample/countries.gpkg", tmp_path / key)
+    subprocess.run([BIN / "geoiso", "add", *[str(tmp_path / k) for k in keys]], env=env, check=True)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CONFIG))
+    tags = {"dagster/asset_partition_range_start": keys[0],
+            "dagster/asset_partition_range_end": keys[-1]}  # fmt: skip
+    command = [
+        BIN / "dagster", "job", "execute", "-m", "geoiso_dagster.definitions",
+        "-j", "geo_pipeline", "-c", str(config), "--tags", json.dumps(tags),
+    ]  # fmt: skip
+    run = _start_with_a_hung_dissolve(command, env, tmp_path / "fault-state")
+    dissolved = f"{WAREHOUSE}/dissolved_regions/"
+    deadline = time.monotonic() + 60
+    while len([k for k in _staged(s3_root.client) if k.startswith(dissolved)]) < 2:
+        assert time.monotonic() < deadline, "the other files' dissolves were not staged"
+        time.sleep(0.2)
+    _kill_and_expect_no_orphans(run)
+
+    published = _published(s3_root.client)
+    assert not [
+        k for k in published if k.startswith(dissolved) and k not in _staged(s3_root.client)
+    ]
+    for key in keys:
+        for asset in ("raw_features", "reprojected_features"):
+            assert f"{WAREHOUSE}/{asset}/{key}.parquet" in published
+    left = _staged(s3_root.client)
+    assert len(left) >= 2 and all(".tmp-" in k for k in left)
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _staged(s3_root.client) == [] and open_uploads(s3_root.client, "geo") == []
+    for key in keys:
+        assert f"{dissolved}{key}.parquet" in _published(s3_root.client)
