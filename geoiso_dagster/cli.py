@@ -96,10 +96,11 @@ def _fetched(path: Path) -> str:
     except BadInputError:  # no such object
         path.unlink(missing_ok=True)
         return remote.uri_of(relative)
-    if not objectstore.mirror_holds(path, info):
-        objectstore.etag_file(path).unlink(missing_ok=True)
-        objectstore.download(remote, key, path, expect_etag=info.etag)
-        objectstore.remember(path, info.etag)
+    with objectstore.mirror_lock(path):
+        if not objectstore.mirror_holds(path, info):
+            objectstore.etag_file(path).unlink(missing_ok=True)
+            objectstore.download(remote, key, path, expect_etag=info.etag)
+            objectstore.remember(path, info.etag)
     return remote.uri_of(relative)
 
 

@@ -21,6 +21,8 @@ onto the final key and deleted: readers see the old object or the new one, never
 Staged objects and multipart uploads of writers that died are swept like local temps.
 """
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -92,6 +94,22 @@ def etag_file(local: Path) -> Path:
 
 def remember(local: Path, etag: str) -> None:
     etag_file(local).write_text(etag)
+
+
+@contextlib.contextmanager
+def mirror_lock(local: Path) -> Iterator[None]:
+    """Hold this host's lock on a mirror file while its copy and its ETag record change
+    or are compared: two runs fetching or publishing one file at once (containers on
+    one host share the mirror) could otherwise pair one version's bytes with the other's
+    ETag, and a later fetch would trust the wrong copy."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    lock = local.with_name(f".{local.name}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def mirror_holds(local: Path, info: ObjectInfo) -> bool:

@@ -242,3 +242,36 @@ def test_a_mirror_folder_others_could_write_is_refused(tmp_path, monkeypatch):
     assert mirror.parent == tmp_path / "mine"
     assert stat.S_IMODE(mirror.stat().st_mode) == 0o700
     assert stat.S_IMODE(mirror.parent.stat().st_mode) == 0o700
+
+
+def test_the_mirror_fetches_a_source_with_its_parts_once_per_version(s3_root, naturalearth_shp):
+    from geoiso_dagster.spatial import transfer
+
+    client = s3_root.client
+    parts = {p.suffix: p for p in naturalearth_shp.parent.glob(f"{naturalearth_shp.stem}.*")}
+    for suffix, part in parts.items():
+        _put(client, f"inbox/countries{suffix}", part.read_bytes())
+    _put(client, "inbox/countries_other.dbf", b"not a part of countries.shp")
+    first = transfer.fetch("inbox/countries.shp", source=True)
+    assert sorted(first["fetched"]) == sorted(f"countries{s}" for s in parts)
+    inbox_copy = paths.data_root() / "inbox"
+    for suffix, part in parts.items():
+        assert (inbox_copy / f"countries{suffix}").read_bytes() == part.read_bytes()
+    assert not (inbox_copy / "countries_other.dbf").exists()
+    assert transfer.fetch("inbox/countries.shp", source=True)["fetched"] == []
+
+    # A new version of one part, another part gone from the bucket: the mirror follows.
+    _put(client, "inbox/countries.dbf", parts[".dbf"].read_bytes() + b"\x1a")
+    client.delete_object(Bucket="geo", Key="team-a/inbox/countries.prj")
+    third = transfer.fetch("inbox/countries.shp", source=True)
+    assert third["fetched"] == ["countries.dbf"]
+    assert not (inbox_copy / "countries.prj").exists()
+    assert (inbox_copy / "countries.dbf").read_bytes().endswith(b"\x1a")
+
+    # A GeoPackage with changes still in its SQLite log is refused, as locally.
+    _put(client, "inbox/a.gpkg", b"gpkg")
+    _put(client, "inbox/a.gpkg-wal", b"pending pages")
+    with pytest.raises(BadInputError, match="un-checkpointed changes"):
+        transfer.fetch("inbox/a.gpkg", source=True)
+    with pytest.raises(UnsafeNameError):
+        transfer.fetch("../team-b/inbox/a.gpkg", source=True)

@@ -127,9 +127,11 @@ def publish(staged: Path, output: Path) -> float:
         clock = time.monotonic()
         key = remote.key(paths.relative_to_root(output))
         objectstore.publish(remote, remote.key(paths.relative_to_root(staged)), key)
-        objectstore.etag_file(output).unlink(missing_ok=True)
-        fsutil.publish(staged, output)
-        objectstore.remember(output, objectstore.head(remote, key).etag)
+        etag = objectstore.head(remote, key).etag
+        with objectstore.mirror_lock(output):
+            objectstore.etag_file(output).unlink(missing_ok=True)
+            fsutil.publish(staged, output)
+            objectstore.remember(output, etag)
         return time.monotonic() - clock
     fsutil.publish(staged, output)
     return 0.0

@@ -31,11 +31,12 @@ def _local(relative: str) -> Path:
 
 
 def _fetch_one(root: paths.S3Root, info: objectstore.ObjectInfo, local: Path) -> bool:
-    if objectstore.mirror_holds(local, info):
-        return False
-    objectstore.etag_file(local).unlink(missing_ok=True)
-    fetched = objectstore.download(root, info.key, local, expect_etag=info.etag)
-    objectstore.remember(local, fetched.etag)
+    with objectstore.mirror_lock(local):
+        if objectstore.mirror_holds(local, info):
+            return False
+        objectstore.etag_file(local).unlink(missing_ok=True)
+        fetched = objectstore.download(root, info.key, local, expect_etag=info.etag)
+        objectstore.remember(local, fetched.etag)
     return True
 
 
@@ -46,6 +47,7 @@ def fetch(relative: str, source: bool = False) -> dict:
     mirror, and a GeoPackage whose SQLite log holds changes is refused as locally."""
     faults.at_start("fetch")
     root = _root()
+    root.key(relative)  # UnsafeNameError for a path out of the root, as for a local one
     local = _local(relative)
     local.parent.mkdir(parents=True, exist_ok=True)
     main = objectstore.head(root, root.key(relative))
@@ -75,8 +77,9 @@ def fetch(relative: str, source: bool = False) -> dict:
                     fetched.append(name)
                     fetched_bytes += present[name].size
             elif os.path.lexists(part):
-                part.unlink()
-                objectstore.etag_file(part).unlink(missing_ok=True)
+                with objectstore.mirror_lock(part):
+                    part.unlink(missing_ok=True)
+                    objectstore.etag_file(part).unlink(missing_ok=True)
     if _fetch_one(root, main, local):
         fetched.append(local.name)
         fetched_bytes += main.size
