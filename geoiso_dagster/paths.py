@@ -73,14 +73,12 @@ class S3Root:
 def parse_root(text: str) -> Path | S3Root:
     """A local folder (made absolute) or an S3Root; DataRootError for anything else."""
     match = _SCHEME.match(text)
-    if not match:
-        if "://" in text:
-            raise DataRootError(f"{DATA_ROOT_ENV}={text[:200]!r} is not a folder or s3:// URI")
-        return Path(text).resolve()
-    scheme = match.group(1).lower()
+    if "://" not in text and not text.lower().startswith("s3:"):
+        return Path(text).resolve()  # a folder (its name may hold a ':', as in "data:2025")
+    scheme = match.group(1).lower() if match else ""
     if scheme != "s3":
         raise DataRootError(
-            f"{DATA_ROOT_ENV}={text[:200]!r}: scheme {scheme!r} is not supported; "
+            f"{DATA_ROOT_ENV}={text[:200]!r}: scheme {scheme or '(none)'!r} is not supported; "
             "use a local folder or s3://bucket/prefix"
         )
     if not text.startswith(("s3://", "S3://")):

@@ -38,11 +38,13 @@ ROOT = paths.S3Root("geo", "team-a")
         ("s3://geo//a", "no empty, '.' or '..' parts"),
         ("file:///data", "scheme 'file' is not supported"),
         ("//host/share", None),  # a local (absolute) folder
+        ("/data:2025", None),  # a folder whose name holds a ':'
+        ("://geo", "scheme '(none)' is not supported"),
     ],
 )
 def test_a_root_the_project_cannot_serve_is_refused(root, cause):
     if cause is None:
-        assert paths.parse_root(root) == Path("/host/share")
+        assert paths.parse_root(root) == Path(root).resolve()
         return
     with pytest.raises(paths.DataRootError, match=re.escape(cause)):
         paths.parse_root(root)
