@@ -86,9 +86,11 @@ def instance_setup(request):
     return postgres_instance_yaml(), request.getfixturevalue("postgres").database(name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
-    """One real S3 API server (moto) on 127.0.0.1 for the session, stopped at its end."""
+    """A real S3 API server (moto) on 127.0.0.1 for a test module, stopped at its end:
+    a server left running would be a child process the next module's orphan checks
+    (tests/test_faults.py, tests/test_pool.py) rightly count."""
     from tests.s3 import S3Server
 
     server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
