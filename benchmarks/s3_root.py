@@ -35,7 +35,7 @@ CONFIG = {
     "dissolved_regions": {"config": {"dissolve_by": "region_id"}},
 }
 _TRANSFERS = re.compile(
-    r"(\w+): S3 transfers: fetch ([\d.]+) MB in ([\d.]+) s, work ([\d.]+) s, "
+    r"(\w+): S3 transfers: input \(([^)]*)\) in ([\d.]+) s, work ([\d.]+) s, "
     r"upload ([\d.]+) MB in ([\d.]+) s, read back and checked in ([\d.]+) s"
 )
 _PUBLISHED = re.compile(r"(\w+): published to the bucket in ([\d.]+) s")
@@ -88,9 +88,9 @@ def _transfers(home: Path) -> dict:
         (record,) = instance.get_run_records(limit=1)
         for entry in instance.all_logs(record.dagster_run.run_id):
             if match := _TRANSFERS.search(entry.user_message or ""):
-                asset, fetch_mb, fetch_s, work_s, up_mb, up_s, back_s = match.groups()
+                asset, how, fetch_s, work_s, up_mb, up_s, back_s = match.groups()
                 found.setdefault(asset, {}).update(
-                    fetch_mb=float(fetch_mb), fetch_s=float(fetch_s), work_s=float(work_s),
+                    input=how, fetch_s=float(fetch_s), work_s=float(work_s),
                     upload_mb=float(up_mb), upload_s=float(up_s), readback_s=float(back_s),
                 )  # fmt: skip
             elif match := _PUBLISHED.search(entry.user_message or ""):
@@ -130,14 +130,14 @@ def main() -> None:
     print(f"  geoiso add uploading the source: {runs['s3'][0]['add_s']:.1f} s (not included)")
     print("\nwhere the s3 run's time goes, per step (its last run):")
     last = runs["s3"][-1]
-    print(f"  {'step':<22}{'step s':>8}{'local s':>9}{'fetch':>15}{'upload':>15}"
+    print(f"  {'step':<22}{'step s':>8}{'local s':>9}  {'input':<26}{'upload':>15}"
           f"{'read back':>11}{'publish':>9}")  # fmt: skip
     for asset in ASSET_NAMES:
         t = last["transfers"].get(asset, {})
         print(
             f"  {asset:<22}{last['steps'][asset]['seconds']:8.1f}"
             f"{runs['local'][-1]['steps'][asset]['seconds']:9.1f}"
-            f"{t.get('fetch_s', 0):6.1f} s{t.get('fetch_mb', 0):6.0f} MB"
+            f"  {t.get('input', '?')[:18]:<18}{t.get('fetch_s', 0):6.1f} s"
             f"{t.get('upload_s', 0):6.1f} s{t.get('upload_mb', 0):6.0f} MB"
             f"{t.get('readback_s', 0):9.1f} s{t.get('publish_s', 0):7.1f} s"
         )

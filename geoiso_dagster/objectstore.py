@@ -169,6 +169,91 @@ def _call(doing: str, bucket: str, key: str | None, fn, **kwargs):
         raise storage_error(exc, bucket, key, doing) from None
 
 
+def arrow_filesystem():
+    """pyarrow's S3 filesystem for reading GeoParquet in place (range requests), set up
+    from the same chain as boto3: its endpoint and region, and its resolved credentials
+    (frozen when the filesystem is made; one per set of AWS_* variables)."""
+    return _arrow_filesystem(
+        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    )
+
+
+@functools.cache
+def _arrow_filesystem(_aws_environment: tuple):
+    from urllib.parse import urlsplit
+
+    import boto3
+    from pyarrow import fs
+
+    session = boto3.session.Session()
+    options: dict = {
+        "region": session.region_name or "us-east-1",
+        "connect_timeout": 5,
+        "request_timeout": 60,
+    }
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parts = urlsplit(endpoint)
+        options.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https")
+    if os.environ.get("GEOISO_S3_ADDRESSING_STYLE") == "virtual":
+        options["force_virtual_addressing"] = True
+    credentials = session.get_credentials()
+    if credentials is None:
+        options["anonymous"] = True
+    else:
+        frozen = credentials.get_frozen_credentials()
+        options.update(
+            access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token
+        )
+    return fs.S3FileSystem(**options)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def arrow_error(exc: OSError, uri: str, doing: str) -> GeoisoError:
+    """The project's error for an OSError of Arrow's S3 filesystem (its text names the
+    bucket and key and AWS's error kind, never a credential)."""
+    text = str(exc)
+    if isinstance(exc, FileNotFoundError) or "NO_SUCH_KEY" in text or "does not exist" in text:
+        return BadInputError(uri, f"does not exist (not materialized, or deleted) while {doing}")
+    if "ACCESS_DENIED" in text or "403" in text:
+        bucket = split_uri(uri)[0]
+        return StorageAccessError(
+            f"{uri}: access denied by the bucket {bucket!r} while {doing}; check the "
+            "credentials and the bucket policy"
+        )
+    kind = text.split("AWS Error ", 1)[1].split(" ", 1)[0] if "AWS Error " in text else "I/O"
+    return TransientIOError(f"{uri}: S3 read failed ({kind}) while {doing}")
+
+
+def in_root(uri: str) -> str:
+    """'bucket/key' of `uri` for Arrow, once it is known to be an object of this process's
+    data root (BadInputError or UnsafeNameError otherwise)."""
+    from geoiso_dagster.paths import remote_root
+
+    bucket, key = split_uri(uri)
+    root = remote_root()
+    if root is None or bucket != root.bucket:
+        raise BadInputError(uri, "is not an object of this data root's bucket")
+    root.relative(key)  # refuses a key outside the root's prefix
+    return f"{bucket}/{key}"
+
+
+def parquet_file(uri: str, **kwargs):
+    """A pyarrow ParquetFile over object `uri` of this process's S3 root, read in place:
+    its footer, then only the column chunks asked for, by range requests."""
+    import pyarrow.parquet as pq
+
+    try:
+        handle = arrow_filesystem().open_input_file(in_root(uri))
+        return pq.ParquetFile(handle, **kwargs)
+    except OSError as exc:
+        raise arrow_error(exc, uri, "opening it") from None
+
+
 def check_bucket(root: S3Root) -> None:
     """StorageAccessError (or TransientIOError) unless the root's bucket answers."""
     _call("checking the bucket", root.bucket, None, client().head_bucket)

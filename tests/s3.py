@@ -110,8 +110,9 @@ def open_uploads(client, bucket: str) -> list[str]:
 
 class FaultyProxy:
     """An HTTP proxy on 127.0.0.1 in front of the S3 server that answers the first
-    `failures` requests `matches(method, path_and_query)` selects with a 503 SlowDown-free
-    InternalError (what S3 returns in an outage), and forwards everything else."""
+    `failures` requests `matches(method, path_and_query)` selects with a 500
+    InternalError (what S3 returns in an outage), forwards everything else, and records
+    every request (method, path, Range header) in `requests`."""
 
     def __init__(self, target: str, matches, failures: int) -> None:
         import http.client
@@ -121,6 +122,8 @@ class FaultyProxy:
 
         upstream = urlsplit(target)
         state = {"left": failures, "failed": 0}
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
+        requests = self.requests
         lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -133,6 +136,7 @@ class FaultyProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 with lock:
+                    requests.append((self.command, self.path, self.headers.get("Range")))
                     fail = matches(self.command, self.path) and state["left"] > 0
                     if fail:
                         state["left"] -= 1
@@ -158,7 +162,9 @@ class FaultyProxy:
                 for key, value in answer.getheaders():
                     if key.lower() not in ("transfer-encoding", "content-length", "connection"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer has no body but the object's length.
+                length = answer.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -312,3 +312,43 @@ def test_a_batch_run_killed_mid_step_leaves_only_swept_staged_objects(s3_root, t
     assert _staged(s3_root.client) == [] and open_uploads(s3_root.client, "geo") == []
     for key in keys:
         assert f"{dissolved}{key}.parquet" in _published(s3_root.client)
+
+
+def test_an_upstream_output_is_read_in_place_when_this_host_has_no_copy(
+    instance, s3_root, monkeypatch
+):
+    """The step after raw_features on another host (here: its mirror wiped) reads the
+    published object in place, by range requests, never the whole object, and never
+    makes a local copy of it; its output equals the one made from the mirror."""
+    from geoiso_dagster import paths
+
+    s3_root.client.upload_file("data/sample/countries.gpkg", "geo", f"team-a/inbox/{KEY}")
+    assert _run(instance, selection=["raw_features", "reprojected_features"]).success
+    before = s3_root.client.get_object(
+        Bucket="geo", Key=f"{WAREHOUSE}/reprojected_features/{KEY}.parquet"
+    )["Body"].read()
+    shutil.rmtree(paths.data_root())
+    proxy = FaultyProxy(s3_root.server.endpoint, lambda method, path: False, 0)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        result = _run(instance, selection=["reprojected_features"])
+    finally:
+        proxy.stop()
+    assert result.success
+    raw = f"/geo/{WAREHOUSE}/raw_features/{KEY}.parquet"
+    reads = [(m, r) for m, p, r in proxy.requests if p.split("?")[0] == raw and m == "GET"]
+    assert reads, "the upstream object was not read"
+    assert all(r and r.startswith("bytes=") for _, r in reads), f"a whole-object GET: {reads}"
+    assert not (paths.data_root() / "warehouse" / "raw_features" / f"{KEY}.parquet").exists()
+    logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any("reprojected_features: S3 transfers: input (read in place)" in m for m in logged)
+    after = s3_root.client.get_object(
+        Bucket="geo", Key=f"{WAREHOUSE}/reprojected_features/{KEY}.parquet"
+    )["Body"].read()
+    assert pq.ParquetFile(pa_buffer(after)).read().equals(pq.ParquetFile(pa_buffer(before)).read())
+
+
+def pa_buffer(data: bytes):
+    import pyarrow as pa
+
+    return pa.BufferReader(data)

@@ -179,10 +179,12 @@ def raw_features(
         source, output = _source_and_output(key, "raw_features", None)
         return FileWork(
             output,
-            lambda runner, staged: fanout.ingest(runner, source, staged, layer=config.layer),
-            {"source": source, "layer": config.layer},
-            reads=paths.relative_to_root(Path(source)),
-            reads_source=True,
+            Path(source),
+            lambda runner, staged, source: fanout.ingest(
+                runner, source, staged, layer=config.layer
+            ),
+            lambda source: {"source": source, "layer": config.layer},
+            from_inbox=True,
         )
 
     yield from _step(context, spatial_pool, "raw_features", plan)
@@ -200,9 +202,11 @@ def reprojected_features(
         source, output = _source_and_output(key, "reprojected_features", "raw_features")
         return FileWork(
             output,
-            lambda runner, staged: fanout.reproject(runner, source, staged, config.target_crs),
-            {"expected_crs": config.target_crs},
-            reads=paths.relative_to_root(Path(source)),
+            Path(source),
+            lambda runner, staged, source: fanout.reproject(
+                runner, source, staged, config.target_crs
+            ),
+            lambda source: {"expected_crs": config.target_crs},
         )
 
     yield from _step(context, spatial_pool, "reprojected_features", plan)
@@ -226,9 +230,13 @@ def dissolved_regions(
         source, output = _source_and_output(key, "dissolved_regions", "reprojected_features")
         return FileWork(
             output,
-            lambda runner, staged: fanout.dissolve(runner, source, staged, **options),
-            {"expected_crs_of": source, "unique_key": config.dissolve_by, "geometries": "all"},
-            reads=paths.relative_to_root(Path(source)),
+            Path(source),
+            lambda runner, staged, source: fanout.dissolve(runner, source, staged, **options),
+            lambda source: {
+                "expected_crs_of": source,
+                "unique_key": config.dissolve_by,
+                "geometries": "all",
+            },
         )
 
     yield from _step(context, spatial_pool, "dissolved_regions", plan)

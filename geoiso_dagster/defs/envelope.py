@@ -32,17 +32,21 @@ _STEP_FACTS = (
 
 @dataclass(frozen=True)
 class FileWork:
-    """One step's work on one source file: where it publishes, how it produces the staged
-    file (on a runner, so that the same plan serves a one-file step and a batch), and
-    what the read-back is told to expect."""
+    """One step's work on one source file: where it publishes, what it reads, how it
+    produces the staged file from what it reads (on a runner, so that the same plan
+    serves a one-file step and a batch), and what the read-back is told to expect."""
 
     output: Path
-    produce: Callable[[Runner, Path], TaskResult]
-    inspect_kwargs: dict = field(default_factory=dict)
-    # What the step reads, as paths below the data root (S3 roots fetch it into the
-    # host's mirror first; a source also brings the files its format opens beside it).
-    reads: str | None = None
-    reads_source: bool = False
+    # The file the step reads, in the local root (or this host's mirror of an S3 root).
+    source: Path
+    # (runner, staged file, source as the workers read it) -> the task's result
+    produce: Callable[[Runner, Path, str], TaskResult]
+    # source as the workers read it -> the read-back's keyword arguments
+    inspect_kwargs: Callable[[str], dict] = field(default=lambda source: {})
+    # An inbox source (with an S3 root: fetched whole with its parts, into the jail's
+    # reach) rather than an upstream GeoParquet output (read in place, by range requests,
+    # unless this host's mirror holds its current version).
+    from_inbox: bool = False
 
 
 @dataclass
@@ -69,26 +73,45 @@ def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Pat
     the object judged is the object that will be published."""
     remote = paths.remote_root()
     if remote is None:
-        result = work.produce(runner, staged)
-        seen = runner.run("inspect", path=str(staged), **work.inspect_kwargs)
+        source = str(work.source)
+        result = work.produce(runner, staged, source)
+        seen = runner.run("inspect", path=str(staged), **work.inspect_kwargs(source))
         return Judged(result, check_results(asset_name, result.facts, seen.facts))
     clock = time.monotonic()
-    fetched = {"fetched_bytes": 0}
-    if work.reads:
-        fetched = runner.run("fetch", relative=work.reads, source=work.reads_source).facts
+    relative = paths.relative_to_root(work.source)
+    if work.from_inbox:
+        fetched = runner.run("fetch", relative=relative, source=True).facts["fetched_bytes"]
+        source, how = str(work.source), f"fetch {_mb(fetched)}"
+    else:
+        source = upstream_location(remote, work.source)
+        how = "read in place" if source.startswith("s3://") else "mirror current"
     fetch_s, clock = time.monotonic() - clock, time.monotonic()
-    result = work.produce(runner, staged)
+    result = work.produce(runner, staged, source)
     produce_s, clock = time.monotonic() - clock, time.monotonic()
-    relative = paths.relative_to_root(staged)
-    uploaded = runner.run("upload", path=str(staged), relative=relative).facts
+    staged_relative = paths.relative_to_root(staged)
+    uploaded = runner.run("upload", path=str(staged), relative=staged_relative).facts
     upload_s, clock = time.monotonic() - clock, time.monotonic()
-    seen = runner.run("inspect_object", relative=relative, **work.inspect_kwargs)
+    seen = runner.run(
+        "inspect_object", relative=staged_relative, **work.inspect_kwargs(source)
+    )
     runner.log(
-        f"{asset_name}: S3 transfers: fetch {_mb(fetched['fetched_bytes'])} in {fetch_s:.1f} s, "
+        f"{asset_name}: S3 transfers: input ({how}) in {fetch_s:.1f} s, "
         f"work {produce_s:.1f} s, upload {_mb(uploaded['bytes'])} in {upload_s:.1f} s, "
         f"read back and checked in {time.monotonic() - clock:.1f} s"
     )
     return Judged(result, check_results(asset_name, result.facts, seen.facts))
+
+
+def upstream_location(remote: paths.S3Root, local: Path) -> str:
+    """Where the workers read an upstream output of an S3 root: this host's mirror when it
+    holds the published version (same ETag: the step before ran here), else the object
+    itself, in place (BadInputError when it was never published)."""
+    relative = paths.relative_to_root(local)
+    info = objectstore.head(remote, remote.key(relative))
+    with objectstore.mirror_lock(local):
+        if objectstore.mirror_holds(local, info):
+            return str(local)
+    return remote.uri_of(relative)
 
 
 def _mb(size: int) -> str:

@@ -17,6 +17,7 @@ from typing import Protocol
 import pyarrow.parquet as pq
 from dagster import OpExecutionContext
 
+from geoiso_dagster import objectstore
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import run_task, run_tasks
 from geoiso_dagster.fsutil import temp_path_for
@@ -82,9 +83,16 @@ FAN_IN = 16
 FAN_OUT_MIN_BYTES = 32 * 2**20
 
 
+def _metadata(source: str | Path) -> pq.FileMetaData:
+    """The footer of a GeoParquet input: a local file, or an object read in place."""
+    if str(source).startswith("s3://"):
+        return objectstore.parquet_file(str(source)).metadata
+    return pq.ParquetFile(source).metadata
+
+
 def plan_row_groups(source: str | Path, workers: int) -> list[list[int]] | None:
     """Contiguous runs of row groups with about equal rows, or None: do not fan out."""
-    metadata = pq.ParquetFile(source).metadata
+    metadata = _metadata(source)
     return _runs([metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)], workers)
 
 
@@ -225,7 +233,7 @@ def dissolve(runner: Runner, source: str, staged: Path, **options) -> TaskResult
     of a worker's ceiling of data, at least one per worker; a group larger than that on
     its own is unioned in chunks and the chunks' unions in turn (spatial/union.py). A
     last task joins the parts into one file."""
-    rows = pq.ParquetFile(source).metadata.num_rows
+    rows = _metadata(source).num_rows
     if rows < FAN_OUT_MIN_ROWS:
         return runner.run("dissolve", source=source, output=str(staged), **options)
     by = options["dissolve_by"]

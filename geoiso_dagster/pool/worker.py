@@ -232,6 +232,20 @@ def progress(message: str, **facts: object) -> None:
     )
 
 
+def _os_error_envelope(exc: OSError) -> dict:
+    """An OSError no task classified: Arrow's S3 filesystem failing mid-read of an object
+    read in place is transient (its text names bucket, key and AWS's error kind, never a
+    credential); anything else is a bug, as any exception no one classified."""
+    if "AWS Error" in str(exc):
+        return {"ok": False, "kind": "transient_io", "message": " ".join(str(exc).split())}
+    return {
+        "ok": False,
+        "kind": "error",
+        "message": f"{type(exc).__name__}: {exc}",
+        "traceback": traceback.format_exc(),
+    }
+
+
 def run_task(task_id: str, function: str, kwargs: dict) -> dict:
     """Run `function` (a name in the task module) and wrap its outcome in an envelope.
 
@@ -253,6 +267,8 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
         envelope = {"ok": False, "kind": "transient_io", "message": str(exc)}
     except StorageAccessError as exc:
         envelope = {"ok": False, "kind": "storage_access", "message": str(exc)}
+    except OSError as exc:
+        envelope = _os_error_envelope(exc)
     except MemoryError as exc:
         detail = f": {exc}" if str(exc) else ""
         envelope = {"ok": False, "kind": "memory", "message": f"allocation failed{detail}"}

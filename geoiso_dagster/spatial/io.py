@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pyogrio
 import pyproj
 import shapely
 
+from geoiso_dagster import objectstore
 from geoiso_dagster.errors import BadInputError, TransientIOError
 from geoiso_dagster.formats import PARQUET_SUFFIXES  # noqa: F401 - one definition
 from geoiso_dagster.fsutil import atomic_path
@@ -68,7 +70,47 @@ def _errno(exc: OSError) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def is_uri(source) -> bool:
+    """True for an object of an S3 data root (s3://bucket/key), read in place."""
+    return isinstance(source, str) and source.startswith("s3://")
+
+
+def ref(source: "str | Path") -> "str | Path":
+    """A GeoParquet input as the readers here take it: an s3:// URI as it is, else a Path."""
+    return source if is_uri(source) else Path(source)
+
+
+def open_parquet(source: "str | Path", **kwargs) -> pq.ParquetFile:
+    """pq.ParquetFile of a local file, or of an object read in place by range requests."""
+    if is_uri(source):
+        return objectstore.parquet_file(source, **kwargs)
+    return pq.ParquetFile(source, **kwargs)
+
+
+def copy_to(source: "str | Path", target: Path) -> None:
+    """Copy a GeoParquet input, local or an object of the root, to local `target`."""
+    if not is_uri(source):
+        shutil.copyfile(source, target)
+        return
+    where = objectstore.in_root(source)
+    try:
+        with objectstore.arrow_filesystem().open_input_stream(where) as stream:
+            with open(target, "wb") as out:
+                while chunk := stream.read(8 * 2**20):
+                    out.write(chunk)
+    except OSError as exc:
+        if "AWS Error" in str(exc) or isinstance(exc, FileNotFoundError):
+            raise objectstore.arrow_error(exc, source, "copying it") from None
+        raise
+
+
+def _exists(source: "str | Path") -> bool:
+    return True if is_uri(source) else Path(source).exists()  # an object: opening says
+
+
 def os_error(path: Path, exc: OSError, doing: str) -> Exception:
+    if "AWS Error" in str(exc):  # Arrow's S3 filesystem, mid-read
+        return objectstore.arrow_error(exc, str(path), doing)
     code = _errno(exc)
     reason = exc.strerror or " ".join(str(exc).split())
     if code == errno.ENOMEM or os.strerror(errno.ENOMEM) in str(exc):
@@ -125,15 +167,15 @@ def read_geoparquet_table(
     values): only the rows whose column holds one of the values, filtered row group by
     row group, so that no more than one group beyond the result is ever decoded;
     `row_groups`: only those row groups."""
-    path = Path(path)
-    if not path.exists():
+    path = ref(path)
+    if not _exists(path):
         raise BadInputError(str(path), "upstream output does not exist; materialize it first")
     geo = geo_metadata(path)
     crs = geoparquet_crs(path, geo)
     primary = geo["primary_column"]
     covering = covering_column(geo)
     try:
-        parquet = pq.ParquetFile(path, pre_buffer=False)
+        parquet = open_parquet(path, pre_buffer=False)
         columns = [n for n in parquet.schema_arrow.names if n != covering]
         pieces = []
         for group in range(parquet.num_row_groups) if row_groups is None else row_groups:
@@ -194,7 +236,7 @@ def _own_extent(bounds: "np.ndarray") -> tuple[float, float, float, float]:
 def geoparquet_crs(path: Path, geo: dict | None = None) -> pyproj.CRS:
     """The CRS a GeoParquet file declares (its `geo` metadata, read here unless given),
     refused when it has none."""
-    if not path.exists():
+    if not _exists(path):
         raise BadInputError(str(path), "upstream output does not exist; materialize it first")
     if geo is None:
         geo = geo_metadata(path)
@@ -348,15 +390,16 @@ def covering_column(geo: dict) -> str | None:
 
 def read_schema(path: Path) -> pa.Schema:
     """The Arrow schema of an upstream GeoParquet output, named by file when unreadable."""
-    if not path.exists():
+    if not _exists(path):
         raise BadInputError(str(path), "upstream output does not exist; materialize it first")
     with reading(path):
-        return pq.read_schema(path)
+        return open_parquet(path).schema_arrow if is_uri(path) else pq.read_schema(path)
 
 
 def geo_metadata(path: Path) -> dict:
     """The `geo` key of a GeoParquet file's metadata."""
-    raw = pq.read_schema(path).metadata or {}
+    schema = open_parquet(path).schema_arrow if is_uri(path) else pq.read_schema(path)
+    raw = schema.metadata or {}
     if b"geo" not in raw:
         raise BadInputError(str(path), "is Parquet without GeoParquet 'geo' metadata")
     return json.loads(raw[b"geo"])

@@ -252,7 +252,7 @@ def reproject_file(
     `row_groups` limits the work to those row groups (one part of a fan-out, written as
     a part file when `part`: see TableSink).
     Returns the row count of what was written."""
-    parquet = pq.ParquetFile(source, pre_buffer=False)
+    parquet = io.open_parquet(source, pre_buffer=False)
     geo = json.loads(parquet.schema_arrow.metadata[b"geo"])
     primary = geo["primary_column"]
     transformer = pyproj.Transformer.from_crs(source_crs, target, always_xy=True)

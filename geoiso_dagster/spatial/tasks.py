@@ -2,7 +2,6 @@
 
 import base64
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -142,12 +141,12 @@ def reproject(
     only those (one part of a fan-out over the workers; see `concatenate`)."""
     faults.at_start("reproject")
     target = _parse_crs(target_crs, source)
-    source_crs = io.geoparquet_crs(Path(source))
+    source_crs = io.geoparquet_crs(io.ref(source))
     started = time.perf_counter()
     measured = 0
     if source_crs.equals(target) and row_groups is None:
         with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
-            shutil.copyfile(source, tmp)
+            io.copy_to(source, tmp)
         progress(f"already in {io.crs_label(target)}; copied without a transform")
         facts = io.describe(Path(output))
         facts.update(transformed=False, dropped_m=0)
@@ -174,7 +173,7 @@ def reproject(
     try:
         with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
             written = stream.reproject_file(
-                Path(source),
+                io.ref(source),
                 tmp,
                 source_crs,
                 target,
@@ -400,7 +399,7 @@ def _read_for_dissolve(
 
 
 def _require_key_column(source: str, dissolve_by: str) -> None:
-    names = [n for n in pq.read_schema(source).names if n != "bbox"]
+    names = [n for n in io.read_schema(io.ref(source)).names if n != "bbox"]
     if dissolve_by not in names:
         raise BadInputError(
             source, f"dissolve_by column {dissolve_by!r} is not in the data; columns: {names}"
@@ -459,7 +458,7 @@ def _is_key_type(kind: pa.DataType) -> bool:
 def _check_dissolve_columns(source: str, dissolve_by: str) -> None:
     """The key names a column of a type that can name regions, and the data has no column
     of the name the dissolve writes its count into (it would be overwritten)."""
-    schema = io.read_schema(Path(source))
+    schema = io.read_schema(io.ref(source))
     if dissolve_by == FEATURE_COUNT_COLUMN or FEATURE_COUNT_COLUMN in schema.names:
         raise BadInputError(
             source,
@@ -568,7 +567,7 @@ def inspect(
     )
     expected = None
     if expected_crs_of is not None:
-        expected = io.geoparquet_crs(Path(expected_crs_of))
+        expected = io.geoparquet_crs(io.ref(expected_crs_of))
     elif expected_crs is not None:
         expected = _parse_crs(expected_crs, path)
     if expected is not None:

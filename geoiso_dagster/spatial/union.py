@@ -116,7 +116,7 @@ def attribute_columns(names, dissolve_by: str, *geometry_columns) -> list[str]:
 def sorted_keys(source: str, dissolve_by: str) -> pd.Index:
     """The distinct keys in sorted order: the numbering (rank) every task of one dissolve
     shares, null and NaN left out as pandas groups them."""
-    return _sorted(_distinct(pq.ParquetFile(source), dissolve_by))[1]
+    return _sorted(_distinct(io.open_parquet(source), dissolve_by))[1]
 
 
 def _distinct(parquet: pq.ParquetFile, dissolve_by: str) -> pa.Array:
@@ -153,7 +153,7 @@ def plan(source: str, dissolve_by: str, memory_limit_mb: int, min_parts: int) ->
     row groups that hold each part's keys, so that a part reads only those (the file is
     in Hilbert order, and keys that name places are then in few row groups). `parts` is
     None when one task can do it all."""
-    parquet = pq.ParquetFile(source)
+    parquet = io.open_parquet(source)
     metadata = parquet.metadata
     rows = metadata.num_rows
     group_rows = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
@@ -344,10 +344,10 @@ def _write_group(stats, union, output, source, dissolve_by, rank, aggfunc, aggre
     """The giant group's row, as `dissolve` writes a part's rows."""
     from geoiso_dagster.spatial.tasks import FEATURE_COUNT_COLUMN, _write_dissolved
 
-    schema = io.read_schema(Path(source))
-    geo = io.geo_metadata(Path(source))
+    schema = io.read_schema(io.ref(source))
+    geo = io.geo_metadata(io.ref(source))
     geometry_name = geo["primary_column"]
-    crs = io.geoparquet_crs(Path(source), geo)
+    crs = io.geoparquet_crs(io.ref(source), geo)
     uniques = sorted_keys(source, dissolve_by)
     columns = attribute_columns(schema.names, dissolve_by, geometry_name, io.covering_column(geo))
     facts = {
