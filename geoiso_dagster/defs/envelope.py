@@ -91,9 +91,7 @@ def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Pat
     staged_relative = paths.relative_to_root(staged)
     uploaded = runner.run("upload", path=str(staged), relative=staged_relative).facts
     upload_s, clock = time.monotonic() - clock, time.monotonic()
-    seen = runner.run(
-        "inspect_object", relative=staged_relative, **work.inspect_kwargs(source)
-    )
+    seen = runner.run("inspect_object", relative=staged_relative, **work.inspect_kwargs(source))
     runner.log(
         f"{asset_name}: S3 transfers: input ({how}) in {fetch_s:.1f} s, "
         f"work {produce_s:.1f} s, upload {_mb(uploaded['bytes'])} in {upload_s:.1f} s, "
