@@ -12,7 +12,13 @@ EPSG:4326, dissolve by region_id) on a fresh instance, alternately:
 Prints the medians of --repeats runs of each, the ratio s3 / local, and where the extra
 time goes, from the steps' own log lines ("S3 transfers: ...", "published ... in"):
 fetching what a step reads, uploading the staged object, reading it back for the
-checks, and publishing it. Results also go to benchmarks/results/s3-<time>.json.
+checks, and publishing it.
+
+With --hosts, each of the three steps also runs as its own `dagster asset materialize`
+with a mirror of its own (as on three hosts, or three run containers on different
+machines), so reprojected_features and dissolved_regions read their upstream object in
+place, by range requests; against the same three commands on local disk.
+Results also go to benchmarks/results/s3-<time>.json.
 """
 
 import argparse
@@ -78,6 +84,29 @@ def run_s3(given: Path, work: Path, n: int, server: S3Server) -> dict:
     return {"seconds": seconds, "add_s": add_s, "steps": run_facts(home), "transfers": transfers}
 
 
+def run_split(given: Path, work: Path, n: str, server: S3Server | None) -> dict:
+    """The three steps as three commands; with `server`, each with a fresh mirror."""
+    home = _instance(work, f"split-{'s3' if server else 'local'}-{n}")
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    if server is None:
+        root = work / f"data-split-{n}"
+        (root / "inbox").mkdir(parents=True)
+        os.link(given, root / "inbox" / given.name)
+        env["GEOISO_DATA_ROOT"] = str(root)
+    else:
+        env.update(server.env(f"s3://geo/split-{n}"))
+    env["GEOISO_SCRATCH_DIR"] = str(work / f"scratch-split-{n}-0")
+    subprocess.run([BIN / "geoiso", "add", str(given)], env=env, check=True, capture_output=True)
+    seconds, transfers = 0.0, {}
+    for i, asset in enumerate(ASSET_NAMES):
+        env["GEOISO_SCRATCH_DIR"] = str(work / f"scratch-split-{n}-{i + 1}")  # another host
+        config = {asset: CONFIG[asset]} if asset in CONFIG else {}
+        seconds += materialize(given.name, [asset], config, env)
+        if server is not None:
+            transfers.update(_transfers(home))
+    return {"seconds": seconds, "transfers": transfers}
+
+
 def _transfers(home: Path) -> dict:
     """Per asset: the seconds and MB its step's log reports for each S3 transfer."""
     from dagster import DagsterInstance
@@ -102,23 +131,28 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--polygons", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--hosts", action="store_true", help="also each step on its own host")
     args = parser.parse_args()
     given = source(args.polygons)
     print(f"source: {given.name}, {given.stat().st_size / 2**20:.0f} MB", flush=True)
-    runs: dict[str, list] = {"local": [], "s3": []}
+    runs: dict[str, list] = {"local": [], "s3": [], "local split": [], "s3 hosts": []}
+    kinds = ("local", "s3", "local split", "s3 hosts") if args.hosts else ("local", "s3")
     with tempfile.TemporaryDirectory(prefix="geoiso-s3-bench-") as tmp:
         work = Path(tmp)
         server = S3Server(work / "moto.log")
         try:
             server.client().create_bucket(Bucket="geo")
             for i in range(args.repeats):
-                for kind in ("local", "s3"):
+                for kind in kinds:
                     n = f"{args.polygons}-{i}"
                     print(f"run {i + 1}/{args.repeats}: {kind} ...", flush=True)
                     if kind == "local":
                         runs[kind].append(run_local(given, work, n))
-                    else:
+                    elif kind == "s3":
                         runs[kind].append(run_s3(given, work, n, server))
+                    else:
+                        split_server = server if kind == "s3 hosts" else None
+                        runs[kind].append(run_split(given, work, n, split_server))
                     print(f"  {runs[kind][-1]['seconds']:.1f} s", flush=True)
         finally:
             server.stop()
@@ -141,6 +175,18 @@ def main() -> None:
             f"{t.get('upload_s', 0):6.1f} s{t.get('upload_mb', 0):6.0f} MB"
             f"{t.get('readback_s', 0):9.1f} s{t.get('publish_s', 0):7.1f} s"
         )
+    if args.hosts:
+        split = statistics.median(r["seconds"] for r in runs["local split"])
+        hosts = statistics.median(r["seconds"] for r in runs["s3 hosts"])
+        print("\neach step its own command (three CLI starts), each s3 step on a fresh host:")
+        print(f"  local disk        {split:6.1f} s   1.00x")
+        print(
+            f"  s3, three hosts   {hosts:6.1f} s   {hosts / split:.2f}x   (+{hosts - split:.1f} s)"
+        )
+        for asset, t in runs["s3 hosts"][-1]["transfers"].items():
+            print(f"  {asset:<22} input ({t.get('input')}) {t.get('fetch_s', 0):.1f} s, "
+                  f"work {t.get('work_s', 0):.1f} s, upload {t.get('upload_s', 0):.1f} s, "
+                  f"read back {t.get('readback_s', 0):.1f} s")  # fmt: skip
     results = REPO / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
     out = results / f"s3-{time.strftime('%Y%m%d-%H%M%S')}.json"
