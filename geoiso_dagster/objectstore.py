@@ -171,15 +171,18 @@ def _call(doing: str, bucket: str, key: str | None, fn, **kwargs):
 
 def arrow_filesystem():
     """pyarrow's S3 filesystem for reading GeoParquet in place (range requests), set up
-    from the same chain as boto3: its endpoint and region, and its resolved credentials
-    (frozen when the filesystem is made; one per set of AWS_* variables)."""
+    from the same chain as boto3: its endpoint and region, and its resolved credentials.
+    Those are frozen when the filesystem is made, so it is made again every 10 minutes
+    (a role's temporary credentials last an hour at least), and for every set of AWS_*
+    variables."""
     return _arrow_filesystem(
-        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))),
+        int(time.time() // 600),
     )
 
 
-@functools.cache
-def _arrow_filesystem(_aws_environment: tuple):
+@functools.lru_cache(maxsize=4)
+def _arrow_filesystem(_aws_environment: tuple, _period: int):
     from urllib.parse import urlsplit
 
     import boto3
