@@ -6,6 +6,7 @@ its own container of geoiso-dagster:latest; then the faults of a deployment; the
 The tests run in file order against one stack (each leaves it healthy for the next).
 """
 
+import json
 import os
 import shutil
 import signal
@@ -106,8 +107,10 @@ def _finished(instance: DagsterInstance, run_id: str) -> Status | None:
     return run.status if run.is_finished else None
 
 
-def _launch(stack: Stack, partition: str, tags: dict | None = None) -> str:
-    params = launch_params(partition, tags=tags)
+def _launch(
+    stack: Stack, partition: str, tags: dict | None = None, run_config: dict | None = None
+) -> str:
+    params = launch_params(partition, run_config, tags=tags)
     launched = stack.graphql(LAUNCH, {"params": params})["launchPipelineExecution"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     return launched["run"]["runId"]
@@ -247,9 +250,22 @@ def test_a_container_killed_mid_write_publishes_nothing_and_a_rerun_succeeds(
 def test_a_run_over_its_container_memory_limit_fails_naming_the_limit(stack):
     """A run whose container limit (set low by its tag) is below what its workers need:
     the kernel's OOM killer takes a worker (workers volunteer), the run process survives
-    and fails the step naming the limit, without a retry (same input, same result)."""
+    and fails the step naming the limit, without a retry (same input, same result).
+
+    The worker's need is made certain, not left to the file: it allocates until stopped
+    (GEOISO_FAULTS' `memory`, through the pool's worker_env), under a per-worker ceiling
+    far above the container's, so the container's limit is what stops it. A real step on
+    the 26,550-row file peaks close to 400 MB, and one run in a full suite stayed under."""
     instance = _instance(stack)
-    run_id = _launch(stack, "deployed.gpkg", {"geoiso-dagster/container_memory_mb": "400"})
+    state = stack.data_root / "fault-state-oom"  # bound into the container
+    fault = {"task": "ingest", "at": "start", "fault": "memory", "times": 1, "state": str(state)}
+    pool = {"memory_limit_mb": 4096, "worker_env": {"GEOISO_FAULTS": json.dumps([fault])}}
+    run_id = _launch(
+        stack,
+        "deployed.gpkg",
+        {"geoiso-dagster/container_memory_mb": "400"},
+        {"resources": {"spatial_pool": {"config": pool}}},
+    )
     assert _wait(lambda: _finished(instance, run_id), 300, "the run") == Status.FAILURE
     run = instance.get_run_by_id(run_id)
     container = inspect(run.tags["docker/container_id"])
