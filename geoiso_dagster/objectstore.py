@@ -26,12 +26,13 @@ import fcntl
 import functools
 import hashlib
 import os
+import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from geoiso_dagster import fsutil
+from geoiso_dagster import formats, fsutil
 from geoiso_dagster.errors import (
     BadInputError,
     GeoisoError,
@@ -70,7 +71,7 @@ def client():
     """The S3 client of this process, from the standard AWS chain: one per set of AWS_*
     variables (a test, or a long-lived process, may change them). Its own retries are
     few and fast; the step's retry policy (3 attempts, 5-60 s) covers longer outages."""
-    return _client(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+    return _client(_aws_environment())
 
 
 @functools.cache
@@ -169,46 +170,124 @@ def _call(doing: str, bucket: str, key: str | None, fn, **kwargs):
         raise storage_error(exc, bucket, key, doing) from None
 
 
-def arrow_filesystem():
-    """pyarrow's S3 filesystem for reading GeoParquet in place (range requests), set up
-    from the same chain as boto3: its endpoint and region, and its resolved credentials.
-    Those are frozen when the filesystem is made, so it is made again every 10 minutes
-    (a role's temporary credentials last an hour at least), and for every set of AWS_*
-    variables."""
-    return _arrow_filesystem(
-        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))),
-        int(time.time() // 600),
-    )
+def _aws_environment() -> tuple:
+    """The AWS_* variables of this process: the key of every cache of a connection."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How this process reaches its S3 root, resolved once from the standard AWS chain
+    (variables, config files, roles) by boto3, for the clients that are not boto3."""
+
+    netloc: str | None  # host[:port] of a custom endpoint (None: AWS's own)
+    https: bool
+    region: str
+    virtual_hosting: bool
+    access_key: str | None  # None: anonymous
+    secret_key: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+
+def connection() -> Connection:
+    """This process's connection. Credentials are frozen when it is made, so it is made
+    again every 10 minutes (a role's temporary credentials last an hour at least), and
+    for every set of AWS_* variables."""
+    return _connection(_aws_environment(), int(time.time() // 600))
 
 
 @functools.lru_cache(maxsize=4)
-def _arrow_filesystem(_aws_environment: tuple, _period: int):
+def _connection(_aws_environment: tuple, _period: int) -> Connection:
     from urllib.parse import urlsplit
 
     import boto3
-    from pyarrow import fs
 
     session = boto3.session.Session()
-    options: dict = {
-        "region": session.region_name or "us-east-1",
-        "connect_timeout": 5,
-        "request_timeout": 60,
-    }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        parts = urlsplit(endpoint)
-        options.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https")
-    if os.environ.get("GEOISO_S3_ADDRESSING_STYLE") == "virtual":
-        options["force_virtual_addressing"] = True
+    parts = urlsplit(endpoint) if endpoint else None
     credentials = session.get_credentials()
-    if credentials is None:
+    frozen = credentials.get_frozen_credentials() if credentials is not None else None
+    return Connection(
+        netloc=parts.netloc if parts else None,
+        https=(parts.scheme or "https") == "https" if parts else True,
+        region=session.region_name or "us-east-1",
+        virtual_hosting=os.environ.get("GEOISO_S3_ADDRESSING_STYLE") == "virtual",
+        access_key=frozen.access_key if frozen else None,
+        secret_key=frozen.secret_key if frozen else None,
+        token=frozen.token if frozen else None,
+    )
+
+
+def arrow_filesystem():
+    """pyarrow's S3 filesystem for reading GeoParquet in place (range requests), set up
+    from the same connection as boto3 (see `connection`)."""
+    return _arrow_filesystem(connection())
+
+
+@functools.lru_cache(maxsize=4)
+def _arrow_filesystem(how: Connection):
+    from pyarrow import fs
+
+    options: dict = {"region": how.region, "connect_timeout": 5, "request_timeout": 60}
+    if how.netloc:
+        options.update(endpoint_override=how.netloc, scheme="https" if how.https else "http")
+    if how.virtual_hosting:
+        options["force_virtual_addressing"] = True
+    if how.access_key is None:
         options["anonymous"] = True
     else:
-        frozen = credentials.get_frozen_credentials()
         options.update(
-            access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token
+            access_key=how.access_key, secret_key=how.secret_key, session_token=how.token
         )
     return fs.S3FileSystem(**options)
+
+
+# The names GDAL is given to read in place: its allow-list is split at commas and spaces,
+# and a '?' or '#' means something to its URL handling; other names are fetched.
+_GDAL_READABLE = re.compile(r"^s3://[a-z0-9][a-z0-9.-]+/[A-Za-z0-9!_.*'()@=+/-]+$")
+
+
+def gdal_readable(uri: str) -> bool:
+    """Whether workers may open `uri` in place through GDAL's /vsis3/ (see gdal_config)."""
+    return bool(_GDAL_READABLE.match(uri))
+
+
+def gdal_config(allowed: list[str]) -> dict[str, str | None]:
+    """GDAL configuration options for reading the objects `allowed` (s3:// URIs, the
+    source first) through /vsis3/, and no other network name: the AWS settings translated
+    for GDAL (which has its own names: AWS_S3_ENDPOINT is host[:port], AWS_HTTPS,
+    AWS_VIRTUAL_HOSTING), the credentials as resolved by boto3, and the allow-list.
+
+    A one-object source is allowed by its exact name (CPL_VSIL_CURL_ALLOWED_FILENAME,
+    compared exactly). A shapefile's parts need a list: CPL_VSIL_CURL_ALLOWED_EXTENSIONS,
+    which GDAL compares with the end of each name, case-insensitively, so each entry is a
+    whole /vsis3/ name (its leading '/' left off: GDAL wants the name longer than the
+    entry). A name that differs from a part's only in case passes that comparison; the
+    shapefile driver asks only for its own parts' names."""
+    how = connection()
+    options: dict[str, str | None] = {
+        "AWS_REGION": how.region,
+        "AWS_HTTPS": "YES" if how.https else "NO",
+        "AWS_VIRTUAL_HOSTING": "TRUE" if how.virtual_hosting else "FALSE",
+        "AWS_S3_ENDPOINT": how.netloc,
+        "AWS_NO_SIGN_REQUEST": "YES" if how.access_key is None else None,
+        "AWS_ACCESS_KEY_ID": how.access_key,
+        "AWS_SECRET_ACCESS_KEY": how.secret_key,
+        "AWS_SESSION_TOKEN": how.token,
+        # Never list the folder to find a file's parts (an inbox of 10,000 objects):
+        # GDAL asks for each name it wants, and only the allowed ones go out.
+        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+        "GDAL_HTTP_MAX_RETRY": "2",
+        "GDAL_HTTP_RETRY_DELAY": "1",
+        "GDAL_HTTP_CONNECTTIMEOUT": "5",
+        "GDAL_HTTP_TIMEOUT": "60",
+    }
+    names = ["/vsis3/" + uri.removeprefix("s3://") for uri in allowed]
+    if len(names) == 1:
+        options["CPL_VSIL_CURL_ALLOWED_FILENAME"] = names[0]
+    else:
+        options["CPL_VSIL_CURL_ALLOWED_EXTENSIONS"] = ",".join(n[1:] for n in names)
+    return options
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -270,9 +349,10 @@ def head(root: S3Root, key: str) -> ObjectInfo:
     )
 
 
-def list_objects(root: S3Root, relative_dir: str) -> Iterator[ObjectInfo]:
-    """The objects directly in `relative_dir/` (not in its sub-folders), page by page."""
-    prefix = root.key(relative_dir) + "/"
+def list_objects(root: S3Root, relative_dir: str, starting: str = "") -> Iterator[ObjectInfo]:
+    """The objects directly in `relative_dir/` (not in its sub-folders) whose names start
+    with `starting`, page by page."""
+    prefix = root.key(relative_dir) + "/" + starting
     token = None
     while True:
         extra = {"ContinuationToken": token} if token else {}
@@ -287,6 +367,32 @@ def list_objects(root: S3Root, relative_dir: str) -> Iterator[ObjectInfo]:
         if not page.get("IsTruncated"):
             return
         token = page["NextContinuationToken"]
+
+
+def versions(root: S3Root, relative: str) -> dict[str, str]:
+    """ETag by name of a source object and of the parts its format opens beside it."""
+    folder, _, name = relative.rpartition("/")
+    wanted = {name, *formats.companion_names(name)}
+    return {
+        info.key.rpartition("/")[2]: info.etag
+        for info in list_objects(root, folder, starting=name.rpartition(".")[0])
+        if info.key.rpartition("/")[2] in wanted
+    }
+
+
+def read_chunks(
+    root: S3Root, key: str, expect_etag: str, start: int = 0, length: int | None = None
+) -> Iterator[bytes]:
+    """The bytes of object `key` (from `start`, `length` of them or to its end), as they
+    arrive; BadInputError if it is no longer version `expect_etag`."""
+    root.relative(key)
+    end = "" if length is None else str(start + length - 1)
+    extra = {"Range": f"bytes={start}-{end}"} if start or length is not None else {}
+    answer = _call("reading", root.bucket, key, client().get_object, IfMatch=expect_etag, **extra)
+    try:
+        yield from answer["Body"].iter_chunks(2**20)
+    except Exception as exc:  # the connection dropped mid-body
+        raise storage_error(exc, root.bucket, key, "reading") from None
 
 
 def read_small(root: S3Root, key: str, limit: int) -> bytes:

@@ -12,7 +12,7 @@ from dagster import AssetCheckResult, MetadataValue, TableColumn, TableSchema
 from geoiso_dagster import fsutil, objectstore, paths
 from geoiso_dagster.defs.checks import check_results
 from geoiso_dagster.defs.fanout import Runner
-from geoiso_dagster.errors import GeoisoError
+from geoiso_dagster.errors import GeoisoError, TransientIOError
 from geoiso_dagster.pool import TaskResult
 
 # Step-specific facts that go to the catalog as they are.
@@ -43,9 +43,10 @@ class FileWork:
     produce: Callable[[Runner, Path, str], TaskResult]
     # source as the workers read it -> the read-back's keyword arguments
     inspect_kwargs: Callable[[str], dict] = field(default=lambda source: {})
-    # An inbox source (with an S3 root: fetched whole with its parts, into the jail's
-    # reach) rather than an upstream GeoParquet output (read in place, by range requests,
-    # unless this host's mirror holds its current version).
+    # An inbox source rather than an upstream GeoParquet output. With an S3 root both are
+    # read in place (GDAL's /vsis3/ or Arrow, by range requests), except a zip archive or
+    # a name GDAL cannot be given safely (fetched whole with its parts into the mirror),
+    # and an upstream output this host's mirror holds the current version of.
     from_inbox: bool = False
 
 
@@ -68,9 +69,10 @@ class Judged:
 def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Path) -> Judged:
     """Produce `staged` and judge it; raises what the runner raises.
 
-    With an S3 root, what the step reads is fetched into the mirror first, and the staged
-    file is uploaded to its staged key and read back from the bucket for the checks:
-    the object judged is the object that will be published."""
+    With an S3 root, the workers read the step's input in place (or from a fetched copy,
+    see FileWork.from_inbox), and the staged file is uploaded to its staged key and read
+    back from the bucket for the checks: the object judged is the object that will be
+    published. An inbox source that changed while it was read is read again (transient)."""
     remote = paths.remote_root()
     if remote is None:
         source = str(work.source)
@@ -79,7 +81,11 @@ def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Pat
         return Judged(result, check_results(asset_name, result.facts, seen.facts))
     clock = time.monotonic()
     relative = paths.relative_to_root(work.source)
-    if work.from_inbox:
+    versions = None
+    if work.from_inbox and in_place(remote.uri_of(relative)):
+        source, how = remote.uri_of(relative), "read in place"
+        versions = objectstore.versions(remote, relative)
+    elif work.from_inbox:
         fetched = runner.run("fetch", relative=relative, source=True).facts["fetched_bytes"]
         source, how = str(work.source), f"fetch {_mb(fetched)}"
     else:
@@ -92,12 +98,22 @@ def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Pat
     uploaded = runner.run("upload", path=str(staged), relative=staged_relative).facts
     upload_s, clock = time.monotonic() - clock, time.monotonic()
     seen = runner.run("inspect_object", relative=staged_relative, **work.inspect_kwargs(source))
+    if versions is not None and objectstore.versions(remote, relative) != versions:
+        # Its objects were read by several requests (and workers): all from one version,
+        # or the step runs again on the new one.
+        raise TransientIOError(f"{source}: changed while it was being read; read again")
     runner.log(
         f"{asset_name}: S3 transfers: input ({how}) in {fetch_s:.1f} s, "
         f"work {produce_s:.1f} s, upload {_mb(uploaded['bytes'])} in {upload_s:.1f} s, "
         f"read back and checked in {time.monotonic() - clock:.1f} s"
     )
     return Judged(result, check_results(asset_name, result.facts, seen.facts))
+
+
+def in_place(uri: str) -> bool:
+    """Whether the workers read inbox object `uri` where it is, rather than a fetched copy:
+    not a zip (unpacked from a local file), and a name GDAL can be given safely."""
+    return not uri.lower().endswith(".zip") and objectstore.gdal_readable(uri)
 
 
 def upstream_location(remote: paths.S3Root, local: Path) -> str:

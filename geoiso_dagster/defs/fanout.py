@@ -20,7 +20,9 @@ from dagster import OpExecutionContext
 from geoiso_dagster import objectstore
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import run_task, run_tasks
+from geoiso_dagster.errors import GeoisoError
 from geoiso_dagster.fsutil import temp_path_for
+from geoiso_dagster.paths import remote_root
 from geoiso_dagster.pool import TaskResult, WorkerPool
 
 
@@ -152,10 +154,15 @@ def ingest(runner: Runner, source: str, staged: Path, layer: str | None = None) 
 
 
 def _size(source: str) -> int:
+    """The size of a source file or object (0 when it cannot be known: the task names
+    what is wrong with it)."""
+    root = remote_root()
     try:
+        if root is not None and source.startswith("s3://"):
+            return objectstore.head(root, objectstore.split_uri(source)[1]).size
         return os.stat(source).st_size
-    except OSError:
-        return 0  # the task names what is wrong with it
+    except (OSError, GeoisoError):
+        return 0
 
 
 def reproject(runner: Runner, source: str, staged: Path, target_crs: str) -> TaskResult:

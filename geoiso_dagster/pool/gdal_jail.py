@@ -113,3 +113,13 @@ def restore_config_options(baseline: dict[str, dict[str, str]]) -> list[str]:
                 lib.CPLSetConfigOption(key.encode(), None if value is None else value.encode())
                 changed.append(f"GDAL option {key}")
     return changed
+
+
+def clear_network_cache() -> None:
+    """Drop what GDAL's network file systems (/vsis3/, /vsicurl/) cached of the objects
+    read (sizes, existence, blocks), in every libgdal copy loaded."""
+    for path in loaded_libgdal():
+        lib = ctypes.CDLL(path)
+        lib.VSICurlClearCache.restype = None
+        lib.VSICurlClearCache.argtypes = []
+        lib.VSICurlClearCache()

@@ -18,11 +18,9 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import geopandas
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pyogrio
 import pyproj
 import shapely
@@ -49,19 +47,20 @@ def survey(source: str | Path, layer: str | None = None) -> dict:
     and either the rows of each GeoParquet row group or whether GDAL can start reading at
     any feature without reading those before it (fast SetNextByIndex). An archive is
     never split: it is unpacked once, by the one task that reads it."""
-    path = Path(source)
+    path = io.ref(source)
     sources.check_source_files(path)
     io.check_readable(path)
-    suffix = path.suffix.lower()
+    suffix = sources.suffix_of(path)
     if suffix in sources.ARCHIVE_SUFFIXES:
         return {"features": -1, "splittable": False}
     if suffix in io.PARQUET_SUFFIXES:
         integrity.check_parquet(path)
         with io.reading(path):
-            metadata = pq.ParquetFile(path).metadata
+            metadata = io.open_parquet(path).metadata
         groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
         return {"features": metadata.num_rows, "row_groups": groups, "splittable": len(groups) > 1}
-    info = gdal_info(path, str(path), layer)
+    with sources.gdal_reading(path):
+        info = gdal_info(path, str(path), layer)
     return {
         "features": int(info["features"]),
         "splittable": info["features"] > 0
@@ -69,25 +68,25 @@ def survey(source: str | Path, layer: str | None = None) -> dict:
     }
 
 
-def gdal_info(path: Path, what: str, layer: str | None) -> dict:
+def gdal_info(path: "Path | str", what: str, layer: str | None) -> dict:
     """pyogrio's read_info of the one layer to read, once the driver GDAL detects is the
     one the suffix names. A file with several layers must be told which (config `layer`):
     reading the first and ignoring the rest would publish part of the data."""
     try:
         with io.reading(path):
-            layers = pyogrio.list_layers(path)
+            layers = pyogrio.list_layers(io.gdal_name(path))
     except BadInputError as exc:
         if "not recognized" not in exc.cause:
             raise
         raise BadInputError(
             what,
-            f"is not readable as {sources.FORMATS.get(path.suffix.lower())} data, the format "
+            f"is not readable as {sources.FORMATS.get(sources.suffix_of(path))} data, the format "
             f"its suffix names (formats allowed here: {sorted(sources.ALLOWED_SUFFIXES)})",
         ) from None
     names = [str(name) for name, _ in layers]
     if layer is None and len(names) > 1:
         with io.reading(path):
-            counts = [pyogrio.read_info(path, layer=n)["features"] for n in names]
+            counts = [pyogrio.read_info(io.gdal_name(path), layer=n)["features"] for n in names]
         listed = ", ".join(f"{n!r} ({c} features)" for n, c in zip(names, counts, strict=True))
         raise BadInputError(
             what,
@@ -97,7 +96,7 @@ def gdal_info(path: Path, what: str, layer: str | None) -> dict:
     if layer is not None and layer not in names:
         raise BadInputError(what, f"has no layer {layer!r}; its layers: {names}")
     with io.reading(path):
-        info = pyogrio.read_info(path, layer=layer)
+        info = pyogrio.read_info(io.gdal_name(path), layer=layer)
     sources.check_driver(path, info.get("driver"))
     return info
 
@@ -127,7 +126,7 @@ def ingest_file(
 
 def _ingest(source, tmp, features, batch_rows, group_rows, on_batch, part, layer) -> dict:
     io.check_readable(source)
-    suffix = source.suffix.lower()
+    suffix = sources.suffix_of(source)
     if suffix in io.PARQUET_SUFFIXES:
         integrity.check_parquet(source)
     elif suffix == ".shp":
@@ -159,7 +158,7 @@ def _guarded(source: Path, batches) -> Iterator[pa.RecordBatch]:
 def _open(
     source: Path, features: list[int] | None, batch_rows: int, layer: str | None
 ) -> Iterator[_Source]:
-    if source.suffix.lower() in io.PARQUET_SUFFIXES:
+    if sources.suffix_of(source) in io.PARQUET_SUFFIXES:
         with io.reading(source):
             src = _parquet_source(source, features, batch_rows)
         src.batches = _guarded(source, src.batches)
@@ -175,7 +174,11 @@ def _open(
         with io.reading(source):
             meta, reader = stack.enter_context(
                 pyogrio.open_arrow(
-                    source, layer=layer, use_pyarrow=True, batch_size=batch_rows, **options
+                    io.gdal_name(source),
+                    layer=layer,
+                    use_pyarrow=True,
+                    batch_size=batch_rows,
+                    **options,
                 )
             )
         geometry = meta.get("geometry_name") or "wkb_geometry"
@@ -197,7 +200,7 @@ def _first(batches, count: int) -> Iterator[pa.RecordBatch]:
 
 
 def _parquet_source(source: Path, features: list[int] | None, batch_rows: int) -> _Source:
-    parquet = pq.ParquetFile(source, pre_buffer=False)
+    parquet = io.open_parquet(source, pre_buffer=False)
     geo = io.geo_metadata(source)
     primary = geo.get("primary_column")
     column = geo.get("columns", {}).get(primary)
@@ -207,7 +210,7 @@ def _parquet_source(source: Path, features: list[int] | None, batch_rows: int) -
     if column.get("encoding", "WKB").upper() != "WKB":
         # GeoArrow-native encodings: decoded whole by geopandas, then streamed as WKB
         # (bounded memory is for WKB, the encoding nearly every writer uses).
-        frame = geopandas.read_parquet(source).to_wkb()
+        frame = io.read_geoparquet_frame(source).to_wkb()
         table = pa.Table.from_pandas(pd.DataFrame(frame), preserve_index=False)
         return _Source(iter(table.to_batches(batch_rows)), primary, crs, None, reencode=True)
     covering = io.covering_column(geo)

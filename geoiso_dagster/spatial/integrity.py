@@ -15,7 +15,8 @@ import pyproj
 import shapely
 
 from geoiso_dagster import formats
-from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.errors import BadInputError, GeoisoError
+from geoiso_dagster.spatial import io, remote, sources
 
 _SHP_HEADER = 100
 # A GeoJSON 'crs' member (GeoJSON 2008; RFC 7946 dropped it) and, within its object, its type
@@ -27,24 +28,38 @@ _CHUNK = 2**20
 _LOOKAHEAD = 4096
 
 
-def _sidecar(shp: Path, suffix: str) -> Path | None:
+def _sidecar(shp: "Path | str", suffix: str) -> "Path | str | None":
     """A part of a shapefile as GDAL finds it: the .shp's exact stem, the suffix as
     written or in upper case (never another file whose name differs only in case)."""
+    if sources.is_object(shp):
+        return remote.part_uri(shp, suffix)
     for name in formats.part_names(shp.stem, suffix):
         if (shp.parent / name).exists():
             return shp.parent / name
     return None
 
 
-def check_shapefile(shp: Path) -> None:
+def _size(file: "Path | str") -> int:
+    return remote.size(file) if sources.is_object(file) else file.stat().st_size
+
+
+def _read(file: "Path | str", length: int | None = None) -> bytes:
+    """The first `length` bytes of a file or object (all of it by default)."""
+    if sources.is_object(file):
+        return remote.read_bytes(file, 0, length)
+    with open(file, "rb") as handle:
+        return handle.read() if length is None else handle.read(length)
+
+
+def check_shapefile(shp: "Path | str") -> None:
     """The .shp, .shx and .dbf exist and are as long as their headers say."""
     shx, dbf = _sidecar(shp, ".shx"), _sidecar(shp, ".dbf")
     missing = [part for part, f in ((".shx (index)", shx), (".dbf (attributes)", dbf)) if not f]
     if missing:
         raise BadInputError(str(shp), f"shapefile is missing its {' and its '.join(missing)}")
     assert shx is not None and dbf is not None
-    shp_size = shp.stat().st_size
-    index = shx.read_bytes()
+    shp_size = _size(shp)
+    index = _read(shx)
     if len(index) < _SHP_HEADER or (len(index) - _SHP_HEADER) % 8:
         raise BadInputError(str(shp), "its index (.shx) is truncated or corrupt")
     records = (len(index) - _SHP_HEADER) // 8
@@ -58,12 +73,11 @@ def check_shapefile(shp: Path) -> None:
             str(shp),
             f"is truncated: {past_end} of {records} records lie past its end ({shp_size} bytes)",
         )
-    with dbf.open("rb") as handle:
-        header = handle.read(12)
+    header = _read(dbf, 12)
     if len(header) < 12:
         raise BadInputError(str(shp), "its attribute table (.dbf) is truncated")
     count, header_len, record_len = struct.unpack("<IHH", header[4:12])
-    holds = max(0, (dbf.stat().st_size - header_len)) // record_len if record_len else 0
+    holds = max(0, (_size(dbf) - header_len)) // record_len if record_len else 0
     if holds < count:
         raise BadInputError(
             str(shp), f"its .dbf declares {count} records but holds {holds} (it is truncated)"
@@ -74,10 +88,12 @@ def check_shapefile(shp: Path) -> None:
         )
 
 
-def check_parquet(path: Path) -> None:
+def check_parquet(path: "Path | str") -> None:
     """Readable Parquet with GeoParquet metadata and unique column names."""
     try:
-        schema = pq.read_schema(path)
+        schema = io.open_parquet(path).schema_arrow if io.is_uri(path) else pq.read_schema(path)
+    except GeoisoError:
+        raise
     except Exception as exc:
         raise BadInputError(str(path), f"is not readable Parquet: {exc}") from exc
     if b"geo" not in (schema.metadata or {}):
@@ -89,28 +105,37 @@ def check_parquet(path: Path) -> None:
         raise BadInputError(str(path), f"has duplicate column names: {duplicates}")
 
 
-def shapes_with_geometry(shp: Path) -> int:
+def shapes_with_geometry(shp: "Path | str") -> int:
     """How many records the .shx indexes with a shape (a null shape's record is 4 bytes)."""
     shx = _sidecar(shp, ".shx")
-    index = shx.read_bytes() if shx else b""
+    index = _read(shx) if shx else b""
     return sum(length > 2 for _, length in struct.iter_unpack(">ii", index[_SHP_HEADER:]))
 
 
-def _geojson_crs_members(path: Path) -> Iterator[bytes]:
+def _chunks(path: "Path | str") -> Iterator[bytes]:
+    """The bytes of a file or object in chunks of about 1 MiB, then b''."""
+    if sources.is_object(path):
+        yield from remote.read(path)
+    else:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                yield chunk
+    yield b""
+
+
+def _geojson_crs_members(path: "Path | str") -> Iterator[bytes]:
     """The text after each '"crs": {' in the file (up to 4 kB each), read in 1 MiB chunks
     that overlap by 4 kB, so that a member across a chunk boundary is still seen whole."""
     buffer = b""
-    with path.open("rb") as handle:
-        while True:
-            chunk = handle.read(_CHUNK)
-            buffer += chunk
-            limit = len(buffer) if not chunk else max(0, len(buffer) - _LOOKAHEAD)
-            for match in _GEOJSON_CRS_MEMBER.finditer(buffer):
-                if match.start() < limit:
-                    yield buffer[match.end() : match.end() + _LOOKAHEAD]
-            if not chunk:
-                return
-            buffer = buffer[limit:]
+    for chunk in _chunks(path):
+        buffer += chunk
+        limit = len(buffer) if not chunk else max(0, len(buffer) - _LOOKAHEAD)
+        for match in _GEOJSON_CRS_MEMBER.finditer(buffer):
+            if match.start() < limit:
+                yield buffer[match.end() : match.end() + _LOOKAHEAD]
+        if not chunk:
+            return
+        buffer = buffer[limit:]
 
 
 def check_geojson_crs(path: Path, crs: pyproj.CRS) -> None:

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +22,10 @@ import pyproj
 import shapely
 
 from geoiso_dagster import objectstore
-from geoiso_dagster.errors import BadInputError, TransientIOError
+from geoiso_dagster.errors import BadInputError, StorageAccessError, TransientIOError
 from geoiso_dagster.formats import PARQUET_SUFFIXES  # noqa: F401 - one definition
 from geoiso_dagster.fsutil import atomic_path
-from geoiso_dagster.spatial import faults
+from geoiso_dagster.spatial import faults, remote
 
 # Tens of thousands of rows per row group: small enough that a bbox filter skips most
 # of a file, large enough that per-group overhead stays negligible.
@@ -91,6 +92,14 @@ def open_parquet(source: "str | Path", **kwargs) -> pq.ParquetFile:
     return pq.ParquetFile(source, **kwargs)
 
 
+def read_geoparquet_frame(source: "str | Path") -> geopandas.GeoDataFrame:
+    """A whole GeoParquet file, local or an object of the root, as a GeoDataFrame."""
+    if is_uri(source):
+        where = objectstore.in_root(source)
+        return geopandas.read_parquet(where, filesystem=objectstore.arrow_filesystem())
+    return geopandas.read_parquet(source)
+
+
 def copy_to(source: "str | Path", target: Path) -> None:
     """Copy a GeoParquet input, local or an object of the root, to local `target`."""
     if not is_uri(source):
@@ -126,8 +135,17 @@ def os_error(path: Path, exc: OSError, doing: str) -> Exception:
     return BadInputError(str(path), f"{doing} failed: {reason}")
 
 
-def check_readable(path: Path) -> None:
-    """The file exists and is not empty."""
+def gdal_name(source: "str | Path") -> "str | Path":
+    """What GDAL opens for a source: a local path, or an object's /vsis3/ name."""
+    return remote.gdal_name(source) if is_uri(source) else source
+
+
+def check_readable(path: "str | Path") -> None:
+    """The file (or object) exists and is not empty."""
+    if is_uri(path):
+        if remote.size(path) == 0:
+            raise BadInputError(path, "file is empty (0 bytes)")
+        return
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -139,19 +157,33 @@ def check_readable(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def reading(path: Path) -> Iterator[None]:
+def reading(path: "Path | str") -> Iterator[None]:
     """Name the file and the cause of whatever reading it raises: GDAL, pyogrio, pyarrow
-    and shapely each have their own exception types."""
-    try:
-        yield
-    except (BadInputError, TransientIOError):
-        raise
-    except OSError as exc:
-        raise os_error(path, exc, "reading") from exc
-    except NotImplementedError as exc:  # shapely: curves
-        raise BadInputError(str(path), curves_cause(exc)) from exc
-    except Exception as exc:
-        raise BadInputError(str(path), f"cannot be read as vector data: {_one_line(exc)}") from exc
+    and shapely each have their own exception types. For an object read through GDAL,
+    GDAL's warnings meanwhile are kept: they hold the HTTP status of a failed request."""
+    kept = warnings.catch_warnings(record=True) if is_uri(path) else contextlib.nullcontext([])
+    with kept as seen:
+        if is_uri(path):
+            warnings.simplefilter("always")
+        try:
+            yield
+        except (BadInputError, TransientIOError, StorageAccessError):
+            raise
+        except OSError as exc:
+            raise os_error(path, exc, "reading") from exc
+        except NotImplementedError as exc:  # shapely: curves
+            raise BadInputError(str(path), curves_cause(exc)) from exc
+        except Exception as exc:
+            if is_uri(path):  # GDAL reading an object: by kind, never the server's text
+                notes = [str(w.message) for w in seen]
+                known = remote.gdal_error(path, exc, "reading it", notes)
+                if known is not None:
+                    raise known from None
+                text = remote.scrub(_one_line(exc), path)
+                raise BadInputError(path, f"cannot be read as vector data: {text}") from None
+            raise BadInputError(
+                str(path), f"cannot be read as vector data: {_one_line(exc)}"
+            ) from exc
 
 
 def curves_cause(exc: BaseException) -> str:

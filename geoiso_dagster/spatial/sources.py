@@ -9,6 +9,9 @@ A source is untrusted. Three rules, each an allow-list:
 2. Files. Every file the format may open (the source, a shapefile's parts, SQLite's
    `-wal`/`-shm`/`-journal`) must be a regular file that resolves inside the data root;
    a directory, a FIFO or a link out of the root refuses the source.
+   With an S3 root, a source may be an object read in place: the same rules hold for
+   objects, and GDAL reaches the network for that source's objects only
+   (spatial/remote.py).
 3. Archives. A `.zip` is never opened by GDAL (its `/vsizip/` would skip the checks
    made on real files): it is unpacked here, member by member, into a private folder
    beside the output, with limits, and the one dataset inside is checked like any other.
@@ -20,11 +23,12 @@ import shutil
 import stat
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from geoiso_dagster import formats, paths
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import temp_path_for
+from geoiso_dagster.spatial import remote
 
 FORMATS = formats.GDAL_FORMATS
 PARQUET_SUFFIXES = formats.PARQUET_SUFFIXES
@@ -37,11 +41,16 @@ MAX_UNPACKED_BYTES = 8 * 2**30
 MAX_COMPRESSION_RATIO = 200
 
 
-def suffix_of(path: Path) -> str:
-    return path.suffix.lower()
+def suffix_of(path: "Path | str") -> str:
+    """The lower-case suffix of a path or an object's URI."""
+    return PurePosixPath(str(path)).suffix.lower()
 
 
-def check_format(path: Path, what: str | None = None) -> str:
+def is_object(source: "Path | str") -> bool:
+    return isinstance(source, str) and source.startswith("s3://")
+
+
+def check_format(path: "Path | str", what: str | None = None) -> str:
     """The format's suffix, or BadInputError naming the allow-list."""
     suffix = suffix_of(path)
     if suffix not in ALLOWED_SUFFIXES:
@@ -81,10 +90,13 @@ def jail_root() -> Path:
     return paths.data_root().resolve()
 
 
-def check_source_files(source: Path) -> None:
+def check_source_files(source: "Path | str") -> None:
     """Rules 1 and 2 for `source` and each file its format may open."""
     what = str(source)
     check_format(source, what)
+    if is_object(source):
+        remote.inspect(source)
+        return
     root = jail_root()
     check_inside(source, root, what)
     for part in companions(source):
@@ -119,28 +131,48 @@ def check_driver(source: Path, driver: str | None) -> None:
         )
 
 
+def gdal_reading(source: "Path | str") -> contextlib.AbstractContextManager:
+    """Where GDAL reads a checked `source`: for an object, GDAL's network opened for its
+    objects only (spatial/remote.py); nothing to do for a file."""
+    return remote.gdal_access(source) if is_object(source) else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def opened(source: Path, scratch_beside: Path) -> Iterator[tuple[Path, str]]:
+def opened(source: "Path | str", scratch_beside: Path) -> Iterator[tuple["Path | str", str]]:
     """(the file to read, how to name it in errors): the source itself once checked, or
     the one dataset inside a `.zip`, unpacked into a private folder beside
-    `scratch_beside` (inside the data root) that is removed afterwards."""
+    `scratch_beside` (inside the data root) that is removed afterwards. An object of an
+    S3 root is read in place, GDAL allowed its objects meanwhile; a zip object (which the
+    steps fetch whole) is downloaded into the folder first."""
     check_source_files(source)
     if suffix_of(source) not in ARCHIVE_SUFFIXES:
-        yield source, str(source)
+        with gdal_reading(source):
+            yield source, str(source)
         return
     folder = temp_path_for(scratch_beside)
     folder.mkdir(parents=True)
     try:
-        inner = unpack(source, folder)
+        archive = source
+        if is_object(source):
+            archive = folder.with_name(folder.name + ".zip")
+            with open(archive, "wb") as out:
+                for chunk in remote.read(source):
+                    out.write(chunk)
+        try:
+            inner = unpack(archive, folder, str(source))
+        finally:
+            if archive is not source:
+                Path(archive).unlink(missing_ok=True)
         yield inner, str(source)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def unpack(archive: Path, folder: Path) -> Path:
+def unpack(archive: Path, folder: Path, what: str | None = None) -> Path:
     """Unpack the members of `archive` into `folder` (flat: only base names, no links,
-    bounded in count and size, the real bytes counted) and return its one dataset."""
-    what = str(archive)
+    bounded in count and size, the real bytes counted) and return its one dataset; errors
+    name `what` (default: the archive)."""
+    what = what or str(archive)
     try:
         with zipfile.ZipFile(archive) as zf:
             members = [m for m in zf.infolist() if not m.is_dir()]

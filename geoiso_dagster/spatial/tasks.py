@@ -43,7 +43,7 @@ def ingest(
         if time.monotonic() - last[0] >= 1.0:
             of = f" of {expected}" if expected is not None else ""
             progress(
-                f"read {rows}{of} features from {Path(source).name}",
+                f"read {rows}{of} features from {_name(source)}",
                 done=rows,
                 total=expected,
                 unit="features",
@@ -53,7 +53,7 @@ def ingest(
     try:
         with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
             written = ingest_file(
-                Path(source),
+                io.ref(source),
                 tmp,
                 features,
                 on_batch=report,
@@ -63,7 +63,7 @@ def ingest(
     except OSError as exc:
         raise io.os_error(Path(output), exc, "writing") from exc
     progress(
-        f"read and wrote {written['rows']} features from {Path(source).name} "
+        f"read and wrote {written['rows']} features from {_name(source)} "
         f"in {time.perf_counter() - started:.2f} s",
         features=written["rows"],
     )
@@ -75,6 +75,10 @@ def ingest(
             "runs": written["runs"],
         }
     return io.describe(Path(output))
+
+
+def _name(source: str) -> str:
+    return source.rpartition("/")[2]
 
 
 def survey(source: str, layer: str | None = None) -> dict:
@@ -584,7 +588,7 @@ def inspect(
         facts["in_crs_range"] = not io.outside_limits(np.array([bbox], dtype=float), limits)[0]
     facts["in_crs_range"] = bool(facts["in_crs_range"])
     if source is not None:
-        facts.update(_declared_counts(Path(source), target, layer))
+        facts.update(_declared_counts(io.ref(source), target, layer))
     if unique_key is not None:
         if unique_key in parquet.schema_arrow.names:
             keys = parquet.read(columns=[unique_key]).column(0).to_pandas()
@@ -608,15 +612,15 @@ def inspect_object(relative: str, **kwargs) -> dict:
     return facts
 
 
-def _declared_counts(source: Path, scratch_beside: Path, layer: str | None) -> dict:
+def _declared_counts(source: "Path | str", scratch_beside: Path, layer: str | None) -> dict:
     """What the source itself declares, read again here and not taken from the step: its
     feature count (-1 unknown), and for a shapefile the records its index gives a shape."""
     facts: dict = {"source_features": None, "source_geometries": None}
     try:
         with sources.opened(source, scratch_beside) as (path, _):
-            suffix = path.suffix.lower()
+            suffix = sources.suffix_of(path)
             if suffix in io.PARQUET_SUFFIXES:
-                facts["source_features"] = int(pq.ParquetFile(path).metadata.num_rows)
+                facts["source_features"] = int(io.open_parquet(path).metadata.num_rows)
             else:
                 info = gdal_info(path, str(source), layer)
                 facts["source_features"] = int(info["features"])

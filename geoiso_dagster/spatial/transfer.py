@@ -1,9 +1,10 @@
 """Worker tasks that move files between an S3 data root and this host's mirror of it.
 
 They run in the pool like every task (timeout kill, memory ceiling, errors by kind), so
-a stalled download or upload is killed and retried like a stalled GDAL read. GDAL never
-opens a network path: a source is fetched whole into the mirror first, where the source
-jail (spatial/sources.py) checks it exactly as a file of a local root.
+a stalled download or upload is killed and retried like a stalled GDAL read. Sources are
+read in place (spatial/remote.py), except a zip or a name GDAL cannot be given safely:
+fetched whole into the mirror first, where the source jail (spatial/sources.py) checks it
+exactly as a file of a local root.
 """
 
 import os

@@ -1,0 +1,216 @@
+"""Sources read in place from an S3 data root: GDAL formats through /vsis3/, GeoParquet
+through Arrow (spatial/io.py), with the rules of the source jail (spatial/sources.py)
+applied to objects.
+
+1. Formats: by suffix, as for files.
+2. Files: the object and every part its format may open beside it (exact stem, as the
+   bucket lists them) are objects of the data root; a key outside its prefix is refused.
+   An object is always one regular file: there is no link, folder or FIFO to refuse. A
+   GeoPackage whose `-wal` object holds changes is refused, as locally.
+3. Network: GDAL's network access stays closed in workers (pool/env.py) except while a
+   checked source is read (`gdal_access`): then GDAL may open exactly that source's
+   objects, by whole /vsis3/ name, with the credentials boto3 resolved set as GDAL
+   options (never in the environment). Afterwards the options are put back and GDAL's
+   cache of the objects is dropped (a later task may read a newer version).
+
+GDAL's errors while reading an object are reported by kind (access denied, transient,
+gone) and never with the server's text, which may echo an access key id.
+"""
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyogrio
+
+from geoiso_dagster import formats, objectstore, paths
+from geoiso_dagster.errors import (
+    BadInputError,
+    GeoisoError,
+    StorageAccessError,
+    TransientIOError,
+)
+from geoiso_dagster.pool import gdal_jail
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    """A source object as checked: its URI, size and version, and its parts by name."""
+
+    uri: str
+    size: int
+    etag: str
+    parts: dict[str, objectstore.ObjectInfo]
+
+    def part(self, name: str) -> str:
+        root = _root()
+        return f"s3://{root.bucket}/{self.parts[name].key}"
+
+
+# The sources being read by this worker's task, by URI (set by `gdal_access`).
+_open: dict[str, SourceObject] = {}
+
+
+def _root() -> paths.S3Root:
+    root = paths.remote_root()
+    if root is None:
+        raise GeoisoError("this worker's data root is not an s3:// root")
+    return root
+
+
+def name_of(uri: str) -> str:
+    return uri.rpartition("/")[2]
+
+
+def inspect(uri: str) -> SourceObject:
+    """Rules 1 and 2 for object `uri` (BadInputError or UnsafeNameError otherwise)."""
+    if uri in _open:
+        return _open[uri]
+    root = _root()
+    objectstore.in_root(uri)
+    bucket, key = objectstore.split_uri(uri)
+    folder, _, name = root.relative(key).rpartition("/")
+    main = objectstore.head(root, key)
+    wanted = set(formats.companion_names(name))
+    stem = name.rpartition(".")[0]
+    parts = {
+        info.key.rpartition("/")[2]: info
+        for info in objectstore.list_objects(root, folder, starting=stem)
+        if info.key.rpartition("/")[2] in wanted
+    }
+    wal = parts.get(name + "-wal")
+    if name.lower().endswith(".gpkg") and wal is not None and wal.size > 0:
+        raise BadInputError(
+            uri,
+            f"has un-checkpointed changes in {name}-wal (SQLite write-ahead log, {wal.size} "
+            "bytes); close the program writing it, or checkpoint it, then deliver the file "
+            "again (the main file alone would be missing those rows)",
+        )
+    return SourceObject(uri, main.size, main.etag, parts)
+
+
+def part_uri(uri: str, suffix: str) -> str | None:
+    """A shapefile part as GDAL finds it (exact stem; suffix as written or upper case)."""
+    source = inspect(uri)
+    stem = name_of(uri).rpartition(".")[0]
+    for name in formats.part_names(stem, suffix):
+        if name in source.parts:
+            return source.part(name)
+    return None
+
+
+def size(uri: str) -> int:
+    if uri in _open:
+        return _open[uri].size
+    for source in _open.values():
+        for name, info in source.parts.items():
+            if source.part(name) == uri:
+                return info.size
+    root = _root()
+    return objectstore.head(root, objectstore.split_uri(uri)[1]).size
+
+
+def read(uri: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
+    """The bytes of a source object or part, in chunks, as they were when checked."""
+    root = _root()
+    key = objectstore.split_uri(uri)[1]
+    etag = _etag(uri) or objectstore.head(root, key).etag
+    yield from objectstore.read_chunks(root, key, etag, start, length)
+
+
+def read_bytes(uri: str, start: int = 0, length: int | None = None) -> bytes:
+    return b"".join(read(uri, start, length))
+
+
+def _etag(uri: str) -> str | None:
+    for source in _open.values():
+        if source.uri == uri:
+            return source.etag
+        for name, info in source.parts.items():
+            if source.part(name) == uri:
+                return info.etag
+    return None
+
+
+@contextlib.contextmanager
+def gdal_access(uri: str) -> Iterator[SourceObject]:
+    """Rule 3: while inside, GDAL may open the checked source `uri` and its parts, and
+    nothing else on the network."""
+    source = inspect(uri)
+    allowed = [source.uri, *(source.part(name) for name in sorted(source.parts))]
+    before = gdal_jail.config_options()
+    _open[uri] = source
+    try:
+        pyogrio.set_gdal_config_options(objectstore.gdal_config(allowed))
+        yield source
+    finally:
+        _open.pop(uri, None)
+        gdal_jail.restore_config_options(before)
+        gdal_jail.clear_network_cache()
+
+
+def gdal_name(uri: str) -> str:
+    """The name GDAL opens object `uri` by."""
+    return "/vsis3/" + uri.removeprefix("s3://")
+
+
+# How GDAL reports an HTTP status: as its error, or in the warnings it gives on the way.
+_HTTP_CODE = re.compile(
+    r"HTTP (?:response|error) code:\s*(\d{3})|HTTP response code on \S+: (\d{3})",
+    re.IGNORECASE,
+)
+_UNREACHABLE = (
+    "curl error",
+    "couldn't connect",
+    "could not connect",
+    "connection refused",
+    "timed out",
+    "timeout was reached",
+    "connection reset",
+    "recv failure",
+    "send failure",
+    "empty reply",
+)
+_DENIED = ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "expiredtoken")
+
+
+def gdal_error(
+    uri: str, exc: BaseException, doing: str, warnings: list[str] = ()
+) -> GeoisoError | None:
+    """The project's error for a GDAL error raised while object `uri` was read, when it
+    came from the network (None: the data's own error, for the caller to name). GDAL's
+    error may be only the server's message; the status is then in its `warnings`."""
+    text = "\n".join([str(exc), *warnings])
+    lower = text.lower()
+    codes = [int(a or b) for a, b in _HTTP_CODE.findall(text)]
+    status = max(codes) if codes else None
+    bucket = objectstore.split_uri(uri)[0]
+    if status == 403 or any(word in lower for word in _DENIED):
+        return StorageAccessError(
+            f"{uri}: access denied by the bucket {bucket!r} while {doing}; check the "
+            "credentials and the bucket policy"
+        )
+    if status == 404 or status == 412:
+        return BadInputError(uri, f"changed or was deleted while {doing}; deliver it again")
+    if (status is not None and (status >= 500 or status == 429)) or any(
+        word in lower for word in _UNREACHABLE
+    ):
+        what = f"HTTP {status}" if status else "the connection failed"
+        return TransientIOError(f"{uri}: S3 read failed ({what}) while {doing}")
+    if "does not exist in the file system" in lower:
+        # The bucket listed it a moment ago: it went away, or GDAL could not reach it.
+        return TransientIOError(f"{uri}: GDAL could not open the object while {doing}")
+    if status is not None:
+        return BadInputError(uri, f"cannot be read (HTTP {status}) while {doing}")
+    return None
+
+
+def scrub(text: str, uri: str) -> str:
+    """GDAL's text about object `uri`, naming it by its URI and holding no credential."""
+    text = text.replace(gdal_name(uri), uri)
+    how = objectstore.connection()
+    for secret in (how.access_key, how.secret_key, how.token):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
