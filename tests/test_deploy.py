@@ -107,6 +107,16 @@ def _finished(instance: DagsterInstance, run_id: str) -> Status | None:
     return run.status if run.is_finished else None
 
 
+def _sensor_run_and_container(stack: Stack, partition: str) -> tuple:
+    """(instance, run, its container's `docker inspect`) of the sensor's one run of
+    `partition`, once that run has finished successfully."""
+    instance = _instance(stack)
+    (run,) = _wait(lambda: _runs_of(instance, partition), 30, "the sensor's run")
+    assert _wait(lambda: _finished(instance, run.run_id), 120, "the run") == Status.SUCCESS
+    run = instance.get_run_by_id(run.run_id)
+    return instance, run, inspect(run.tags["docker/container_id"])
+
+
 def _launch(
     stack: Stack, partition: str, tags: dict | None = None, run_config: dict | None = None
 ) -> str:
@@ -155,11 +165,7 @@ def test_a_dropped_file_runs_in_its_own_container(stack, naturalearth_shp, tmp_p
     dissolved = output_path("dissolved_regions", "deployed.gpkg", stack.data_root)
     _wait(dissolved.exists, 240, "the dissolved output of the dropped file", every=0.2)
     latency = time.monotonic() - dropped
-    instance = _instance(stack)
-    (run,) = _wait(lambda: _runs_of(instance, "deployed.gpkg"), 30, "the sensor's run")
-    assert _wait(lambda: _finished(instance, run.run_id), 120, "the run") == Status.SUCCESS
-    run = instance.get_run_by_id(run.run_id)
-    container = inspect(run.tags["docker/container_id"])
+    instance, run, container = _sensor_run_and_container(stack, "deployed.gpkg")
     limit_mb = MAX_WORKERS * CEILING_MB + RUN_PROCESS_MB
     assert container["HostConfig"]["Memory"] == limit_mb * 2**20
     assert container["HostConfig"]["MemorySwap"] == limit_mb * 2**20  # no swap past it
@@ -365,11 +371,7 @@ def test_a_stack_on_a_bucket_reads_and_writes_it(engine, s3_server, naturalearth
         dissolved = "deploy/warehouse/dissolved_regions/bucket.gpkg.parquet"
         _wait(lambda: dissolved in objects(client, "geo", "deploy/"), 240, "the dissolved object")
         latency = time.monotonic() - started
-        instance = _instance(stack)
-        (run,) = _wait(lambda: _runs_of(instance, "bucket.gpkg"), 30, "the sensor's run")
-        assert _wait(lambda: _finished(instance, run.run_id), 120, "the run") == Status.SUCCESS
-        run = instance.get_run_by_id(run.run_id)
-        container = inspect(run.tags["docker/container_id"])
+        instance, run, container = _sensor_run_and_container(stack, "bucket.gpkg")
         config = repr(container["Config"]) + repr(container["HostConfig"])
         assert SECRET_KEY not in config and ACCESS_KEY not in config
         env = dict(v.split("=", 1) for v in container["Config"]["Env"])
