@@ -1,6 +1,6 @@
 """One million polygons with the data root in a bucket, against the same on local disk.
 
-    .venv/bin/python -m benchmarks.s3_root [--polygons 1000000] [--repeats 2]
+    .venv/bin/python -m benchmarks.s3_root [--polygons 1000000] [--repeats 2] [--format fgb]
 
 The 1M Voronoi coverage of benchmarks/scale.py (GeoParquet, cached in benchmarks/.data)
 goes through a real `dagster asset materialize` of the three assets (EPSG:3035 ->
@@ -9,6 +9,8 @@ EPSG:4326, dissolve by region_id) on a fresh instance, alternately:
   s3      GEOISO_DATA_ROOT=s3://geo/bench on a local S3 API server (moto, 127.0.0.1)
           started for the run; the file uploaded into its inbox first (timed apart), the
           host's mirror empty at the start of each run
+With --format fgb the source is that coverage as FlatGeobuf (made once, cached too), so
+that on the bucket raw_features reads it through GDAL's /vsis3/ rather than Arrow.
 Prints the medians of --repeats runs of each, the ratio s3 / local, and where the extra
 time goes, from the steps' own log lines ("S3 transfers: ...", "published ... in"):
 fetching what a step reads, uploading the staged object, reading it back for the
@@ -127,13 +129,29 @@ def _transfers(home: Path) -> dict:
     return found
 
 
+def flatgeobuf(given: Path) -> Path:
+    """The GeoParquet source as FlatGeobuf (with its spatial index), made once."""
+    import geopandas
+    import pyogrio
+
+    path = given.with_suffix(".fgb")
+    if not path.exists():
+        partial = path.with_name(".partial-" + path.name)
+        pyogrio.write_dataframe(geopandas.read_parquet(given), partial, driver="FlatGeobuf")
+        partial.rename(path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--polygons", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--hosts", action="store_true", help="also each step on its own host")
+    parser.add_argument("--format", choices=("parquet", "fgb"), default="parquet")
     args = parser.parse_args()
     given = source(args.polygons)
+    if args.format == "fgb":
+        given = flatgeobuf(given)
     print(f"source: {given.name}, {given.stat().st_size / 2**20:.0f} MB", flush=True)
     runs: dict[str, list] = {"local": [], "s3": [], "local split": [], "s3 hosts": []}
     kinds = ("local", "s3", "local split", "s3 hosts") if args.hosts else ("local", "s3")

@@ -54,12 +54,13 @@ def survey(source: str | Path, layer: str | None = None) -> dict:
     if suffix in sources.ARCHIVE_SUFFIXES:
         return {"features": -1, "splittable": False}
     if suffix in io.PARQUET_SUFFIXES:
-        integrity.check_parquet(path)
-        with io.reading(path):
-            metadata = io.open_parquet(path).metadata
+        with sources.source_access(path):  # an object: its footer read once
+            integrity.check_parquet(path)
+            with io.reading(path):
+                metadata = io.open_parquet(path).metadata
         groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
         return {"features": metadata.num_rows, "row_groups": groups, "splittable": len(groups) > 1}
-    with sources.gdal_reading(path):
+    with sources.source_access(path):
         info = gdal_info(path, str(path), layer)
     return {
         "features": int(info["features"]),

@@ -123,6 +123,11 @@ def read_bytes(uri: str, start: int = 0, length: int | None = None) -> bytes:
     return b"".join(read(uri, start, length))
 
 
+def version(uri: str) -> str | None:
+    """The ETag of a source object (or part) being read now, as checked; else None."""
+    return _etag(uri)
+
+
 def _etag(uri: str) -> str | None:
     for source in _open.values():
         if source.uri == uri:

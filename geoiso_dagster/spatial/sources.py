@@ -131,9 +131,9 @@ def check_driver(source: Path, driver: str | None) -> None:
         )
 
 
-def gdal_reading(source: "Path | str") -> contextlib.AbstractContextManager:
-    """Where GDAL reads a checked `source`: for an object, GDAL's network opened for its
-    objects only (spatial/remote.py); nothing to do for a file."""
+def source_access(source: "Path | str") -> contextlib.AbstractContextManager:
+    """While a checked `source` is read: for an object, its checked version known and
+    GDAL's network opened for its objects only (spatial/remote.py); nothing for a file."""
     return remote.gdal_access(source) if is_object(source) else contextlib.nullcontext()
 
 
@@ -146,7 +146,7 @@ def opened(source: "Path | str", scratch_beside: Path) -> Iterator[tuple["Path |
     steps fetch whole) is downloaded into the folder first."""
     check_source_files(source)
     if suffix_of(source) not in ARCHIVE_SUFFIXES:
-        with gdal_reading(source):
+        with source_access(source):
             yield source, str(source)
         return
     folder = temp_path_for(scratch_beside)
