@@ -16,6 +16,9 @@ time goes, from the steps' own log lines ("S3 transfers: ...", "published ... in
 fetching what a step reads, uploading the staged object, reading it back for the
 checks, and publishing it.
 
+With --fetch, also the s3 run with GEOISO_S3_SOURCES=fetch: the source fetched whole into
+the host's mirror first, instead of read in place by range requests.
+
 With --hosts, each of the three steps also runs as its own `dagster asset materialize`
 with a mirror of its own (as on three hosts, or three run containers on different
 machines), so reprojected_features and dissolved_regions read their upstream object in
@@ -67,15 +70,16 @@ def run_local(given: Path, work: Path, n: int) -> dict:
     return {"seconds": seconds, "steps": run_facts(home)}
 
 
-def run_s3(given: Path, work: Path, n: int, server: S3Server) -> dict:
-    home = _instance(work, f"s3-{n}")
-    prefix = f"bench-{n}"
-    scratch = work / f"scratch-{n}"
+def run_s3(given: Path, work: Path, n: str, server: S3Server, sources: str = "in-place") -> dict:
+    home = _instance(work, f"s3-{sources}-{n}")
+    prefix = f"bench-{sources}-{n}"
+    scratch = work / f"scratch-{sources}-{n}"
     env = {
         **os.environ,
         **server.env(f"s3://geo/{prefix}"),
         "DAGSTER_HOME": str(home),
         "GEOISO_SCRATCH_DIR": str(scratch),
+        "GEOISO_S3_SOURCES": sources,
     }
     started = time.perf_counter()
     subprocess.run([BIN / "geoiso", "add", str(given)], env=env, check=True, capture_output=True)
@@ -142,19 +146,44 @@ def flatgeobuf(given: Path) -> Path:
     return path
 
 
+def _where(kind: str, runs: dict) -> None:
+    """Where the last `kind` run's time went, per step, from the steps' own log lines."""
+    print(f"\nwhere the {kind} run's time goes, per step (its last run):")
+    last = runs[kind][-1]
+    print(f"  {'step':<22}{'step s':>8}{'local s':>9}  {'input':<26}{'upload':>15}"
+          f"{'read back':>11}{'publish':>9}")  # fmt: skip
+    for asset in ASSET_NAMES:
+        t = last["transfers"].get(asset, {})
+        print(
+            f"  {asset:<22}{last['steps'][asset]['seconds']:8.1f}"
+            f"{runs['local'][-1]['steps'][asset]['seconds']:9.1f}"
+            f"  {t.get('input', '?')[:18]:<18}{t.get('fetch_s', 0):6.1f} s"
+            f"{t.get('upload_s', 0):6.1f} s{t.get('upload_mb', 0):6.0f} MB"
+            f"{t.get('readback_s', 0):9.1f} s{t.get('publish_s', 0):7.1f} s"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--polygons", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--hosts", action="store_true", help="also each step on its own host")
     parser.add_argument("--format", choices=("parquet", "fgb"), default="parquet")
+    parser.add_argument("--fetch", action="store_true", help="also sources fetched whole")
     args = parser.parse_args()
     given = source(args.polygons)
     if args.format == "fgb":
         given = flatgeobuf(given)
     print(f"source: {given.name}, {given.stat().st_size / 2**20:.0f} MB", flush=True)
-    runs: dict[str, list] = {"local": [], "s3": [], "local split": [], "s3 hosts": []}
-    kinds = ("local", "s3", "local split", "s3 hosts") if args.hosts else ("local", "s3")
+    runs: dict[str, list] = {
+        "local": [],
+        "s3": [],
+        "s3 fetch": [],
+        "local split": [],
+        "s3 hosts": [],
+    }
+    kinds = ["local", "s3"] + (["s3 fetch"] if args.fetch else [])
+    kinds += ["local split", "s3 hosts"] if args.hosts else []
     with tempfile.TemporaryDirectory(prefix="geoiso-s3-bench-") as tmp:
         work = Path(tmp)
         server = S3Server(work / "moto.log")
@@ -168,6 +197,8 @@ def main() -> None:
                         runs[kind].append(run_local(given, work, n))
                     elif kind == "s3":
                         runs[kind].append(run_s3(given, work, n, server))
+                    elif kind == "s3 fetch":
+                        runs[kind].append(run_s3(given, work, n, server, "fetch"))
                     else:
                         split_server = server if kind == "s3 hosts" else None
                         runs[kind].append(run_split(given, work, n, split_server))
@@ -178,21 +209,15 @@ def main() -> None:
     s3 = statistics.median(r["seconds"] for r in runs["s3"])
     print(f"\n{args.polygons:,} polygons, median of {args.repeats} runs each (same run):")
     print(f"  local disk  {local:6.1f} s   1.00x")
-    print(f"  s3 (moto)   {s3:6.1f} s   {s3 / local:.2f}x   (+{s3 - local:.1f} s)")
-    print(f"  geoiso add uploading the source: {runs['s3'][0]['add_s']:.1f} s (not included)")
-    print("\nwhere the s3 run's time goes, per step (its last run):")
-    last = runs["s3"][-1]
-    print(f"  {'step':<22}{'step s':>8}{'local s':>9}  {'input':<26}{'upload':>15}"
-          f"{'read back':>11}{'publish':>9}")  # fmt: skip
-    for asset in ASSET_NAMES:
-        t = last["transfers"].get(asset, {})
+    print(f"  s3 in place {s3:6.1f} s   {s3 / local:.2f}x   (+{s3 - local:.1f} s)")
+    if args.fetch:
+        fetched = statistics.median(r["seconds"] for r in runs["s3 fetch"])
         print(
-            f"  {asset:<22}{last['steps'][asset]['seconds']:8.1f}"
-            f"{runs['local'][-1]['steps'][asset]['seconds']:9.1f}"
-            f"  {t.get('input', '?')[:18]:<18}{t.get('fetch_s', 0):6.1f} s"
-            f"{t.get('upload_s', 0):6.1f} s{t.get('upload_mb', 0):6.0f} MB"
-            f"{t.get('readback_s', 0):9.1f} s{t.get('publish_s', 0):7.1f} s"
+            f"  s3, fetched {fetched:6.1f} s   {fetched / local:.2f}x   (+{fetched - local:.1f} s)"
         )
+    print(f"  geoiso add uploading the source: {runs['s3'][0]['add_s']:.1f} s (not included)")
+    for kind in ("s3", "s3 fetch") if args.fetch else ("s3",):
+        _where(kind, runs)
     if args.hosts:
         split = statistics.median(r["seconds"] for r in runs["local split"])
         hosts = statistics.median(r["seconds"] for r in runs["s3 hosts"])

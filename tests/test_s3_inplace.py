@@ -16,6 +16,7 @@ from geoiso_dagster.defs.assets import geo_assets
 from geoiso_dagster.defs.envelope import in_place
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
+from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from tests.s3 import ACCESS_KEY, SECRET_KEY, FaultyProxy
 
@@ -86,7 +87,9 @@ def _published(client, key: str, tmp_path: Path) -> geopandas.GeoDataFrame:
 
 def _mirrored_sources() -> list[str]:
     inbox = paths.data_root() / "inbox"
-    return sorted(p.name for p in inbox.iterdir()) if inbox.exists() else []
+    if not inbox.exists():
+        return []
+    return sorted(p.name for p in inbox.iterdir() if not p.name.startswith("."))  # not ETags
 
 
 @pytest.mark.parametrize("ext", FORMATS)
@@ -243,8 +246,26 @@ def test_aws_settings_are_translated_for_gdal(monkeypatch):
         ("s3://geo/team-a/inbox/roads#1.fgb", False),
     ],
 )
-def test_names_gdal_cannot_be_given_safely_are_fetched_instead(uri, read_in_place):
+def test_names_gdal_cannot_be_given_safely_are_fetched_instead(uri, read_in_place, monkeypatch):
+    monkeypatch.delenv("GEOISO_S3_SOURCES", raising=False)
     assert in_place(uri) is read_in_place
+    monkeypatch.setenv("GEOISO_S3_SOURCES", "fetch")  # every source, by choice
+    assert in_place(uri) is False
+    monkeypatch.setenv("GEOISO_S3_SOURCES", "stream")
+    with pytest.raises(BadInputError, match="GEOISO_S3_SOURCES='stream': must be"):
+        in_place(uri)
+
+
+@pytest.mark.timeout(120)
+def test_sources_are_fetched_when_the_setting_says_so(countries, s3_root, monkeypatch):
+    monkeypatch.setenv("GEOISO_S3_SOURCES", "fetch")
+    name = _upload(s3_root.client, countries["shp"])
+    with instance_for_test() as instance:
+        result = _run(instance, name)
+        logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert result.success
+    assert any("raw_features: S3 transfers: input (fetch 0." in m for m in logged), logged
+    assert _mirrored_sources() == sorted(f"countries{part}" for part in SHAPEFILE)
 
 
 @pytest.mark.timeout(240)

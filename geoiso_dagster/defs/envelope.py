@@ -2,6 +2,7 @@
 batch: the task writes a staged file, a worker reads it back, the blocking checks judge
 it, and only a file that passed is published, with the standard metadata."""
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from dagster import AssetCheckResult, MetadataValue, TableColumn, TableSchema
 from geoiso_dagster import fsutil, objectstore, paths
 from geoiso_dagster.defs.checks import check_results
 from geoiso_dagster.defs.fanout import Runner
-from geoiso_dagster.errors import GeoisoError, TransientIOError
+from geoiso_dagster.errors import BadInputError, GeoisoError, TransientIOError
 from geoiso_dagster.pool import TaskResult
 
 # Step-specific facts that go to the catalog as they are.
@@ -110,10 +111,21 @@ def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Pat
     return Judged(result, check_results(asset_name, result.facts, seen.facts))
 
 
+# How inbox sources of an S3 root are read: "in-place" (range requests; the default) or
+# "fetch" (whole, into this host's mirror first: for a store whose requests are slow).
+SOURCES_ENV = "GEOISO_S3_SOURCES"
+
+
 def in_place(uri: str) -> bool:
     """Whether the workers read inbox object `uri` where it is, rather than a fetched copy:
-    not a zip (unpacked from a local file), and a name GDAL can be given safely."""
-    return not uri.lower().endswith(".zip") and objectstore.gdal_readable(uri)
+    sources are read in place (GEOISO_S3_SOURCES), it is not a zip (unpacked from a local
+    file), and its name can be given to GDAL safely."""
+    how = os.environ.get(SOURCES_ENV) or "in-place"
+    if how not in ("in-place", "fetch"):
+        raise BadInputError(f"{SOURCES_ENV}={how!r}", "must be 'in-place' or 'fetch'")
+    if how == "fetch" or uri.lower().endswith(".zip"):
+        return False
+    return objectstore.gdal_readable(uri)
 
 
 def upstream_location(remote: paths.S3Root, local: Path) -> str:

@@ -142,6 +142,9 @@ def _etag(uri: str) -> str | None:
 def gdal_access(uri: str) -> Iterator[SourceObject]:
     """Rule 3: while inside, GDAL may open the checked source `uri` and its parts, and
     nothing else on the network."""
+    if uri in _open:  # already being read, by the caller
+        yield _open[uri]
+        return
     source = inspect(uri)
     allowed = [source.uri, *(source.part(name) for name in sorted(source.parts))]
     before = gdal_jail.config_options()
