@@ -318,3 +318,26 @@ def test_server_errors_while_gdal_reads_are_retried_and_named_without_credential
             assert f"s3://geo/{INBOX}/countries.fgb" in failure and "attempt 3 of 3" in failure
             assert "S3 read failed (HTTP 500)" in failure or "could not open" in failure
         _secretless("\n".join(str(e) for e in result.all_events))
+
+
+@pytest.mark.timeout(120)
+def test_a_zip_object_given_to_a_worker_is_unpacked_from_a_private_copy(countries, s3_root):
+    """Steps fetch zips; a task handed a zip object directly downloads it beside its
+    output, unpacks it with the archive limits, and names the object in its errors."""
+    import zipfile
+
+    archive = countries["fgb"].with_name("countries-fgb.zip")
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(countries["fgb"], "countries.fgb")
+    s3_root.client.upload_file(str(archive), "geo", f"{INBOX}/countries-fgb.zip")
+    s3_root.client.put_object(Bucket="geo", Key=f"{INBOX}/broken.zip", Body=b"PK not a zip")
+    output = paths.data_root() / "warehouse" / "raw_features" / "countries-fgb.zip.parquet"
+    output.parent.mkdir(parents=True)
+    with WorkerPool(PoolSettings(max_workers=1)) as pool:
+        facts = pool.run(
+            "ingest", source=f"s3://geo/{INBOX}/countries-fgb.zip", output=str(output)
+        ).facts
+        with pytest.raises(BadInputError, match=f"s3://geo/{INBOX}/broken.zip: is not a readable"):
+            pool.run("ingest", source=f"s3://geo/{INBOX}/broken.zip", output=str(output) + "2")
+    assert facts["rows"] == 177 and len(geopandas.read_parquet(output)) == 177
+    assert sorted(p.name for p in output.parent.iterdir()) == [output.name], "a copy was left"
