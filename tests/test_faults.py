@@ -272,3 +272,29 @@ def test_batch_run_killed_mid_step_keeps_what_it_published(data_root, tmp_path):
             pq.ParquetFile(output_path("dissolved_regions", key, data_root)).metadata.num_rows == 8
         )
     assert _temps(data_root) == []
+
+
+def test_a_full_disk_while_reproject_copies_is_transient(data_root, monkeypatch, tmp_path):
+    """reproject copies a file already in the target CRS; a full disk there is the same
+    transient fault as in the transform path, not a task error."""
+    import geopandas
+    import shapely
+
+    from geoiso_dagster.errors import TransientIOError
+    from geoiso_dagster.pool import PoolSettings, WorkerPool
+
+    source = data_root / "warehouse" / "raw_features" / "squares.parquet"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    squares = [shapely.box(i, 0, i + 1, 1) for i in range(2000)]
+    geopandas.GeoDataFrame({"n": range(2000)}, geometry=squares, crs=4326).to_parquet(source)
+    output = data_root / "warehouse" / "reprojected_features" / "squares.parquet"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _inject(monkeypatch, tmp_path, "reproject", "write", "enospc", times=1)
+    with WorkerPool(PoolSettings(max_workers=1)) as pool:
+        with pytest.raises(TransientIOError, match="File too large"):
+            pool.run("reproject", source=str(source), output=str(output), target_crs="EPSG:4326")
+        facts = pool.run(
+            "reproject", source=str(source), output=str(output), target_crs="EPSG:4326"
+        ).facts
+    assert facts["transformed"] is False and facts["rows"] == 2000
+    assert _temps(data_root) == []

@@ -149,8 +149,11 @@ def reproject(
     started = time.perf_counter()
     measured = 0
     if source_crs.equals(target) and row_groups is None:
-        with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
-            io.copy_to(source, tmp)
+        try:
+            with atomic_path(Path(output)) as tmp, faults.around_write(tmp):
+                io.copy_to(source, tmp)
+        except OSError as exc:  # a full disk here is as transient as in the transform
+            raise io.os_error(Path(output), exc, "writing") from exc
         progress(f"already in {io.crs_label(target)}; copied without a transform")
         facts = io.describe(Path(output))
         facts.update(transformed=False, dropped_m=0)
