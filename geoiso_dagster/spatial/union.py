@@ -342,7 +342,7 @@ def union_partials(
 
 def _write_group(stats, union, output, source, dissolve_by, rank, aggfunc, aggregations) -> dict:
     """The giant group's row, as `dissolve` writes a part's rows."""
-    from geoiso_dagster.spatial.tasks import FEATURE_COUNT_COLUMN, _write_dissolved
+    from geoiso_dagster.spatial.tasks.dissolving import FEATURE_COUNT_COLUMN, _write_dissolved
 
     schema = io.read_schema(io.ref(source))
     geo = io.geo_metadata(io.ref(source))
