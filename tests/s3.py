@@ -185,3 +185,9 @@ class FaultyProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def assert_secretless(text: str) -> None:
+    """Neither test credential appears in `text`."""
+    assert SECRET_KEY not in text, "the secret key leaked"
+    assert ACCESS_KEY not in text, "the access key id leaked"

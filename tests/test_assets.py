@@ -20,6 +20,7 @@ from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import MAX_WAIT_S, MIN_WAIT_S
 from geoiso_dagster.paths import ASSET_NAMES, output_path
+from tests.runs import run_events
 
 CONFIG = {
     "ops": {
@@ -48,13 +49,9 @@ def _run(instance: DagsterInstance, key: str, config=CONFIG, **pool):
     )
 
 
-def _events(result, event_type: DagsterEventType):
-    return [e for e in result.all_events if e.event_type == event_type]
-
-
 def _failure(result):
     """(step key, description) of the run's one step failure."""
-    (failure,) = _events(result, DagsterEventType.STEP_FAILURE)
+    (failure,) = run_events(result, DagsterEventType.STEP_FAILURE)
     return failure.step_key, failure.step_failure_data.user_failure_data.description
 
 
@@ -120,7 +117,7 @@ def test_bad_input_fails_once_and_keeps_the_good_output(
     _, message = _failure(result)
     assert str(data_root / "inbox" / countries) in message
     assert "is not readable as GPKG data, the format its suffix names" in message
-    assert _events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
     assert result.asset_materializations_for_node("reprojected_features") == []
     assert _snapshot(data_root, countries) == good
     assert _leftover_temps(data_root) == []
@@ -144,7 +141,7 @@ def test_missing_dissolve_key_fails_only_the_dissolve(instance, data_root, count
     step, message = _failure(result)
     assert step == "dissolved_regions"
     assert "'region_id' is not in the data" in message
-    assert _events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
     assert (
         output_path("dissolved_regions", countries, data_root).read_bytes()
         == good["dissolved_regions"]
@@ -167,7 +164,7 @@ def test_failed_blocking_check_stops_downstream_and_publishes_nothing(
     seen = failed[0].metadata["row_count_matches"].value
     assert seen["passed"] is False and seen["in_file"] == seen["reported"] + 1 == 178
     assert result.asset_materializations_for_node("raw_features") == []
-    started = {e.step_key for e in _events(result, DagsterEventType.STEP_START)}
+    started = {e.step_key for e in run_events(result, DagsterEventType.STEP_START)}
     assert started == {"raw_features"}  # nothing downstream ran on the failed output
     assert _snapshot(data_root, countries) == good
     assert _leftover_temps(data_root) == []
@@ -177,7 +174,7 @@ def test_failed_blocking_check_stops_downstream_and_publishes_nothing(
 def test_hung_worker_is_retried_with_backoff_then_fails(instance, data_root, countries):
     result = _run(instance, countries, task_module="tests.tasks_hanging_ingest", task_timeout_s=1.0)
     assert not result.success
-    retries = _events(result, DagsterEventType.STEP_UP_FOR_RETRY)
+    retries = run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)
     assert len(retries) == 2
     for event in retries:
         wait = event.event_specific_data.seconds_to_wait

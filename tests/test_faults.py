@@ -24,6 +24,7 @@ from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.paths import ASSET_NAMES, output_path
 from tests.live import materialize_command
+from tests.runs import run_events
 
 KEY = "countries.gpkg"
 CONFIG = {"ops": {"dissolved_regions": {"config": {"dissolve_by": "continent"}}}}
@@ -76,10 +77,6 @@ def _inject(monkeypatch, tmp_path, task, at, fault, times) -> Path:
     return state
 
 
-def _events(result, kind):
-    return [e for e in result.all_events if e.event_type == kind]
-
-
 def _temps(root: Path) -> list[str]:
     return sorted(p.name for p in (root / "warehouse").rglob(".*"))
 
@@ -106,7 +103,7 @@ def test_a_transient_fault_is_retried_once_and_the_run_succeeds(
     result = _run(instance, **pool)
     assert len(list(state.glob("fired-*"))) == 1, "the fault did not fire"
     assert result.success
-    assert len(_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 1
+    assert len(run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 1
     _assert_outputs_good(data_root)
     assert _temps(data_root) == []
     assert _descendants() == []
@@ -126,10 +123,10 @@ def test_a_persistent_fault_gives_up_after_three_attempts_and_loses_nothing(
     _inject(monkeypatch, tmp_path, task, at, fault, times=3)
     result = _run(instance)
     assert not result.success
-    retries = _events(result, DagsterEventType.STEP_UP_FOR_RETRY)
+    retries = run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)
     assert len(retries) == 2
     assert all(5 <= r.event_specific_data.seconds_to_wait <= 60 for r in retries)
-    (failure,) = _events(result, DagsterEventType.STEP_FAILURE)
+    (failure,) = run_events(result, DagsterEventType.STEP_FAILURE)
     description = failure.step_failure_data.user_failure_data.description
     assert message in description and "attempt 3 of 3" in description
     assert {a: output_path(a, KEY).read_bytes() for a in ASSET_NAMES} == good_outputs
@@ -157,8 +154,8 @@ def test_a_memory_stop_fails_once_naming_the_limit(
     _inject(monkeypatch, tmp_path, task, at, fault, times=1)
     result = _run(instance, memory_limit_mb=limit)
     assert not result.success
-    assert _events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
-    (failure,) = _events(result, DagsterEventType.STEP_FAILURE)
+    assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    (failure,) = run_events(result, DagsterEventType.STEP_FAILURE)
     description = failure.step_failure_data.user_failure_data.description
     assert "Bad input" not in description
     assert all(text in description for text in expected), description

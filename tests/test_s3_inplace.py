@@ -18,7 +18,8 @@ from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.pool import PoolSettings, WorkerPool
-from tests.s3 import ACCESS_KEY, SECRET_KEY, FaultyProxy
+from tests.runs import failure_of, run_events
+from tests.s3 import ACCESS_KEY, SECRET_KEY, FaultyProxy, assert_secretless
 
 INBOX = "team-a/inbox"
 WAREHOUSE = "team-a/warehouse"
@@ -66,19 +67,6 @@ def _run(instance, key, selection=("raw_features",), **pool):
     )
 
 
-def _events(result, kind):
-    return [e for e in result.all_events if e.event_type == kind]
-
-
-def _failure(result) -> str:
-    (failure,) = _events(result, DagsterEventType.STEP_FAILURE)
-    return failure.step_failure_data.user_failure_data.description
-
-
-def _secretless(text: str) -> None:
-    assert SECRET_KEY not in text and ACCESS_KEY not in text, "a credential leaked"
-
-
 def _published(client, key: str, tmp_path: Path) -> geopandas.GeoDataFrame:
     local = tmp_path / f"published-{key}.parquet"
     client.download_file("geo", f"{WAREHOUSE}/raw_features/{key}.parquet", str(local))
@@ -106,7 +94,7 @@ def test_each_format_is_read_in_place_by_range_requests(
             logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
     finally:
         proxy.stop()
-    assert result.success, _failure(result)
+    assert result.success, failure_of(result)
     assert any("raw_features: S3 transfers: input (read in place)" in m for m in logged)
     assert _mirrored_sources() == [], "the source was copied to the host"
 
@@ -152,9 +140,9 @@ def test_a_shapefile_in_the_bucket_is_checked_part_by_part(countries, s3_root):
         cut = _run(instance, "cut.shp")
     for result in (missing, cut):
         assert not result.success
-        assert _events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
-    assert f"s3://geo/{INBOX}/noindex.shp: shapefile is missing its .shx" in _failure(missing)
-    assert f"s3://geo/{INBOX}/cut.shp: its .dbf declares 177 records but holds" in _failure(cut)
+        assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert f"s3://geo/{INBOX}/noindex.shp: shapefile is missing its .shx" in failure_of(missing)
+    assert f"s3://geo/{INBOX}/cut.shp: its .dbf declares 177 records but holds" in failure_of(cut)
     assert "Contents" not in client.list_objects_v2(Bucket="geo", Prefix=WAREHOUSE)
 
 
@@ -196,7 +184,7 @@ def test_gdal_opens_only_the_source_objects_and_only_while_reading(countries, s3
     assert f"/geo/{INBOX}/countries.FGB" not in paths_seen
     assert facts["aws_options_left"] == []
     assert facts["gdal_aws_environment"] == []
-    _secretless(json.dumps(facts))
+    assert_secretless(json.dumps(facts))
 
 
 def test_aws_settings_are_translated_for_gdal(monkeypatch):
@@ -280,7 +268,7 @@ def test_a_source_replaced_while_it_was_read_is_read_again(
     monkeypatch.setenv("GEOISO_TEST_REPLACEMENT", str(smaller))
     with instance_for_test() as instance:
         result = _run(instance, name, task_module="tests.tasks_s3_sources")
-    retries = _events(result, DagsterEventType.STEP_UP_FOR_RETRY)
+    retries = run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)
     assert result.success and len(retries) == 1
     logged = "\n".join(str(e) for e in result.all_events)
     assert f"s3://geo/{INBOX}/countries.fgb: changed while it was being read" in logged
@@ -309,15 +297,15 @@ def test_server_errors_while_gdal_reads_are_retried_and_named_without_credential
             proxy.stop()
         assert proxy.failed > 0
         assert result.success is succeeds
-        retries = _events(result, DagsterEventType.STEP_UP_FOR_RETRY)
+        retries = run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)
         if succeeds:
             assert retries == []
         else:
             assert len(retries) == 2
-            failure = _failure(result)
+            failure = failure_of(result)
             assert f"s3://geo/{INBOX}/countries.fgb" in failure and "attempt 3 of 3" in failure
             assert "S3 read failed (HTTP 500)" in failure or "could not open" in failure
-        _secretless("\n".join(str(e) for e in result.all_events))
+        assert_secretless("\n".join(str(e) for e in result.all_events))
 
 
 @pytest.mark.timeout(120)

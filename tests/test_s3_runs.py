@@ -24,7 +24,15 @@ from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.paths import ASSET_NAMES
 from tests.live import materialize_command
-from tests.s3 import ACCESS_KEY, SECRET_KEY, FaultyProxy, S3Server, free_port, objects, open_uploads
+from tests.runs import failure_of, run_events
+from tests.s3 import (
+    FaultyProxy,
+    S3Server,
+    assert_secretless,
+    free_port,
+    objects,
+    open_uploads,
+)
 
 BIN = Path(sys.executable).parent
 KEY = "countries.gpkg"
@@ -49,11 +57,6 @@ def _read(client, key: str, tmp_path: Path) -> geopandas.GeoDataFrame:
     local = tmp_path / key.replace("/", "_")
     client.download_file("geo", key, str(local))
     return geopandas.read_parquet(local)
-
-
-def _secretless(text: str) -> None:
-    assert SECRET_KEY not in text, "the secret key leaked"
-    assert ACCESS_KEY not in text, "the access key id leaked"
 
 
 @pytest.mark.timeout(300)
@@ -120,10 +123,10 @@ def test_the_whole_chain_on_a_bucket_through_the_dagster_cli(s3_root, tmp_path):
     finally:
         os.environ.pop("DAGSTER_HOME")
     for text in (added.stdout + added.stderr, run.stdout + run.stderr, shown.stdout):
-        _secretless(text)
+        assert_secretless(text)
     for stored in home.rglob("*"):
         if stored.is_file():
-            _secretless(stored.read_bytes().decode("utf-8", "replace"))
+            assert_secretless(stored.read_bytes().decode("utf-8", "replace"))
 
 
 @pytest.fixture
@@ -143,15 +146,6 @@ def _run(instance, selection=None, **pool):
         resources={"spatial_pool": SpatialWorkerPool(max_workers=2, **pool)},
         raise_on_error=False,
     )
-
-
-def _events(result, kind):
-    return [e for e in result.all_events if e.event_type == kind]
-
-
-def _failure(result) -> str:
-    (failure,) = _events(result, DagsterEventType.STEP_FAILURE)
-    return failure.step_failure_data.user_failure_data.description
 
 
 def _all_text(result) -> str:
@@ -197,8 +191,8 @@ def test_a_worker_killed_mid_upload_publishes_nothing_partial(
     result = run()
     assert len(list(state.glob("fired-*"))) == 3
     assert not result.success
-    assert len(_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 2
-    assert "attempt 3 of 3" in _failure(result) and "SIGKILL" in _failure(result)
+    assert len(run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 2
+    assert "attempt 3 of 3" in failure_of(result) and "SIGKILL" in failure_of(result)
     after = s3_root.client.head_object(Bucket="geo", Key=published)
     assert after["ETag"] == before["ETag"], "the previous output was replaced"
     assert _staged(s3_root.client) == []
@@ -214,14 +208,14 @@ def test_a_deleted_source_and_a_missing_bucket_fail_once_naming_them(
 ):
     result = _run(instance, selection=["raw_features"])  # registered, never uploaded
     assert not result.success
-    assert _events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
-    assert "s3://geo/team-a/inbox/countries.gpkg: does not exist" in _failure(result)
+    assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert "s3://geo/team-a/inbox/countries.gpkg: does not exist" in failure_of(result)
 
     monkeypatch.setenv("GEOISO_DATA_ROOT", "s3://missing-bucket/team-a")
     result = _run(instance, selection=["raw_features"])
-    assert _events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
-    assert "the bucket 'missing-bucket' does not exist" in _failure(result)
-    _secretless(_all_text(result))
+    assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert "the bucket 'missing-bucket' does not exist" in failure_of(result)
+    assert_secretless(_all_text(result))
 
 
 @pytest.mark.timeout(240)
@@ -231,8 +225,10 @@ def test_an_unreachable_endpoint_is_retried_then_fails_and_5xx_heals(
     s3_root.client.upload_file("data/sample/countries.gpkg", "geo", f"team-a/inbox/{KEY}")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     result = _run(instance, selection=["raw_features"])
-    assert len(_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 2
-    assert "S3 endpoint unreachable" in _failure(result) and "attempt 3 of 3" in _failure(result)
+    assert len(run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 2
+    assert "S3 endpoint unreachable" in failure_of(result) and "attempt 3 of 3" in failure_of(
+        result
+    )
 
     # The staged object's upload answered with 500 three times (the client's own attempts):
     # one step retry, then the output is published.
@@ -246,9 +242,9 @@ def test_an_unreachable_endpoint_is_retried_then_fails_and_5xx_heals(
         proxy.stop()
     assert proxy.failed == 3
     assert result.success
-    assert len(_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 1
+    assert len(run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 1
     assert _staged(s3_root.client) == [] and open_uploads(s3_root.client, "geo") == []
-    _secretless(_all_text(result))
+    assert_secretless(_all_text(result))
 
 
 def test_access_denied_is_named_without_credentials_and_not_retried(
@@ -260,9 +256,9 @@ def test_access_denied_is_named_without_credentials_and_not_retried(
         result = _run(instance, selection=["raw_features"])
     finally:
         strict.stop()
-    assert _events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
-    assert "access denied by the bucket 'geo'" in _failure(result)
-    _secretless(_all_text(result))
+    assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert "access denied by the bucket 'geo'" in failure_of(result)
+    assert_secretless(_all_text(result))
 
 
 @pytest.mark.timeout(300)
