@@ -369,15 +369,21 @@ def list_objects(root: S3Root, relative_dir: str, starting: str = "") -> Iterato
         token = page["NextContinuationToken"]
 
 
-def versions(root: S3Root, relative: str) -> dict[str, str]:
-    """ETag by name of a source object and of the parts its format opens beside it."""
+def source_objects(root: S3Root, relative: str) -> dict[str, ObjectInfo]:
+    """By name: source object `relative` and the parts its format opens beside it (exact
+    stem), as listed now; listed by their stem, never the whole folder."""
     folder, _, name = relative.rpartition("/")
     wanted = {name, *formats.companion_names(name)}
     return {
-        info.key.rpartition("/")[2]: info.etag
+        info.key.rpartition("/")[2]: info
         for info in list_objects(root, folder, starting=name.rpartition(".")[0])
         if info.key.rpartition("/")[2] in wanted
     }
+
+
+def versions(root: S3Root, relative: str) -> dict[str, str]:
+    """ETag by name of a source object and of the parts its format opens beside it."""
+    return {name: info.etag for name, info in source_objects(root, relative).items()}
 
 
 def read_chunks(

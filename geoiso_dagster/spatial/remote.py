@@ -36,23 +36,19 @@ from geoiso_dagster.pool import gdal_jail
 
 @dataclass(frozen=True)
 class SourceObject:
-    """A source object as checked: its URI, size and version, and its parts by name."""
+    """A source object as checked: its URI, and what was listed of it and of each part
+    its format opens beside it, by URI (the source's own entry included)."""
 
     uri: str
-    size: int
-    etag: str
-    parts: dict[str, objectstore.ObjectInfo]
-
-    def part(self, name: str) -> str:
-        root = _root()
-        return f"s3://{root.bucket}/{self.parts[name].key}"
+    objects: dict[str, objectstore.ObjectInfo]
 
 
 # The sources being read by this worker's task, by URI (set by `gdal_access`).
 _open: dict[str, SourceObject] = {}
 
 
-def _root() -> paths.S3Root:
+def s3_root() -> paths.S3Root:
+    """This worker's S3 data root (GeoisoError when it has a folder root)."""
     root = paths.remote_root()
     if root is None:
         raise GeoisoError("this worker's data root is not an s3:// root")
@@ -67,19 +63,22 @@ def inspect(uri: str) -> SourceObject:
     """Rules 1 and 2 for object `uri` (BadInputError or UnsafeNameError otherwise)."""
     if uri in _open:
         return _open[uri]
-    root = _root()
+    root = s3_root()
     objectstore.in_root(uri)
-    bucket, key = objectstore.split_uri(uri)
-    folder, _, name = root.relative(key).rpartition("/")
-    main = objectstore.head(root, key)
-    wanted = set(formats.companion_names(name))
-    stem = name.rpartition(".")[0]
-    parts = {
-        info.key.rpartition("/")[2]: info
-        for info in objectstore.list_objects(root, folder, starting=stem)
-        if info.key.rpartition("/")[2] in wanted
-    }
-    wal = parts.get(name + "-wal")
+    key = objectstore.split_uri(uri)[1]
+    relative = root.relative(key)
+    main = objectstore.head(root, key)  # names a missing source as such
+    listed = objectstore.source_objects(root, relative)
+    check_no_pending_wal(uri, listed)
+    objects = {f"s3://{root.bucket}/{info.key}": info for info in listed.values()}
+    return SourceObject(uri, {**objects, uri: main})
+
+
+def check_no_pending_wal(uri: str, listed: dict[str, objectstore.ObjectInfo]) -> None:
+    """A GeoPackage object whose `-wal` object (in `listed`, by name) holds changes is
+    refused, as a local one is (spatial/sources.py)."""
+    name = name_of(uri)
+    wal = listed.get(name + "-wal")
     if name.lower().endswith(".gpkg") and wal is not None and wal.size > 0:
         raise BadInputError(
             uri,
@@ -87,55 +86,50 @@ def inspect(uri: str) -> SourceObject:
             "bytes); close the program writing it, or checkpoint it, then deliver the file "
             "again (the main file alone would be missing those rows)",
         )
-    return SourceObject(uri, main.size, main.etag, parts)
 
 
 def part_uri(uri: str, suffix: str) -> str | None:
     """A shapefile part as GDAL finds it (exact stem; suffix as written or upper case)."""
     source = inspect(uri)
-    stem = name_of(uri).rpartition(".")[0]
-    for name in formats.part_names(stem, suffix):
-        if name in source.parts:
-            return source.part(name)
+    folder, _, name = uri.rpartition("/")
+    for part in formats.part_names(name.rpartition(".")[0], suffix):
+        if f"{folder}/{part}" in source.objects:
+            return f"{folder}/{part}"
+    return None
+
+
+def _known(uri: str) -> objectstore.ObjectInfo | None:
+    """What was listed of `uri` when the source it belongs to was checked, if it is
+    being read now."""
+    for source in _open.values():
+        if uri in source.objects:
+            return source.objects[uri]
     return None
 
 
 def size(uri: str) -> int:
-    if uri in _open:
-        return _open[uri].size
-    for source in _open.values():
-        for name, info in source.parts.items():
-            if source.part(name) == uri:
-                return info.size
-    root = _root()
-    return objectstore.head(root, objectstore.split_uri(uri)[1]).size
+    known = _known(uri)
+    if known is not None:
+        return known.size
+    return objectstore.head(s3_root(), objectstore.split_uri(uri)[1]).size
+
+
+def version(uri: str) -> str | None:
+    """The ETag of a source object (or part) being read now, as checked; else None."""
+    known = _known(uri)
+    return known.etag if known is not None else None
 
 
 def read(uri: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
     """The bytes of a source object or part, in chunks, as they were when checked."""
-    root = _root()
+    root = s3_root()
     key = objectstore.split_uri(uri)[1]
-    etag = _etag(uri) or objectstore.head(root, key).etag
+    etag = version(uri) or objectstore.head(root, key).etag
     yield from objectstore.read_chunks(root, key, etag, start, length)
 
 
 def read_bytes(uri: str, start: int = 0, length: int | None = None) -> bytes:
     return b"".join(read(uri, start, length))
-
-
-def version(uri: str) -> str | None:
-    """The ETag of a source object (or part) being read now, as checked; else None."""
-    return _etag(uri)
-
-
-def _etag(uri: str) -> str | None:
-    for source in _open.values():
-        if source.uri == uri:
-            return source.etag
-        for name, info in source.parts.items():
-            if source.part(name) == uri:
-                return info.etag
-    return None
 
 
 @contextlib.contextmanager
@@ -146,7 +140,7 @@ def gdal_access(uri: str) -> Iterator[SourceObject]:
         yield _open[uri]
         return
     source = inspect(uri)
-    allowed = [source.uri, *(source.part(name) for name in sorted(source.parts))]
+    allowed = [uri, *sorted(set(source.objects) - {uri})]
     before = gdal_jail.config_options()
     _open[uri] = source
     try:

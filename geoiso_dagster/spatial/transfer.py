@@ -11,20 +11,13 @@ import os
 from pathlib import Path
 
 from geoiso_dagster import formats, objectstore, paths
-from geoiso_dagster.errors import BadInputError, GeoisoError
-from geoiso_dagster.spatial import faults
-
-
-def _root() -> paths.S3Root:
-    root = paths.remote_root()
-    if root is None:
-        raise GeoisoError("this worker's data root is not an s3:// root; nothing to transfer")
-    return root
+from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.spatial import faults, remote
 
 
 def _local(relative: str) -> Path:
     """The mirror path of `relative`, checked to stay inside the mirror."""
-    mirror = paths.data_root()
+    mirror = paths.dataremote.s3_root()
     target = (mirror / relative).resolve()
     if not target.is_relative_to(mirror):
         raise BadInputError(relative, f"resolves outside the mirror {mirror}")
@@ -47,7 +40,7 @@ def fetch(relative: str, source: bool = False) -> dict:
     exact stem) and nothing else; parts the bucket no longer has are removed from the
     mirror, and a GeoPackage whose SQLite log holds changes is refused as locally."""
     faults.at_start("fetch")
-    root = _root()
+    root = remote.s3_root()
     root.key(relative)  # UnsafeNameError for a path out of the root, as for a local one
     local = _local(relative)
     local.parent.mkdir(parents=True, exist_ok=True)
@@ -55,20 +48,9 @@ def fetch(relative: str, source: bool = False) -> dict:
     fetched = []
     fetched_bytes = 0
     if source:
-        folder = relative.rpartition("/")[0]
+        present = objectstore.source_objects(root, relative)
+        remote.check_no_pending_wal(f"s3://{root.bucket}/{main.key}", present)
         wanted = set(formats.companion_names(local.name))
-        present = {
-            info.key.rpartition("/")[2]: info
-            for info in objectstore.list_objects(root, folder)
-            if info.key.rpartition("/")[2] in wanted
-        }
-        wal = present.get(local.name + "-wal")
-        if local.suffix.lower() == ".gpkg" and wal is not None and wal.size > 0:
-            raise BadInputError(
-                f"s3://{root.bucket}/{main.key}",
-                f"has un-checkpointed changes in {local.name}-wal (SQLite write-ahead log); "
-                "checkpoint it and deliver the file again",
-            )
         for name in sorted(wanted):
             part = local.with_name(name)
             if name.endswith(formats.SQLITE_PARTS):
@@ -96,9 +78,9 @@ def fetch(relative: str, source: bool = False) -> dict:
 def upload(path: str, relative: str) -> dict:
     """Upload the local staged file `path` to the staged key of `relative`."""
     faults.at_start("upload")
-    root = _root()
+    root = remote.s3_root()
     local = Path(path)
-    if not local.resolve().is_relative_to(paths.data_root()):
+    if not local.resolve().is_relative_to(paths.dataremote.s3_root()):
         raise BadInputError(path, "is not inside this host's mirror of the data root")
     info = objectstore.upload(
         root, local, root.key(relative), on_part=lambda n: faults.at_point("upload", "part")
@@ -108,5 +90,5 @@ def upload(path: str, relative: str) -> dict:
 
 def download_staged(relative: str, local: Path) -> objectstore.ObjectInfo:
     """Read a staged object back into `local`, for the checks (tasks.inspect_object)."""
-    root = _root()
+    root = remote.s3_root()
     return objectstore.download(root, root.key(relative), local)
