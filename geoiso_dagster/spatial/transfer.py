@@ -17,7 +17,7 @@ from geoiso_dagster.spatial import faults, remote
 
 def _local(relative: str) -> Path:
     """The mirror path of `relative`, checked to stay inside the mirror."""
-    mirror = paths.dataremote.s3_root()
+    mirror = paths.data_root()
     target = (mirror / relative).resolve()
     if not target.is_relative_to(mirror):
         raise BadInputError(relative, f"resolves outside the mirror {mirror}")
@@ -80,7 +80,7 @@ def upload(path: str, relative: str) -> dict:
     faults.at_start("upload")
     root = remote.s3_root()
     local = Path(path)
-    if not local.resolve().is_relative_to(paths.dataremote.s3_root()):
+    if not local.resolve().is_relative_to(paths.data_root()):
         raise BadInputError(path, "is not inside this host's mirror of the data root")
     info = objectstore.upload(
         root, local, root.key(relative), on_part=lambda n: faults.at_point("upload", "part")
