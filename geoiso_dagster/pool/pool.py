@@ -35,6 +35,7 @@ from geoiso_dagster.formats import ALLOWED_GDAL_DRIVERS
 from geoiso_dagster.pool import _forkserver, cgroup
 from geoiso_dagster.pool._events import EventListener
 from geoiso_dagster.pool.env import worker_env
+from geoiso_dagster.pool.refs import check_task_ref
 from geoiso_dagster.pool.worker import MEMORY_EXIT_CODE, WorkerSettings, initialize, run_task
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class PoolSettings:
     env_overrides: dict[str, str] = field(default_factory=dict)
     # Pay PROJ's and Arrow's first-use costs when a worker starts, not in its first task.
     warm_up: bool = True
-    # The module whose functions tasks name; tests point it at their own module.
+    # The module whose functions bare task names ("ingest") name; "package.module:function"
+    # names its own. Tests point it at a module of their own to stand in for a built-in.
     task_module: str = TASK_MODULE
     # The folder every source a task opens must stay in (None: $GEOISO_DATA_ROOT or ./data).
     data_root: str | None = None
@@ -204,12 +206,22 @@ class WorkerPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    async def __aenter__(self) -> "WorkerPool":
+        """`async with WorkerPool(...) as pool`: started off the event loop (starting the
+        forkserver takes about a second), closed the same way on the way out."""
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
+
     # -- running tasks -----------------------------------------------------------
     def submit(
         self, function: str, *, on_progress: ProgressCallback | None = None, **kwargs: Any
     ) -> "concurrent.futures.Future[TaskResult]":
-        """Schedule `function` from the worker task module; the future holds a TaskResult
-        or one of the project's errors (BadInputError, WorkerTimeoutError, ...)."""
+        """Schedule `function` ("package.module:function", or a built-in task's name:
+        pool/refs.py); the future holds a TaskResult or one of the project's errors
+        (BadInputError, WorkerTimeoutError, ...). ValueError for a malformed reference."""
+        check_task_ref(function)
         if self._pool is None:
             self.start()
         assert self._pool is not None

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -23,6 +24,7 @@ from geoiso_dagster.fsutil import host_name
 from geoiso_dagster.pool import cgroup, gdal_jail
 from geoiso_dagster.pool._events import EventSender
 from geoiso_dagster.pool.env import gdal_config_options
+from geoiso_dagster.pool.refs import check_task_ref
 
 # Exit code of a worker that the watchdog stopped for going over its memory ceiling.
 MEMORY_EXIT_CODE = 86
@@ -246,8 +248,20 @@ def _os_error_envelope(exc: OSError) -> dict:
     }
 
 
+def resolve_task(function: str, default_module: str) -> Callable[..., dict]:
+    """The function a task reference names: "package.module:function" (any importable
+    module: the user's own steps), or a bare name of `default_module` (the built-in
+    tasks). The reference was checked by the pool (tasks.check_task_ref); the module is
+    imported here, in the worker, where the geo stack may load."""
+    module, _, name = check_task_ref(function).rpartition(":")
+    target = getattr(importlib.import_module(module or default_module), name, None)
+    if not callable(target):
+        raise LookupError(f"no function {name!r} in module {module or default_module!r}")
+    return target
+
+
 def run_task(task_id: str, function: str, kwargs: dict) -> dict:
-    """Run `function` (a name in the task module) and wrap its outcome in an envelope.
+    """Run `function` (see resolve_task) and wrap its outcome in an envelope.
 
     Exceptions become data here, not pickled objects: the parent rebuilds the right
     error type from `kind`, whatever the worker's exception classes look like.
@@ -255,12 +269,15 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
     state = _state
     if state is None:
         raise RuntimeError("worker used before initialize()")
-    fn = getattr(importlib.import_module(state.settings.task_module), function)
     state.begin_task(task_id)
     started = time.perf_counter()
     envelope: dict
     try:
-        envelope = {"ok": True, "facts": fn(**kwargs)}
+        fn = resolve_task(function, state.settings.task_module)
+        facts = fn(**kwargs)
+        if not isinstance(facts, dict):
+            raise TypeError(f"{function} returned {type(facts).__name__}, not a dict of facts")
+        envelope = {"ok": True, "facts": facts}
     except BadInputError as exc:
         envelope = {"ok": False, "kind": "bad_input", "path": exc.path, "message": exc.cause}
     except TransientIOError as exc:
