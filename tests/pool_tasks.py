@@ -116,3 +116,8 @@ def counting_progress(total: int, seconds: float) -> dict:
         progress(f"{done} rows", done=done, total=total, unit="rows")
         time.sleep(seconds / 20)
     return {"done": total}
+
+
+def read_env(name: str) -> dict:
+    """A variable of the worker's environment (None when unset)."""
+    return {"value": os.environ.get(name)}

@@ -44,7 +44,7 @@ def _run(instance: DagsterInstance, key: str, config=CONFIG, **pool):
         instance=instance,
         partition_key=key,
         run_config=config,
-        resources={"spatial_pool": SpatialWorkerPool(max_workers=2, **pool)},
+        resources={"spatial_pool": SpatialWorkerPool.fixed(max_workers=2, **pool)},
         raise_on_error=False,
     )
 
@@ -201,7 +201,7 @@ def test_an_async_asset_can_fan_tasks_out(instance, data_root, countries):
     result = materialize(
         [two_views],
         instance=instance,
-        resources={"spatial_pool": SpatialWorkerPool(task_module="tests.pool_tasks")},
+        resources={"spatial_pool": SpatialWorkerPool.fixed(task_module="tests.pool_tasks")},
     )
     assert result.success
 
@@ -218,7 +218,7 @@ def test_progress_reaches_the_run_log_while_the_worker_works(instance):
     result = materialize(
         [slow],
         instance=instance,
-        resources={"spatial_pool": SpatialWorkerPool(task_module="tests.pool_tasks")},
+        resources={"spatial_pool": SpatialWorkerPool.fixed(task_module="tests.pool_tasks")},
     )
     logs = instance.all_logs(result.run_id)
     (message,) = [e for e in logs if e.user_message == "started the slow part"]
@@ -331,7 +331,7 @@ def test_a_long_step_says_how_far_it_is_at_regular_intervals(instance, monkeypat
     result = materialize(
         [long_step],
         instance=instance,
-        resources={"spatial_pool": SpatialWorkerPool(task_module="tests.pool_tasks")},
+        resources={"spatial_pool": SpatialWorkerPool.fixed(task_module="tests.pool_tasks")},
     )
     assert result.success
     lines = [
@@ -344,3 +344,42 @@ def test_a_long_step_says_how_far_it_is_at_regular_intervals(instance, monkeypat
     assert max(gaps) < 1.0, gaps
     last = lines[-1].user_message
     assert " of 10,000 (" in last and " rows/s, about " in last and " s left" in last, last
+
+
+def test_run_config_cannot_choose_the_workers_module_or_environment(instance):
+    """Task references and the workers' environment are fixed when the definitions are
+    built: run config (the launchpad, a sensor's run request) naming either is refused
+    before any step runs, and setting the fields it may set leaves them as built."""
+    from dagster import DagsterInvalidConfigError
+
+    from geoiso_dagster.definitions import defs
+    from geoiso_dagster.defs.retries import run_task
+
+    job = defs.resolve_job_def("geo_pipeline")  # the code location's own job and resource
+    instance.add_dynamic_partitions(source_files.name, ["x.gpkg"])
+    for field, value in (
+        ("task_module", "tests.pool_tasks"),
+        ("worker_env", {"LD_PRELOAD": "/tmp/evil.so", "GEOISO_DATA_ROOT": "/"}),
+    ):
+        refused = {"resources": {"spatial_pool": {"config": {field: value}}}}
+        with pytest.raises(DagsterInvalidConfigError, match=field):
+            job.execute_in_process(run_config=refused, instance=instance, partition_key="x.gpkg")
+
+    @asset
+    def probe(context, spatial_pool: SpatialWorkerPool) -> None:
+        facts = run_task(context, spatial_pool, "read_env", name="GEOISO_TEST_MARKER").facts
+        context.add_output_metadata({"marker": facts["value"]})  # read_env: tests.pool_tasks
+        assert spatial_pool.max_workers == 1
+
+    result = materialize(
+        [probe],
+        instance=instance,
+        run_config={"resources": {"spatial_pool": {"config": {"max_workers": 1}}}},
+        resources={
+            "spatial_pool": SpatialWorkerPool.fixed(
+                task_module="tests.pool_tasks", worker_env={"GEOISO_TEST_MARKER": "built"}
+            )
+        },
+    )
+    (materialization,) = result.asset_materializations_for_node("probe")
+    assert materialization.metadata["marker"].value == "built"

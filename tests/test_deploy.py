@@ -56,7 +56,13 @@ def stack(engine):
         "GEOISO_POOL_MAX_WORKERS": str(MAX_WORKERS),
         "GEOISO_POOL_MEMORY_LIMIT_MB": str(CEILING_MB),
     }
-    stack = Stack(folder, folder / "data", **FAST_INBOX, **pool)
+    # The OOM test's fault: the run containers get GEOISO_* variables from the stack; the
+    # fault fires once, while the test arms it.
+    state, armed = folder / "data" / "fault-state-oom", folder / "data" / "oom-armed"
+    fault = {"task": "ingest", "fault": "memory", "times": 1, "state": str(state)}
+    faults = {"GEOISO_FAULTS": json.dumps([fault | {"armed": str(armed)}])}
+    stack = Stack(folder, folder / "data", **FAST_INBOX, **pool, **faults)
+    stack.oom_armed = armed
     started = time.monotonic()
     printed = stack.script("up")
     stack.up_s = time.monotonic() - started
@@ -259,20 +265,22 @@ def test_a_run_over_its_container_memory_limit_fails_naming_the_limit(stack):
     and fails the step naming the limit, without a retry (same input, same result).
 
     The worker's need is made certain, not left to the file: it allocates until stopped
-    (GEOISO_FAULTS' `memory`, through the pool's worker_env), under a per-worker ceiling
+    (GEOISO_FAULTS' `memory`, set for the stack, armed for this run only: run config
+    cannot give workers an environment), under a per-worker ceiling
     far above the container's, so the container's limit is what stops it. A real step on
     the 26,550-row file peaks close to 400 MB, and one run in a full suite stayed under."""
     instance = _instance(stack)
-    state = stack.data_root / "fault-state-oom"  # bound into the container
-    fault = {"task": "ingest", "at": "start", "fault": "memory", "times": 1, "state": str(state)}
-    pool = {"memory_limit_mb": 4096, "worker_env": {"GEOISO_FAULTS": json.dumps([fault])}}
-    run_id = _launch(
-        stack,
-        "deployed.gpkg",
-        {"geoiso-dagster/container_memory_mb": "400"},
-        {"resources": {"spatial_pool": {"config": pool}}},
-    )
-    assert _wait(lambda: _finished(instance, run_id), 300, "the run") == Status.FAILURE
+    stack.oom_armed.touch()  # the stack's GEOISO_FAULTS fault fires while this file exists
+    try:
+        run_id = _launch(
+            stack,
+            "deployed.gpkg",
+            {"geoiso-dagster/container_memory_mb": "400"},
+            {"resources": {"spatial_pool": {"config": {"memory_limit_mb": 4096}}}},
+        )
+        assert _wait(lambda: _finished(instance, run_id), 300, "the run") == Status.FAILURE
+    finally:
+        stack.oom_armed.unlink()
     run = instance.get_run_by_id(run_id)
     container = inspect(run.tags["docker/container_id"])
     assert container["HostConfig"]["Memory"] == 400 * 2**20

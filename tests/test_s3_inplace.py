@@ -62,7 +62,7 @@ def _run(instance, key, selection=("raw_features",), **pool):
         instance=instance,
         partition_key=key,
         selection=list(selection),
-        resources={"spatial_pool": SpatialWorkerPool(max_workers=2, **pool)},
+        resources={"spatial_pool": SpatialWorkerPool.fixed(max_workers=2, **pool)},
         raise_on_error=False,
     )
 

@@ -1,7 +1,9 @@
 """SpatialWorkerPool: the Dagster resource that owns the worker processes of a run."""
 
 import os
-from typing import Optional
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import ClassVar, Optional
 
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
@@ -39,20 +41,39 @@ class SpatialWorkerPool(ConfigurableResource):
         description="RLIMIT_AS headroom over a fresh worker's mappings (backstop to the RSS "
         "ceiling); unset: 2 x memory_limit_mb; 0: no rlimit.",
     )
-    worker_env: dict[str, str] = Field(
-        default_factory=dict, description="Extra or overriding worker environment variables."
-    )
-
-    task_module: str = Field(
-        default=TASK_MODULE,
-        description="Module whose functions the workers run; change only to extend or test.",
-    )
+    # Fixed in code when the definitions are built (SpatialWorkerPool.fixed), never by run
+    # config: a field here would let whoever launches a run (the launchpad, a sensor's
+    # run request) choose the module the workers import or give them LD_PRELOAD.
+    task_module: ClassVar[str] = TASK_MODULE
+    worker_env: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     _pool: Optional[WorkerPool] = PrivateAttr(default=None)
 
     @classmethod
-    def from_env(cls) -> "SpatialWorkerPool":
-        """Defaults, overridden by GEOISO_POOL_* variables (documented in the README)."""
+    def fixed(
+        cls,
+        *,
+        task_module: str | None = None,
+        worker_env: Mapping[str, str] | None = None,
+        **config,
+    ) -> "SpatialWorkerPool":
+        """A pool resource whose workers get `worker_env` (added to or overriding their
+        environment) and run bare task names from `task_module` (tests stand a module of
+        their own in for the built-in tasks). Both are class attributes of a subclass made
+        here: run config can set the resource's fields, never these."""
+        attributes = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__annotations__": {"task_module": ClassVar[str], "worker_env": ClassVar[Mapping]},
+            "task_module": cls.task_module if task_module is None else task_module,
+            "worker_env": MappingProxyType({**cls.worker_env, **(worker_env or {})}),
+        }
+        return type(cls)(cls.__name__, (cls,), attributes)(**config)
+
+    @classmethod
+    def from_env(cls, **fixed) -> "SpatialWorkerPool":
+        """Defaults, overridden by GEOISO_POOL_* variables (documented in the README);
+        `fixed`: task_module and worker_env, as SpatialWorkerPool.fixed takes them."""
         env = os.environ
         settings: dict = {}
         for field, cast in (
@@ -66,7 +87,7 @@ class SpatialWorkerPool(ConfigurableResource):
             value = env.get(f"GEOISO_POOL_{field.upper()}")
             if value:
                 settings[field] = cast(value)
-        return cls(**settings)
+        return cls.fixed(**fixed, **settings) if fixed else cls(**settings)
 
     def settings(self) -> PoolSettings:
         return PoolSettings(

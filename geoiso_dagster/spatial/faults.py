@@ -12,6 +12,8 @@ KIND is one of:
     enomem    the write fails as Arrow's does when a worker is out of address space
               (OSError ENOMEM, "Memory mapping file failed: Cannot allocate memory")
 POINT is a named point inside a task (faults.at_point), e.g. "part" of "upload".
+With "armed": a path, a fault fires only while that file exists (a test sets a fault
+for a whole deployment and arms it for the one run it is about).
 A fault fires on its first `times` occasions, counted across processes with files in
 `state`, so "crash once, then succeed" is expressible. Production never sets the variable.
 """
@@ -34,7 +36,13 @@ def _faults(task: str, at: str) -> list[dict]:
     raw = os.environ.get(FAULTS_ENV)
     if not raw:
         return []
-    return [f for f in json.loads(raw) if f["task"] == task and f.get("at", "start") == at]
+    return [
+        f
+        for f in json.loads(raw)
+        if f["task"] == task
+        and f.get("at", "start") == at
+        and ("armed" not in f or os.path.exists(f["armed"]))
+    ]
 
 
 def _claim(fault: dict) -> bool:
