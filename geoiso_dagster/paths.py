@@ -30,6 +30,7 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _PREFIX_PART = re.compile(r"^[A-Za-z0-9!_.*'()@=+,-]+$")
 ASSET_NAMES = ("raw_features", "reprojected_features", "dissolved_regions")
+_ASSET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_KEY_LENGTH = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Dagster refuses these inside partition keys; a comma would read as two keys in a CLI.
@@ -215,7 +216,25 @@ def source_path(key: str, root: Path | None = None) -> Path:
 
 def output_path(asset: str, key: str, root: Path | None = None) -> Path:
     """<data root>/warehouse/<asset>/<key>.parquet"""
-    if asset not in ASSET_NAMES:
-        raise ValueError(f"unknown asset {asset!r}; expected one of {ASSET_NAMES}")
     root = root or data_root()
-    return _inside(root, warehouse_dir(root) / asset / f"{check_partition_key(key)}.parquet")
+    folder = warehouse_dir(root) / check_asset_name(asset)
+    return _inside(root, folder / f"{check_partition_key(key)}.parquet")
+
+
+def check_asset_name(name: str) -> str:
+    """`name` when it can name an asset and its warehouse folder (Dagster's rule for asset
+    names: letters, digits, underscores); ValueError if not."""
+    if not isinstance(name, str) or not _ASSET_NAME.fullmatch(name):
+        raise ValueError(f"bad asset name {name!r}: letters, digits and '_' only")
+    return name
+
+
+def reference_dir(root: Path | None = None) -> Path:
+    return (root or data_root()) / "reference"
+
+
+def reference_path(name: str, root: Path | None = None) -> Path:
+    """<data root>/reference/<name>: a layer every partition may read (a boundary, a
+    flood-zone map), by a safe file name, never a path."""
+    root = root or data_root()
+    return _inside(root, reference_dir(root) / check_partition_key(name))

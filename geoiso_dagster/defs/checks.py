@@ -42,9 +42,24 @@ CRITERIA_BY_ASSET = {
     "reprojected_features": (READABLE, ROW_COUNT, CRS, IN_RANGE),
     "dissolved_regions": (READABLE, ROW_COUNT, CRS, VALID, UNIQUE_KEYS, IN_RANGE),
 }
+# A step of the user's own (geo_asset with a task reference): its file reads back, holds
+# the rows the task reported, keeps its input's CRS and lies where that CRS can.
+STEP_CRITERIA = (READABLE, ROW_COUNT, CRS, IN_RANGE)
+CRITERIA = tuple(_DESCRIPTIONS)
 
 
-def check_specs(asset: str) -> list[AssetCheckSpec]:
+def criteria_of(asset: str, criteria: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The criteria `asset` is judged by: `criteria` when given (checked against the
+    known ones), else the built-in asset's own."""
+    if criteria is None:
+        return CRITERIA_BY_ASSET[asset]
+    unknown = [name for name in criteria if name not in _DESCRIPTIONS]
+    if unknown or not criteria:
+        raise ValueError(f"{asset}: unknown check criteria {unknown}; known: {CRITERIA}")
+    return tuple(criteria)
+
+
+def check_specs(asset: str, criteria: tuple[str, ...] | None = None) -> list[AssetCheckSpec]:
     # Partitioned check specs are a Dagster preview feature (pinned: dagster <1.14); they
     # are what makes a check result say which source file it is about.
     with warnings.catch_warnings():
@@ -53,16 +68,18 @@ def check_specs(asset: str) -> list[AssetCheckSpec]:
             AssetCheckSpec(
                 CHECK,
                 asset=asset,
-                description=description(asset),
+                description=description(asset, criteria),
                 blocking=True,
                 partitions_def=source_files,  # results per source file, like the asset's
             )
         ]
 
 
-def description(asset: str) -> str:
-    criteria = "\n".join(f"- `{name}`: {_DESCRIPTIONS[name]}" for name in CRITERIA_BY_ASSET[asset])
-    return f"The file as written, read back by a worker, meets every criterion:\n{criteria}"
+def description(asset: str, criteria: tuple[str, ...] | None = None) -> str:
+    listed = "\n".join(
+        f"- `{name}`: {_DESCRIPTIONS[name]}" for name in criteria_of(asset, criteria)
+    )
+    return f"The file as written, read back by a worker, meets every criterion:\n{listed}"
 
 
 def _judge(name: str, written: dict, seen: dict) -> tuple[bool, dict]:
@@ -111,15 +128,19 @@ def _judge_source_counts(seen: dict) -> tuple[bool, dict]:
     return ok, metadata
 
 
-def verdicts(asset: str, written: dict, seen: dict) -> dict[str, tuple[bool, dict]]:
+def verdicts(
+    asset: str, written: dict, seen: dict, criteria: tuple[str, ...] | None = None
+) -> dict[str, tuple[bool, dict]]:
     """Each criterion of `asset`: (passed, what was compared)."""
-    return {name: _judge(name, written, seen) for name in CRITERIA_BY_ASSET[asset]}
+    return {name: _judge(name, written, seen) for name in criteria_of(asset, criteria)}
 
 
-def check_results(asset: str, written: dict, seen: dict) -> list[AssetCheckResult]:
+def check_results(
+    asset: str, written: dict, seen: dict, criteria: tuple[str, ...] | None = None
+) -> list[AssetCheckResult]:
     """The asset's check result, from the step's facts and the worker's read-back: passed
     when every criterion passed; each criterion's verdict and values in the metadata."""
-    judged = verdicts(asset, written, seen)
+    judged = verdicts(asset, written, seen, criteria)
     failed = [name for name, (passed, _) in judged.items() if not passed]
     metadata = {"failed": ", ".join(failed) or "none"}
     for name, (passed, values) in judged.items():

@@ -4,7 +4,7 @@ it, and only a file that passed is published, with the standard metadata."""
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,10 @@ from geoiso_dagster.defs.fanout import Runner
 from geoiso_dagster.errors import BadInputError, GeoisoError, TransientIOError
 from geoiso_dagster.pool import TaskResult
 
-# Step-specific facts that go to the catalog as they are.
+# Where a step of the user's own (defs/steps.py) leaves the facts its function returned:
+# each goes to the catalog under its own name, after the standard entries.
+STEP_FACTS = "step_facts"
+# Step-specific facts of the built-in tasks that go to the catalog as they are.
 _STEP_FACTS = (
     "transformed",
     "dropped_m",
@@ -40,10 +43,16 @@ class FileWork:
     output: Path
     # The file the step reads, in the local root (or this host's mirror of an S3 root).
     source: Path
-    # (runner, staged file, source as the workers read it) -> the task's result
-    produce: Callable[[Runner, Path, str], TaskResult]
+    # (runner, staged file, source as the workers read it, the other inputs as the
+    # workers read them) -> the task's result
+    produce: Callable[[Runner, Path, str, dict[str, str]], TaskResult]
     # source as the workers read it -> the read-back's keyword arguments
     inspect_kwargs: Callable[[str], dict] = field(default=lambda source: {})
+    # Other GeoParquet inputs by keyword (another asset's output of the same partition, a
+    # reference layer), in the local root or this host's mirror, like `source`.
+    inputs: Mapping[str, Path] = field(default_factory=dict)
+    # What the blocking check judges (defs/checks.py); None: the built-in asset's own.
+    criteria: tuple[str, ...] | None = None
     # An inbox source rather than an upstream GeoParquet output. With an S3 root both are
     # read in place (GDAL's /vsis3/ or Arrow, by range requests), except a zip archive or
     # a name GDAL cannot be given safely (fetched whole with its parts into the mirror),
@@ -77,9 +86,10 @@ def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Pat
     remote = paths.remote_root()
     if remote is None:
         source = str(work.source)
-        result = work.produce(runner, staged, source)
+        inputs = {name: str(path) for name, path in work.inputs.items()}
+        result = work.produce(runner, staged, source, inputs)
         seen = runner.run("inspect", path=str(staged), **work.inspect_kwargs(source))
-        return Judged(result, check_results(asset_name, result.facts, seen.facts))
+        return Judged(result, _judged(asset_name, work, result, seen))
     clock = time.monotonic()
     relative = paths.relative_to_root(work.source)
     versions = None
@@ -92,8 +102,9 @@ def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Pat
     else:
         source = upstream_location(remote, work.source)
         how = "read in place" if source.startswith("s3://") else "mirror current"
+    inputs = {name: upstream_location(remote, path) for name, path in work.inputs.items()}
     fetch_s, clock = time.monotonic() - clock, time.monotonic()
-    result = work.produce(runner, staged, source)
+    result = work.produce(runner, staged, source, inputs)
     produce_s, clock = time.monotonic() - clock, time.monotonic()
     staged_relative = paths.relative_to_root(staged)
     uploaded = runner.run("upload", path=str(staged), relative=staged_relative).facts
@@ -108,7 +119,11 @@ def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Pat
         f"work {produce_s:.1f} s, upload {_mb(uploaded['bytes'])} in {upload_s:.1f} s, "
         f"read back and checked in {time.monotonic() - clock:.1f} s"
     )
-    return Judged(result, check_results(asset_name, result.facts, seen.facts))
+    return Judged(result, _judged(asset_name, work, result, seen))
+
+
+def _judged(asset_name: str, work: FileWork, result: TaskResult, seen: TaskResult) -> list:
+    return check_results(asset_name, result.facts, seen.facts, work.criteria)
 
 
 # How inbox sources of an S3 root are read: "in-place" (range requests; the default) or
@@ -223,4 +238,6 @@ def metadata(result: TaskResult, path: Path) -> dict:
     for extra in _STEP_FACTS:
         if extra in facts:
             entry[extra] = facts[extra]
+    for name, value in facts.get(STEP_FACTS, {}).items():  # a step of the user's own
+        entry.setdefault(name, value)
     return entry

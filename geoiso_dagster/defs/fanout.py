@@ -136,7 +136,7 @@ def ingest(runner: Runner, source: str, staged: Path, layer: str | None = None) 
     if plan is None:
         return runner.run("ingest", source=source, output=str(staged), layer=layer)
     runner.log(f"fanning the ingest out over {len(plan)} workers: features {plan}")
-    results, joined = _fan_out(
+    results, joined = fan_out(
         runner,
         staged,
         ("ingest", {"source": source, "layer": layer}),
@@ -150,7 +150,7 @@ def ingest(runner: Runner, source: str, staged: Path, layer: str | None = None) 
             },
         ),
     )
-    return _combined(joined, results)
+    return combined(joined, results)
 
 
 def _size(source: str) -> int:
@@ -171,7 +171,7 @@ def reproject(runner: Runner, source: str, staged: Path, target_crs: str) -> Tas
     if plan is None:
         return runner.run("reproject", source=source, output=str(staged), target_crs=target_crs)
     runner.log(f"fanning out over {len(plan)} workers: row groups {plan}")
-    results, joined = _fan_out(
+    results, joined = fan_out(
         runner,
         staged,
         ("reproject", {"source": source, "target_crs": target_crs}),
@@ -181,7 +181,7 @@ def reproject(runner: Runner, source: str, staged: Path, target_crs: str) -> Tas
             {"parts": [str(p) for p in parts], "runs": [r.facts["runs"] for r in results]},
         ),
     )
-    return _combined(
+    return combined(
         joined,
         results,
         transformed=any(r.facts["transformed"] for r in results),
@@ -189,7 +189,7 @@ def reproject(runner: Runner, source: str, staged: Path, target_crs: str) -> Tas
     )
 
 
-def _fan_out(
+def fan_out(
     runner: Runner, staged: Path, task: tuple[str, dict], each: list[dict], join
 ) -> tuple[list, TaskResult]:
     """Run `task` (function, shared arguments) once per entry of `each` (that part's own
@@ -212,7 +212,7 @@ def _fan_out(
     return results, joined
 
 
-def _combined(joined: TaskResult, results: list[TaskResult], **facts) -> TaskResult:
+def combined(joined: TaskResult, results: list[TaskResult], **facts) -> TaskResult:
     """One TaskResult for the step: the joined file's facts, the parts' counts, the
     highest worker peak, and the parts' (parallel) time plus the join's."""
     return TaskResult(
@@ -315,7 +315,7 @@ def dissolve(runner: Runner, source: str, staged: Path, **options) -> TaskResult
     counts["dropped_null_keys"] = plan["dropped_null_keys"]
     if giants:
         counts.update(giant_groups=len(giants), union_tasks=union_tasks)
-    return _combined(joined, [*parts, *chunks, *finals], dissolve_by=by, **counts)
+    return combined(joined, [*parts, *chunks, *finals], dissolve_by=by, **counts)
 
 
 def _union_giants(runner, source, options, giants, chunks, temp) -> tuple[list[TaskResult], int]:

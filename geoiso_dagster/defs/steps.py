@@ -1,0 +1,266 @@
+"""geo_asset: a software-defined asset with the envelope every geo step here has.
+
+One GeoParquet file per source file (the dynamic partitions), made by a task in an
+isolated worker into a staged file, read back by another worker, judged by a blocking
+check, published only when it passed; the standard metadata; retries by failure kind;
+fan-out; a run over many files in batches; automation once upstream's checks passed.
+
+The built-in assets (defs/assets.py) are built with it, and so is any step of a team's
+own: `task` is then "package.module:function", fixed here in code (pool/refs.py).
+Orchestration layer: nothing here imports a geo library.
+"""
+
+import contextlib
+import inspect
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from dagster import (
+    AssetCheckResult,
+    AssetExecutionContext,
+    AssetsDefinition,
+    AutomationCondition,
+    BackfillPolicy,
+    Config,
+    Failure,
+    MaterializeResult,
+    asset,
+)
+from dagster._utils.warnings import BetaWarning  # not exported; the one to silence here
+
+from geoiso_dagster import paths
+from geoiso_dagster.defs import fanout
+from geoiso_dagster.defs.batch import produce_batch
+from geoiso_dagster.defs.checks import check_specs, criteria_of
+from geoiso_dagster.defs.envelope import (
+    FileWork,
+    discard,
+    metadata,
+    publish,
+    stage_and_judge,
+    sweep,
+)
+from geoiso_dagster.defs.partitions import source_files
+from geoiso_dagster.defs.resources import SpatialWorkerPool
+from geoiso_dagster.defs.retries import raise_for
+from geoiso_dagster.defs.tasksteps import Step, task_step
+from geoiso_dagster.errors import BadInputError, GeoisoError, UnsafeNameError
+from geoiso_dagster.fsutil import temp_path_for
+from geoiso_dagster.pool.refs import check_task_ref, is_qualified
+
+GROUP = "geo"
+# Dagster concurrency pool of the heavy steps; dagster.yaml limits how many runs use it.
+POOL = "geoiso_workers"
+# A run may carry this many source files (partitions) at most: the sensor's batches and
+# the UI's backfills are cut to it (DESIGN.md, Run model).
+BATCH_MAX_FILES = 125
+# Downstream waits until its upstream's blocking checks passed (or pass in this run).
+_AFTER_CHECKS = AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A layer every partition reads whole or in part (a boundary, a flood-zone map): a
+    GeoParquet file at <data root>/reference/<name>, named by a safe file name."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        try:
+            paths.check_partition_key(self.name)  # a file name, never a path
+        except UnsafeNameError as exc:
+            raise ValueError(f"reference {self.name!r}: {exc.cause}") from None
+        if not self.name.endswith(".parquet"):
+            raise ValueError(f"reference {self.name!r}: not a GeoParquet file name (.parquet)")
+
+
+AssetRef = Union[AssetsDefinition, str]
+
+
+def geo_asset(
+    name: str,
+    *,
+    task: Union[str, Step],
+    upstream: Optional[AssetRef] = None,
+    inputs: Optional[Mapping[str, Union[AssetRef, Reference]]] = None,
+    config: Optional[type[Config]] = None,
+    description: Optional[str] = None,
+    splittable: bool = False,
+    criteria: Optional[tuple[str, ...]] = None,
+    group_name: str = GROUP,
+) -> AssetsDefinition:
+    """An asset with the envelope of the built-in ones (see the module's docstring).
+
+    task: "package.module:function", run in a worker as
+        function(source: str, output: str, **kwargs) -> dict
+      It reads `source` (upstream's GeoParquet output of the partition, or the inbox file
+      when there is no upstream), writes GeoParquet to `output` and returns facts (a dict
+      of JSON values): `rows` is compared with the file's (if given); the other numbers
+      and strings go to the catalog. Raise geoiso_dagster.errors.BadInputError for bad
+      data (a clear, non-retried failure). Or a Step (the built-in assets).
+    upstream: the asset (or its name) whose output of the same partition is `source`.
+    inputs: more keyword arguments of the function: an asset (or its name), passed as the
+      path of its output of the same partition, or a Reference, passed as its path.
+    config: a dagster Config class; its fields are passed as keyword arguments.
+    splittable: the function takes `row_groups` (indices of the source's row groups) and
+      handles only those rows: a large source then fans out over the workers, one run of
+      row groups each, and a last task joins the parts (geoiso_dagster.ops' functions).
+    criteria: what the blocking check judges (defs/checks.py); default: readable, row
+      count, the source's CRS kept, coordinates in range.
+    """
+    paths.check_asset_name(name)
+    upstream_name = _asset_name(upstream) if upstream is not None else None
+    extra = dict(inputs or {})
+    for keyword in extra:
+        if not keyword.isidentifier() or keyword in ("source", "output", "row_groups"):
+            raise ValueError(f"{name}: bad input keyword {keyword!r}")
+    if isinstance(task, Step):
+        step = task
+    else:
+        if not is_qualified(check_task_ref(task)):
+            raise ValueError(f"{name}: task {task!r} must name its module: 'package.module:fn'")
+        step = task_step(task, name, splittable, criteria)
+    criteria = criteria_of(name, step.criteria)
+    if upstream is None and not isinstance(task, Step):
+        # Inbox files are untrusted: raw_features brings them in through the source jail
+        # (spatial/sources.py), and a step of the user's own reads its checked output.
+        raise ValueError(f"{name}: a task step needs an upstream asset (raw_features or later)")
+
+    def compute(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool, config=None):
+        options = dict(config) if config is not None else {}
+        try:
+            step.check(options)
+        except BadInputError as exc:
+            raise Failure(description=f"Bad config: {exc.cause}", allow_retries=False) from None
+
+        def plan(key: str) -> FileWork:
+            output = paths.output_path(name, key)
+            if upstream_name:
+                source = paths.output_path(upstream_name, key)
+            else:
+                source = paths.source_path(key)
+            where = {k: _input_path(v, key) for k, v in extra.items()}
+            return FileWork(
+                output,
+                source,
+                lambda runner, staged, source, inputs: step.produce(
+                    runner, staged, source, inputs, options
+                ),
+                lambda source: step.inspect_kwargs(source, options),
+                inputs=where,
+                criteria=criteria,
+                from_inbox=upstream_name is None,
+            )
+
+        yield from _run_step(context, spatial_pool, name, plan)
+
+    _signature(compute, config)
+    deps = [upstream] if upstream is not None else []
+    deps += [v for v in extra.values() if not isinstance(v, Reference)]
+    with warnings.catch_warnings():  # backfill_policy is a Dagster beta parameter
+        warnings.simplefilter("ignore", BetaWarning)
+        return asset(
+            name=name,
+            description=description or inspect.cleandoc(_default_description(task)),
+            partitions_def=source_files,
+            group_name=group_name,
+            deps=deps or None,
+            output_required=False,
+            check_specs=check_specs(name, criteria),
+            automation_condition=_AFTER_CHECKS if deps else None,
+            kinds={"geoparquet", step.library},
+            pool=POOL,
+            backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=BATCH_MAX_FILES),
+        )(compute)
+
+
+def _asset_name(ref: AssetRef) -> str:
+    if isinstance(ref, AssetsDefinition):
+        return ref.key.to_user_string()
+    return paths.check_asset_name(ref)
+
+
+def _input_path(ref: Union[AssetRef, Reference], key: str) -> Path:
+    if isinstance(ref, Reference):
+        return paths.reference_path(ref.name)
+    return paths.output_path(_asset_name(ref), key)
+
+
+def _default_description(task: Union[str, Step]) -> str:
+    return f"Made by {task} in an isolated worker." if isinstance(task, str) else ""
+
+
+def _signature(compute: Callable, config: Optional[type[Config]]) -> None:
+    """Give the step the parameters Dagster reads: the pool resource, and `config` typed
+    with the Config class when there is one (none at all when there is not)."""
+    annotations: dict[str, Any] = {
+        "context": AssetExecutionContext,
+        "spatial_pool": SpatialWorkerPool,
+    }
+    if config is not None:
+        if not (isinstance(config, type) and issubclass(config, Config)):
+            raise TypeError(f"config must be a dagster Config class, not {config!r}")
+        annotations["config"] = config
+    parameters = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
+        for name, annotation in annotations.items()
+    ]
+    compute.__signature__ = inspect.Signature(parameters)
+    compute.__annotations__ = annotations
+
+
+def _run_step(
+    context: AssetExecutionContext,
+    pool: SpatialWorkerPool,
+    asset_name: str,
+    plan: Callable[[str], FileWork],
+) -> Iterator:
+    """The step for one file (a run of one partition) or for a batch (a run over a range
+    of partitions, defs/batch.py); `plan` says what to do for a partition key."""
+    try:
+        if not context.has_partition_key:
+            yield from produce_batch(context, pool, asset_name, context.partition_keys, plan)
+            return
+        try:
+            work = plan(context.partition_key)
+        except UnsafeNameError as exc:
+            raise Failure(description=f"Bad input: {exc}", allow_retries=False) from None
+        yield from _produce(context, pool, asset_name, work)
+    except GeoisoError as exc:  # raised here, not in a worker: the object store's answers
+        raise_for(context, exc)
+
+
+def _produce(
+    context: AssetExecutionContext, pool: SpatialWorkerPool, asset_name: str, work: FileWork
+) -> Iterator[MaterializeResult | AssetCheckResult]:
+    """Run the task into a staged file, read it back in a worker and judge it; publish it
+    under its final name only when every check passed. A failed check leaves the previous
+    good output in place and fails the step (the checks are blocking), so nothing
+    downstream runs on it."""
+    output = work.output
+    sweep(output)
+    staged = temp_path_for(output)
+    try:
+        judged = stage_and_judge(fanout.StepRunner(context, pool), asset_name, work, staged)
+        if judged.passed:
+            if seconds := publish(staged, output):
+                context.log.info(f"{asset_name}: published to the bucket in {seconds:.1f} s")
+            yield MaterializeResult(
+                metadata=metadata(judged.result, output), check_results=judged.checks
+            )
+        else:
+            context.log.error(
+                f"{asset_name}: blocking check failed on {', '.join(judged.failed_checks())}; "
+                f"{output.name} keeps its previous version"
+            )
+            yield from judged.checks
+    finally:
+        discard(staged)
+        with contextlib.suppress(GeoisoError):  # the step's own error matters more
+            sweep(output)  # what a killed worker of this step left behind
+
+
+__all__ = ["Reference", "Step", "geo_asset"]

@@ -1,0 +1,49 @@
+"""Tasks for steps of the user's own (defs/tasksteps.py): the standard facts of the file
+a step wrote, and the join of a fanned-out step's parts."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.fsutil import atomic_path
+from geoiso_dagster.spatial import io, stream
+
+
+def describe(path: str) -> dict:
+    """The facts the catalog shows of a file a step wrote (spatial/io.describe), or bad
+    input naming it when it is not GeoParquet with a CRS."""
+    target = Path(path)
+    if not target.exists():
+        raise BadInputError(path, "the step wrote no file")
+    try:
+        return io.describe(target)
+    except (KeyError, pa.ArrowException, json.JSONDecodeError) as exc:
+        raise BadInputError(path, f"is not GeoParquet: {type(exc).__name__}: {exc}") from None
+
+
+def join_parts(parts: list[str], output: str) -> dict:
+    """The parts of a fan-out (each GeoParquet, in the order of the source's row groups,
+    so of its Hilbert order) as one GeoParquet file: rows in part order, the parts'
+    `geo` metadata merged (geometry types and bboxes united), row groups of the usual
+    size, written atomically."""
+    tables = [pq.read_table(part) for part in parts]
+    geos = [json.loads(table.schema.metadata[b"geo"]) for table in tables]
+    geo = stream.merged_geo(geos)
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowInvalid as exc:
+        raise BadInputError(output, f"the parts do not share a schema: {exc}") from None
+    table = table.replace_schema_metadata(
+        {**(tables[0].schema.metadata or {}), b"geo": json.dumps(geo).encode()}
+    )
+    options = stream.writer_options(table.schema, geo["primary_column"])
+    try:
+        with atomic_path(Path(output)) as tmp:
+            with pq.ParquetWriter(tmp, table.schema, **options) as writer:
+                writer.write_table(table, row_group_size=io.ROW_GROUP_ROWS)
+    except OSError as exc:
+        raise io.os_error(Path(output), exc, "writing") from exc
+    return io.describe(Path(output))

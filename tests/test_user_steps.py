@@ -1,0 +1,232 @@
+"""Steps of a team's own (geo_asset, build_definitions, "module:function" tasks) in real
+Dagster runs with real worker pools: the envelope of the built-in steps, for them too."""
+
+import geopandas
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import shapely
+from dagster import AssetKey, Config, DagsterEventType, instance_for_test
+
+from geoiso_dagster import Reference, build_definitions, geo_asset
+from geoiso_dagster.defs.partitions import source_files
+from geoiso_dagster.errors import BadInputError, TaskError, WorkerTimeoutError
+from geoiso_dagster.paths import output_path, reference_dir
+from geoiso_dagster.pool import PoolSettings, WorkerPool
+from geoiso_dagster.spatial import io
+from tests.runs import failure_of, run_events
+
+KEY = "countries.gpkg"
+
+
+class AreaConfig(Config):
+    equal_area_crs: str = "EPSG:6933"
+
+
+@pytest.fixture
+def instance():
+    with instance_for_test() as instance:
+        yield instance
+
+
+@pytest.fixture
+def countries(data_root, naturalearth_shp):
+    frame = geopandas.read_file(naturalearth_shp)
+    frame.to_file(data_root / "inbox" / KEY, driver="GPKG", engine="pyogrio")
+    return frame
+
+
+def _run(instance, extra, key=KEY, run_config=None, selection=None):
+    """The code location's own job, built with `extra`, over one partition (the assets
+    named in `selection` only, when given)."""
+    instance.add_dynamic_partitions(source_files.name, [key])
+    job = build_definitions(extra).resolve_job_def("geo_pipeline")
+    ops = {"dissolved_regions": {"config": {"dissolve_by": "continent"}}}
+    ops.update((run_config or {}).get("ops", {}))
+    return job.execute_in_process(
+        instance=instance,
+        partition_key=key,
+        run_config={"ops": {k: v for k, v in ops.items() if k in (selection or ops)}},
+        raise_on_error=False,
+        asset_selection=[AssetKey(name) for name in selection] if selection else None,
+    )
+
+
+def test_a_step_of_your_own_gets_the_envelope_of_the_built_in_ones(instance, countries):
+    areas = geo_asset(
+        "country_areas",
+        task="tests.user_steps:area_km2",
+        upstream="reprojected_features",
+        config=AreaConfig,
+    )
+    result = _run(instance, [areas])
+    assert result.success
+    written = geopandas.read_parquet(output_path("country_areas", KEY))
+    expected = countries.to_crs(6933).area.to_numpy() / 1e6  # independent of the step
+    assert len(written) == 177 and written.crs.to_epsg() == 4326
+    assert np.allclose(
+        np.sort(written["area_km2"].to_numpy()), np.sort(expected), rtol=1e-9, atol=1e-6
+    )
+    (mat,) = result.asset_materializations_for_node("country_areas")
+    metadata = mat.metadata
+    assert metadata["dagster/row_count"].value == 177
+    assert metadata["crs"].value == "EPSG:4326"
+    assert metadata["largest_km2"].value == pytest.approx(expected.max())  # the task's fact
+    assert metadata["worker_host"].value and metadata["worker_pid"].value > 0
+    assert "area_km2" in [c.name for c in metadata["dagster/column_schema"].schema.columns]
+    (check,) = [
+        e.asset_check_evaluation_data
+        for e in run_events(result, DagsterEventType.ASSET_CHECK_EVALUATION)
+        if e.asset_check_evaluation_data.asset_key.to_user_string() == "country_areas"
+    ]
+    assert check.passed and check.blocking
+    judged = {k for k in check.metadata if k != "failed"}
+    assert judged == {
+        "readable_geoparquet",
+        "row_count_matches",
+        "crs_matches_target",
+        "coordinates_in_crs_range",
+    }
+    assert areas.automation_conditions_by_key[areas.key] is not None  # after upstream checks
+    logged = [e.message for e in instance.all_logs(result.run_id)]
+    assert any("measuring 177 features" in (m or "") for m in logged)  # progress()
+
+
+def test_config_fields_reach_the_function_as_keyword_arguments(instance, countries):
+    areas = geo_asset(
+        "country_areas",
+        task="tests.user_steps:area_km2",
+        upstream="raw_features",
+        config=AreaConfig,
+    )
+    config = {"ops": {"country_areas": {"config": {"equal_area_crs": "EPSG:8857"}}}}
+    assert _run(instance, [areas], run_config=config).success
+    written = geopandas.read_parquet(output_path("country_areas", KEY))
+    expected = countries.to_crs(8857).area.sum() / 1e6
+    assert written["area_km2"].sum() == pytest.approx(expected, rel=1e-9)
+
+
+def test_bad_input_raised_by_your_function_fails_once_naming_the_file(instance, countries):
+    refusing = geo_asset("big_only", task="tests.user_steps:refuse_small", upstream="raw_features")
+    result = _run(instance, [refusing])
+    assert not result.success
+    text = failure_of(result)
+    assert "raw_features/countries.gpkg.parquet: has 177 features, fewer than 1000" in text
+    assert not run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)
+    assert not output_path("big_only", KEY).exists()
+    assert output_path("dissolved_regions", KEY).exists()  # the others are not its business
+
+
+def test_a_function_that_misreports_its_rows_is_stopped_by_the_blocking_check(instance, countries):
+    lying = geo_asset("lying", task="tests.user_steps:overstate_rows", upstream="raw_features")
+    result = _run(instance, [lying])
+    assert not result.success
+    (check,) = [
+        e.asset_check_evaluation_data
+        for e in run_events(result, DagsterEventType.ASSET_CHECK_EVALUATION)
+        if e.asset_check_evaluation_data.asset_key.to_user_string() == "lying"
+    ]
+    assert not check.passed
+    assert check.metadata["failed"].value == "row_count_matches"
+    assert not output_path("lying", KEY).exists()  # never published
+    assert list((output_path("lying", KEY).parent).glob(".*")) == []  # nor left staged
+
+
+def test_a_function_that_returns_no_dict_is_a_task_error(instance, countries):
+    odd = geo_asset("odd", task="tests.user_steps:not_a_dict", upstream="raw_features")
+    result = _run(instance, [odd])
+    text = failure_of(result)
+    assert "returned list, not a dict of facts" in text
+    assert not run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)
+
+
+def test_a_splittable_join_fans_out_and_equals_geopandas_on_the_whole_frames(
+    instance, data_root, monkeypatch
+):
+    """120,001 points (3 row groups) joined to 12 zones of a reference layer: in 2 parts
+    side by side, each reading the zones its bbox reaches; the same rows as
+    geopandas.sjoin of the whole frames."""
+    from geoiso_dagster.defs import fanout
+
+    rng = np.random.default_rng(7)
+    n = 120_001
+    points = geopandas.GeoDataFrame(
+        {"point_id": np.arange(n)},
+        geometry=shapely.points(rng.uniform(-170, 170, n), rng.uniform(-80, 80, n)),
+        crs=4326,
+    )
+    points.to_file(data_root / "inbox" / "points.gpkg", driver="GPKG", engine="pyogrio")
+    xs, ys = np.linspace(-180, 180, 5), np.linspace(-90, 90, 4)
+    zones = geopandas.GeoDataFrame(
+        {"zone": [f"z{i}{j}" for i in range(4) for j in range(3)]},
+        geometry=[
+            shapely.box(xs[i], ys[j], xs[i + 1], ys[j + 1]) for i in range(4) for j in range(3)
+        ],
+        crs=4326,
+    )
+    reference_dir(data_root).mkdir()
+    io.write_geoparquet(zones, reference_dir(data_root) / "zones.parquet")
+    joined = geo_asset(
+        "points_in_zones",
+        task="geoiso_dagster.ops:sjoin",
+        upstream="raw_features",
+        inputs={"right": Reference("zones.parquet")},
+        splittable=True,
+    )
+    monkeypatch.setattr(fanout, "FAN_OUT_MIN_ROWS", 1)
+    result = _run(
+        instance, [joined], key="points.gpkg", selection=["raw_features", "points_in_zones"]
+    )
+    assert result.success
+    (mat,) = result.asset_materializations_for_node("points_in_zones")
+    assert mat.metadata["fanned_out_over"].value == 2
+    got = geopandas.read_parquet(output_path("points_in_zones", "points.gpkg"))
+    expected = geopandas.sjoin(points, zones, predicate="intersects").drop(columns="index_right")
+    key = ["point_id", "zone"]
+    got = got.sort_values(key).reset_index(drop=True)
+    expected = expected.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[key], expected[key])
+    assert got.geometry.geom_equals_exact(expected.geometry, tolerance=0).all()
+    assert mat.metadata["dagster/row_count"].value == len(expected) >= n
+    assert pq.ParquetFile(output_path("points_in_zones", "points.gpkg")).metadata.num_rows == len(
+        expected
+    )
+
+
+def test_task_references_and_definitions_are_checked_when_built():
+    for task in ("tests.user_steps", "tests.user_steps:_private", "a b:c", "x:y.z", "ingest"):
+        with pytest.raises(ValueError, match="task"):
+            geo_asset("bad", task=task, upstream="raw_features")
+    with pytest.raises(ValueError, match="needs an upstream asset"):
+        geo_asset("bad", task="tests.user_steps:area_km2")
+    with pytest.raises(ValueError, match="bad asset name"):
+        geo_asset("../escape", task="tests.user_steps:area_km2", upstream="raw_features")
+    with pytest.raises(ValueError, match="contains a path separator"):
+        Reference("../zones.parquet")
+    with pytest.raises(ValueError, match="not a GeoParquet file name"):
+        Reference("zones.gpkg")
+
+
+def test_the_pool_runs_a_function_of_your_own_with_its_guarantees(tmp_path, naturalearth_shp):
+    """Progress messages, bad input by kind, the timeout that kills, the ceiling."""
+    source = tmp_path / "countries.parquet"
+    io.write_geoparquet(geopandas.read_file(naturalearth_shp), source)
+    settings = PoolSettings(max_workers=1, task_timeout_s=2, memory_limit_mb=300)
+    with WorkerPool(settings) as pool:
+        seen = []
+        facts = pool.run(
+            "tests.user_steps:area_km2",
+            source=str(source),
+            output=str(tmp_path / "a.parquet"),
+            on_progress=seen.append,
+        ).facts
+        assert facts["rows"] == 177 and seen[0]["message"] == "measuring 177 features"
+        with pytest.raises(BadInputError, match="fewer than 1000"):
+            pool.run("tests.user_steps:refuse_small", source=str(source), output="x")
+        with pytest.raises(WorkerTimeoutError, match="its worker was killed"):
+            pool.run("tests.user_steps:sleep", source=str(source), output="x", seconds=30)
+        with pytest.raises(TaskError, match="No module named 'tests.nowhere'"):
+            pool.run("tests.nowhere:step", source=str(source), output="x")
+        with pytest.raises(ValueError, match="bad task reference"):
+            pool.run("tests.user_steps:area_km2; import os", source=str(source))

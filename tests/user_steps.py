@@ -1,0 +1,40 @@
+"""A team's own worker functions, as a user would write them (worker layer: imports
+geopandas), for tests/test_user_steps.py. Named as "tests.user_steps:function"."""
+
+import time
+
+from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.ops.frames import read, write
+from geoiso_dagster.pool import progress
+
+
+def area_km2(source: str, output: str, equal_area_crs: str = "EPSG:6933") -> dict:
+    """Each feature's area in km2 (computed in an equal-area CRS), as a column."""
+    frame = read(source)
+    progress(f"measuring {len(frame)} features", done=0, total=len(frame))
+    frame["area_km2"] = frame.geometry.to_crs(equal_area_crs).area / 1e6
+    facts = write(frame, output)
+    return {"rows": facts["rows"], "largest_km2": float(frame["area_km2"].max())}
+
+
+def refuse_small(source: str, output: str, at_least: int = 1000) -> dict:
+    """Bad input for a source with fewer features than `at_least`."""
+    frame = read(source)
+    if len(frame) < at_least:
+        raise BadInputError(source, f"has {len(frame)} features, fewer than {at_least}")
+    return write(frame, output)
+
+
+def overstate_rows(source: str, output: str) -> dict:
+    """Writes the source and reports one row more than it wrote."""
+    facts = write(read(source), output)
+    return {"rows": facts["rows"] + 1}
+
+
+def sleep(source: str, output: str, seconds: float) -> dict:
+    time.sleep(seconds)
+    return write(read(source), output)
+
+
+def not_a_dict(source: str, output: str) -> list:
+    return [source]
