@@ -48,9 +48,9 @@ def layers(naturalearth_shp, tmp_path_factory):
         io.write_geoparquet(points, paths["points"])
     frames = {name: geopandas.read_parquet(path) for name, path in paths.items()}
     assert all("bbox" not in frame.columns for frame in frames.values())  # read as covering
-    invalid_path = str(folder / "invalid.parquet")
-    io.write_geoparquet(invalid, invalid_path)
-    paths["invalid"] = invalid_path
+    paths["invalid"] = str(folder / "invalid.parquet")
+    io.write_geoparquet(invalid, paths["invalid"])
+    frames["invalid"] = invalid
     return paths, frames, folder
 
 
@@ -207,3 +207,19 @@ def test_bad_settings_and_layers_are_bad_input_naming_them(pool, layers, tmp_pat
         with pytest.raises(BadInputError, match=cause):
             pool.run(source=paths["countries"], output=output, **kwargs)
     assert not (tmp_path / "out.parquet").exists()
+    # Natural Earth's Antarctica (and a few others) become invalid in EPSG:6933: GEOS
+    # refuses to cut them, and that is the file's fault, said with the remedy...
+    with pytest.raises(BadInputError, match="GEOS cannot work with .* make them valid first") as e:
+        pool.run(
+            "geoiso_dagster.ops:clip",
+            source=paths["invalid"],
+            output=output,
+            mask=paths["mask"],
+            repair=False,
+        )
+    assert e.value.path.startswith(paths["invalid"])
+    # ...unless they are repaired first, as they are by default, and counted.
+    facts = pool.run(
+        "geoiso_dagster.ops:clip", source=paths["invalid"], output=output, mask=paths["mask"]
+    ).facts
+    assert facts["repaired_geometries"] == len(frames["invalid"]) > 0

@@ -37,15 +37,20 @@ def clip(
     output: str,
     mask: str,
     keep_geom_type: bool = False,
+    repair: bool = True,
     row_groups: list[int] | None = None,
 ) -> dict:
-    """The source's features cut to the mask layer's polygons (geopandas.clip)."""
+    """The source's features cut to the mask layer's polygons (geopandas.clip). With
+    `repair`, invalid geometries of either are made valid first (GEOS cannot cut them;
+    a reprojection often makes a few): counted in `repaired_geometries`."""
     left = read(source, row_groups)
     right = read_near(mask, bounds_of(left))
     same_crs(left, right, mask)
+    repaired = _repair(left) + _repair(right) if repair else 0
     with geometry_errors(source, mask):
         clipped = geopandas.clip(left, right, keep_geom_type=keep_geom_type)
-    return write(clipped, output) | {"mask_features_read": len(right)}
+    facts = {"mask_features_read": len(right), "repaired_geometries": repaired}
+    return write(clipped, output) | facts
 
 
 def overlay(
@@ -54,17 +59,29 @@ def overlay(
     other: str,
     how: str = "intersection",
     keep_geom_type: bool | None = None,
+    repair: bool = True,
     row_groups: list[int] | None = None,
 ) -> dict:
-    """geopandas.overlay of the source with another layer; the attributes of both."""
+    """geopandas.overlay of the source with another layer; the attributes of both.
+    `repair` as for clip."""
     if how not in OVERLAY_HOW:
         raise BadInputError(f"how={how!r}", f"overlay here supports {', '.join(OVERLAY_HOW)}")
     left = read(source, row_groups)
     right = read_near(other, bounds_of(left))
     same_crs(left, right, other)
+    repaired = _repair(left) + _repair(right) if repair else 0
     with geometry_errors(source, other):
         result = geopandas.overlay(left, right, how=how, keep_geom_type=keep_geom_type)
-    return write(result, output) | {"other_features_read": len(right)}
+    facts = {"other_features_read": len(right), "repaired_geometries": repaired}
+    return write(result, output) | facts
+
+
+def _repair(frame: geopandas.GeoDataFrame) -> int:
+    """Make the frame's invalid geometries valid in place; how many there were."""
+    invalid = ~frame.geometry.is_valid & frame.geometry.notna()
+    if invalid.any():
+        frame.loc[invalid, frame.geometry.name] = frame.geometry[invalid].make_valid()
+    return int(invalid.sum())
 
 
 def sjoin(
