@@ -7,15 +7,15 @@ demo:            ## set up, then run the main job on the shipped sample data
 
 test:            ## set up (plus test-only system packages), then run the whole test suite
 	scripts/setup.sh --test
-	.venv/bin/ruff check geoiso_dagster tests
+	.venv/bin/ruff check geoiso_dagster tests examples
 	.venv/bin/python -m pytest
 
 setup:
 	scripts/setup.sh --test
 
 lint:
-	.venv/bin/ruff check geoiso_dagster tests
-	.venv/bin/ruff format --check geoiso_dagster tests
+	.venv/bin/ruff check geoiso_dagster tests examples
+	.venv/bin/ruff format --check geoiso_dagster tests examples
 
 image:           ## build geoiso-dagster:latest, the image of every run container (README, Deploy)
 	scripts/image.sh
