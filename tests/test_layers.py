@@ -10,7 +10,7 @@ def test_definitions_import_no_geo_library():
     build_definitions, the pool) must not load GDAL, GEOS or PROJ."""
     code = (
         "import sys, geoiso_dagster.definitions, geoiso_dagster.cli, geoiso_dagster.launcher;"
-        "import geoiso_dagster, geoiso_dagster.pool, geoiso_dagster.pool.refs;"
+        "import geoiso_dagster, geoiso_dagster.pool, geoiso_dagster.components;"
         "geoiso_dagster.geo_asset, geoiso_dagster.build_definitions, geoiso_dagster.Reference;"
         f"print(','.join(m for m in {GEO_MODULES!r} if m in sys.modules))"
     )

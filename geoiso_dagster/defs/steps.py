@@ -90,6 +90,7 @@ def geo_asset(
     description: Optional[str] = None,
     splittable: bool = False,
     criteria: Optional[tuple[str, ...]] = None,
+    options: Optional[Mapping[str, Any]] = None,
     group_name: str = GROUP,
 ) -> AssetsDefinition:
     """An asset with the envelope of the built-in ones (see the module's docstring).
@@ -110,6 +111,7 @@ def geo_asset(
       row groups each, and a last task joins the parts (geoiso_dagster.ops' functions).
     criteria: what the blocking check judges (defs/checks.py); default: readable, row
       count, the source's CRS kept, coordinates in range.
+    options: fixed keyword arguments of the function (config fields override them).
     """
     paths.check_asset_name(name)
     upstream_name = _asset_name(upstream) if upstream is not None else None
@@ -122,7 +124,7 @@ def geo_asset(
     else:
         if not is_qualified(check_task_ref(task)):
             raise ValueError(f"{name}: task {task!r} must name its module: 'package.module:fn'")
-        step = task_step(task, name, splittable, criteria)
+        step = task_step(task, name, splittable, criteria, dict(options or {}))
     criteria = criteria_of(name, step.criteria)
     if upstream is None and not isinstance(task, Step):
         # Inbox files are untrusted: raw_features brings them in through the source jail

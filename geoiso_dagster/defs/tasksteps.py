@@ -36,12 +36,19 @@ class Step:
     library: str = "geopandas"
 
 
-def task_step(task: str, name: str, splittable: bool, criteria: tuple[str, ...] | None) -> Step:
+def task_step(
+    task: str,
+    name: str,
+    splittable: bool,
+    criteria: tuple[str, ...] | None,
+    fixed: dict | None = None,
+) -> Step:
     """The Step of a function of the user's own: one task (or its fan-out over the
-    source's row groups), then the standard facts of the file it wrote."""
+    source's row groups), then the standard facts of the file it wrote. The function gets
+    the inputs' paths, the `fixed` keyword arguments, then the config's values."""
 
     def produce(runner, staged: Path, source: str, inputs: dict, options: dict) -> TaskResult:
-        kwargs = {**inputs, **options}
+        kwargs = {**inputs, **(fixed or {}), **options}
         plan = fanout.plan_row_groups(source, runner.max_workers) if splittable else None
         if plan is None:
             own = runner.run(task, source=source, output=str(staged), **kwargs)
