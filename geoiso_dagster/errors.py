@@ -1,7 +1,22 @@
 """The project's exception hierarchy: one type per kind of failure in DESIGN.md.
 
-Importable everywhere (orchestration, pool, worker): it imports no geo library.
+Importable everywhere (orchestration, pool, worker): it imports no geo library. A worker
+function of one's own raises BadInputError for bad data (never retried) and
+TransientIOError for a fault that may pass (retried); the rest are the pool's.
 """
+
+__all__ = [
+    "BadInputError",
+    "GeoisoError",
+    "MemoryLimitError",
+    "StorageAccessError",
+    "TaskError",
+    "TransientIOError",
+    "UnsafeNameError",
+    "WorkerCrashedError",
+    "WorkerError",
+    "WorkerTimeoutError",
+]
 
 
 class GeoisoError(Exception):

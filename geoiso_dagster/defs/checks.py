@@ -13,6 +13,7 @@ from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetK
 from dagster._utils.warnings import PreviewWarning  # not exported; the one to silence here
 
 from geoiso_dagster.defs.partitions import source_files
+from geoiso_dagster.records import OutputFacts, ReadBack
 
 READABLE = "readable_geoparquet"
 ROW_COUNT = "row_count_matches"
@@ -82,7 +83,7 @@ def description(asset: str, criteria: tuple[str, ...] | None = None) -> str:
     return f"The file as written, read back by a worker, meets every criterion:\n{listed}"
 
 
-def _judge(name: str, written: dict, seen: dict) -> tuple[bool, dict]:
+def _judge(name: str, written: OutputFacts, seen: ReadBack) -> tuple[bool, dict]:
     if not seen.get("readable"):
         return False, {"error": seen.get("error", "unreadable")}
     if name == READABLE:
@@ -115,7 +116,7 @@ def _judge(name: str, written: dict, seen: dict) -> tuple[bool, dict]:
     raise ValueError(f"unknown check {name!r}")
 
 
-def _judge_source_counts(seen: dict) -> tuple[bool, dict]:
+def _judge_source_counts(seen: ReadBack) -> tuple[bool, dict]:
     if "source_error" in seen:
         return False, {"error": seen["source_error"]}
     declared, shapes = seen.get("source_features"), seen.get("source_geometries")
@@ -129,14 +130,14 @@ def _judge_source_counts(seen: dict) -> tuple[bool, dict]:
 
 
 def verdicts(
-    asset: str, written: dict, seen: dict, criteria: tuple[str, ...] | None = None
+    asset: str, written: OutputFacts, seen: ReadBack, criteria: tuple[str, ...] | None = None
 ) -> dict[str, tuple[bool, dict]]:
     """Each criterion of `asset`: (passed, what was compared)."""
     return {name: _judge(name, written, seen) for name in criteria_of(asset, criteria)}
 
 
 def check_results(
-    asset: str, written: dict, seen: dict, criteria: tuple[str, ...] | None = None
+    asset: str, written: OutputFacts, seen: ReadBack, criteria: tuple[str, ...] | None = None
 ) -> list[AssetCheckResult]:
     """The asset's check result, from the step's facts and the worker's read-back: passed
     when every criterion passed; each criterion's verdict and values in the metadata."""

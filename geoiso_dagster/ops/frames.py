@@ -12,6 +12,7 @@ import shapely
 
 from geoiso_dagster import objectstore
 from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.records import OutputFacts
 from geoiso_dagster.spatial import io
 
 __all__ = ["bounds_of", "geometry_errors", "read", "read_near", "same_crs", "write"]
@@ -77,7 +78,7 @@ def same_crs(left: geopandas.GeoDataFrame, right: geopandas.GeoDataFrame, path: 
         )
 
 
-def write(frame: geopandas.GeoDataFrame, output: str) -> dict:
+def write(frame: geopandas.GeoDataFrame, output: str) -> OutputFacts:
     """Write `frame` as every output here is written (GeoParquet 1.1, bbox covering,
     zstd, Hilbert order, bounded row groups) atomically; its facts (rows, ...)."""
     frame = frame.reset_index(drop=True)

@@ -25,6 +25,7 @@ from geoiso_dagster import objectstore
 from geoiso_dagster.errors import BadInputError, StorageAccessError, TransientIOError
 from geoiso_dagster.formats import PARQUET_SUFFIXES  # noqa: F401 - one definition
 from geoiso_dagster.fsutil import atomic_path
+from geoiso_dagster.records import OutputFacts
 from geoiso_dagster.spatial import faults, remote
 
 # Tens of thousands of rows per row group: small enough that a bbox filter skips most
@@ -245,7 +246,7 @@ def read_geoparquet_table(
     return table, primary, crs
 
 
-def write_geoparquet(frame: geopandas.GeoDataFrame, target: str | Path) -> dict:
+def write_geoparquet(frame: geopandas.GeoDataFrame, target: str | Path) -> OutputFacts:
     """Write GeoParquet 1.1 (zstd, bbox covering, bounded row groups) atomically and
     return the facts of the file as written."""
     target = Path(target)
@@ -308,7 +309,7 @@ def parse_crs(text: str) -> pyproj.CRS:
     return pyproj.CRS.from_user_input(text)
 
 
-def describe(path: Path) -> dict:
+def describe(path: Path) -> OutputFacts:
     """The facts the catalog shows about an output file, read from the file itself."""
     parquet = pq.ParquetFile(path)
     geo = json.loads(parquet.schema_arrow.metadata[b"geo"])

@@ -10,6 +10,7 @@ import shapely
 from geoiso_dagster import paths
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import temp_path_for
+from geoiso_dagster.records import ReadBack
 from geoiso_dagster.spatial import integrity, io, sources
 from geoiso_dagster.spatial.ingest import gdal_info
 from geoiso_dagster.spatial.tasks.reprojection import parse_crs
@@ -24,7 +25,7 @@ def inspect(
     geometries: str = "sample",
     source: str | None = None,
     layer: str | None = None,
-) -> dict:
+) -> ReadBack:
     """Independent facts about a file just written, for the asset checks: read back from
     disk, trusting nothing the writer said.
 
@@ -35,7 +36,7 @@ def inspect(
     `source` (raw_features), the source's own declared counts are read again.
     """
     target = Path(path)
-    facts: dict = {"path": path, "readable": False}
+    facts: ReadBack = {"path": path, "readable": False}
     try:
         geo = io.geo_metadata(target)
         parquet = pq.ParquetFile(target)
@@ -100,7 +101,7 @@ def inspect(
     return facts
 
 
-def inspect_object(relative: str, **kwargs) -> dict:
+def inspect_object(relative: str, **kwargs) -> ReadBack:
     """inspect() of a staged object of an S3 root, read back from the bucket: the bytes
     checked are the bytes that will be published, not the local file they came from."""
     copy = temp_path_for(paths.data_root() / relative)
