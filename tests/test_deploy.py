@@ -59,7 +59,7 @@ def stack(engine):
     # The OOM test's fault: the run containers get GEOISO_* variables from the stack; the
     # fault fires once, while the test arms it.
     state, armed = folder / "data" / "fault-state-oom", folder / "data" / "oom-armed"
-    fault = {"task": "ingest", "fault": "memory", "times": 1, "state": str(state)}
+    fault = {"task": "ingest", "at": "start", "fault": "memory", "times": 1, "state": str(state)}
     faults = {"GEOISO_FAULTS": json.dumps([fault | {"armed": str(armed)}])}
     stack = Stack(folder, folder / "data", **FAST_INBOX, **pool, **faults)
     stack.oom_armed = armed

@@ -295,3 +295,19 @@ def test_a_full_disk_while_reproject_copies_is_transient(data_root, monkeypatch,
         ).facts
     assert facts["transformed"] is False and facts["rows"] == 2000
     assert _temps(data_root) == []
+
+
+def test_an_armed_fault_fires_only_while_its_file_exists(tmp_path, monkeypatch):
+    """The Docker OOM test sets its fault for the whole stack and arms it for one run."""
+    import json
+
+    from geoiso_dagster.spatial import faults
+
+    armed = tmp_path / "armed"
+    fault = {"task": "ingest", "fault": "enomem", "state": str(tmp_path), "armed": str(armed)}
+    monkeypatch.setenv(faults.FAULTS_ENV, json.dumps([fault]))
+    faults.at_start("ingest")  # not armed: nothing happens
+    armed.touch()
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        faults.at_start("ingest")
+    faults.at_start("ingest")  # "times" defaults to 1: it fired once

@@ -39,10 +39,12 @@ def _faults(task: str, at: str) -> list[dict]:
     return [
         f
         for f in json.loads(raw)
-        if f["task"] == task
-        and f.get("at", "start") == at
-        and ("armed" not in f or os.path.exists(f["armed"]))
+        if f["task"] == task and _at(f) == at and ("armed" not in f or os.path.exists(f["armed"]))
     ]
+
+
+def _at(fault: dict) -> str:
+    return fault.get("at", "start")
 
 
 def _claim(fault: dict) -> bool:
@@ -52,7 +54,7 @@ def _claim(fault: dict) -> bool:
     for n in range(int(fault.get("times", 1))):
         try:
             os.close(
-                os.open(state / f"fired-{fault['task']}-{fault['at']}-{n}", os.O_CREAT | os.O_EXCL)
+                os.open(state / f"fired-{fault['task']}-{_at(fault)}-{n}", os.O_CREAT | os.O_EXCL)
             )
             return True
         except FileExistsError:
