@@ -223,3 +223,24 @@ def test_bad_settings_and_layers_are_bad_input_naming_them(pool, layers, tmp_pat
         "geoiso_dagster.ops:clip", source=paths["invalid"], output=output, mask=paths["mask"]
     ).facts
     assert facts["repaired_geometries"] == len(frames["invalid"]) > 0
+
+
+def test_a_part_with_nothing_in_it_does_not_blank_the_joined_metadata(pool, layers, tmp_path):
+    """A fan-out part whose rows the mask misses writes an empty file; the joined file
+    still declares the other parts' geometry types and bbox."""
+    paths, frames, folder = layers
+    parts = []
+    for n, groups in enumerate([[0], [1, 2, 3, 4]]):
+        parts.append(str(tmp_path / f"part{n}.parquet"))
+        far = str(tmp_path / "far.parquet")
+        if not n:  # the first part clipped to a mask far from everything: empty
+            box = shapely.box(-1e5, 9e6, 0, 9.1e6)
+            io.write_geoparquet(geopandas.GeoDataFrame(geometry=[box], crs=6933), far)
+        mask = far if not n else paths["mask"]
+        kwargs = {"source": paths["countries"], "output": parts[-1], "mask": mask}
+        pool.run("geoiso_dagster.ops:clip", row_groups=groups, **kwargs)
+    assert geopandas.read_parquet(parts[0]).empty
+    joined = pool.run("join_parts", parts=parts, output=str(tmp_path / "joined.parquet")).facts
+    assert joined["rows"] == len(geopandas.read_parquet(parts[1])) > 0
+    assert set(joined["geometry_types"]) == {"MultiPolygon", "Polygon"}
+    assert len(joined["bbox"]) == 4

@@ -30,8 +30,9 @@ def join_parts(parts: list[str], output: str) -> dict:
     `geo` metadata merged (geometry types and bboxes united), row groups of the usual
     size, written atomically."""
     tables = [pq.read_table(part) for part in parts]
-    geos = [json.loads(table.schema.metadata[b"geo"]) for table in tables]
-    geo = stream.merged_geo(geos)
+    # An empty part declares no geometry types and no bbox: it must not blank the whole's.
+    holding = [table for table in tables if table.num_rows] or tables
+    geo = stream.merged_geo([json.loads(table.schema.metadata[b"geo"]) for table in holding])
     try:
         table = pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowInvalid as exc:
