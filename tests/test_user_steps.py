@@ -11,7 +11,13 @@ from dagster import AssetKey, Config, DagsterEventType, instance_for_test
 
 from geoiso_dagster import Reference, build_definitions, geo_asset
 from geoiso_dagster.defs.partitions import source_files
-from geoiso_dagster.errors import BadInputError, TaskError, WorkerTimeoutError
+from geoiso_dagster.errors import (
+    BadInputError,
+    MemoryLimitError,
+    TaskError,
+    WorkerCrashedError,
+    WorkerTimeoutError,
+)
 from geoiso_dagster.paths import output_path, reference_dir
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from geoiso_dagster.spatial import io
@@ -209,7 +215,8 @@ def test_task_references_and_definitions_are_checked_when_built():
 
 
 def test_the_pool_runs_a_function_of_your_own_with_its_guarantees(tmp_path, naturalearth_shp):
-    """Progress messages, bad input by kind, the timeout that kills, the ceiling."""
+    """Progress messages, bad input by kind, the timeout that kills, the memory ceiling,
+    a crash named by its signal, a module that is not there."""
     source = tmp_path / "countries.parquet"
     io.write_geoparquet(geopandas.read_file(naturalearth_shp), source)
     settings = PoolSettings(max_workers=1, task_timeout_s=2, memory_limit_mb=300)
@@ -226,6 +233,10 @@ def test_the_pool_runs_a_function_of_your_own_with_its_guarantees(tmp_path, natu
             pool.run("tests.user_steps:refuse_small", source=str(source), output="x")
         with pytest.raises(WorkerTimeoutError, match="its worker was killed"):
             pool.run("tests.user_steps:sleep", source=str(source), output="x", seconds=30)
+        with pytest.raises(MemoryLimitError, match="over its ceiling memory_limit_mb=300"):
+            pool.run("tests.user_steps:hoard", source=str(source), output="x")
+        with pytest.raises(WorkerCrashedError, match="killed by SIGSEGV"):
+            pool.run("tests.user_steps:crash", source=str(source), output="x")
         with pytest.raises(TaskError, match="No module named 'tests.nowhere'"):
             pool.run("tests.nowhere:step", source=str(source), output="x")
         with pytest.raises(ValueError, match="bad task reference"):

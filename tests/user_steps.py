@@ -38,3 +38,20 @@ def sleep(source: str, output: str, seconds: float) -> dict:
 
 def not_a_dict(source: str, output: str) -> list:
     return [source]
+
+
+def hoard(source: str, output: str) -> dict:
+    """Allocates until the memory ceiling stops the worker."""
+    blocks = []
+    while True:
+        blocks.append(bytearray(32 * 2**20))
+        blocks[-1][::4096] = b"\1" * len(blocks[-1][::4096])
+
+
+def crash(source: str, output: str) -> dict:
+    """Dies as a segfault in native code would."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+    return {}
