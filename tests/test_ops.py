@@ -10,6 +10,7 @@ import shapely
 
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from geoiso_dagster.spatial import io
+from tests.grids import grid
 
 ROWS_PER_GROUP = 40  # countries: 177 rows in 5 row groups
 
@@ -23,14 +24,7 @@ def layers(naturalearth_shp, tmp_path_factory):
     invalid = countries[~countries.is_valid]
     countries["geometry"] = countries.make_valid()  # see the bad input test for why
     countries["country_id"] = np.arange(len(countries))
-    xs, ys = np.linspace(-17e6, 17e6, 5), np.linspace(-7e6, 7e6, 4)
-    zones = geopandas.GeoDataFrame(
-        {"zone": [f"z{i}{j}" for i in range(4) for j in range(3)]},
-        geometry=[
-            shapely.box(xs[i], ys[j], xs[i + 1], ys[j + 1]) for i in range(4) for j in range(3)
-        ],
-        crs=6933,
-    )
+    zones = grid((-17e6, -7e6, 17e6, 7e6), 4, 3, crs=6933)
     mask = geopandas.GeoDataFrame(
         {"mask": ["a", "b"]},
         geometry=[shapely.box(-2e6, -4e6, 4e6, 4e6), shapely.box(6e6, 0, 12e6, 5e6)],

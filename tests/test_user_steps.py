@@ -21,6 +21,7 @@ from geoiso_dagster.errors import (
 from geoiso_dagster.paths import output_path, reference_dir
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from geoiso_dagster.spatial import io
+from tests.grids import grid
 from tests.runs import failure_of, run_events
 
 KEY = "countries.gpkg"
@@ -163,14 +164,7 @@ def test_a_splittable_join_fans_out_and_equals_geopandas_on_the_whole_frames(
         crs=4326,
     )
     points.to_file(data_root / "inbox" / "points.gpkg", driver="GPKG", engine="pyogrio")
-    xs, ys = np.linspace(-180, 180, 5), np.linspace(-90, 90, 4)
-    zones = geopandas.GeoDataFrame(
-        {"zone": [f"z{i}{j}" for i in range(4) for j in range(3)]},
-        geometry=[
-            shapely.box(xs[i], ys[j], xs[i + 1], ys[j + 1]) for i in range(4) for j in range(3)
-        ],
-        crs=4326,
-    )
+    zones = grid((-180, -90, 180, 90), 4, 3, crs=4326)
     reference_dir(data_root).mkdir()
     io.write_geoparquet(zones, reference_dir(data_root) / "zones.parquet")
     joined = geo_asset(
