@@ -116,3 +116,25 @@ def test_the_yaml_pipeline_materializes_through_the_cli(project):
     )
     assert len(buffered) == len(expected) > 50
     assert buffered.area.sum() == pytest.approx(expected.area.sum(), rel=1e-9)
+
+
+def test_dg_checks_and_lists_this_repository(project):
+    """dg on geoiso-dagster itself ([tool.dg] in its pyproject.toml): the code location
+    as shipped, its job, sensors and resource."""
+    _, env = project
+    repository = HERE.parents[1]
+    checked = subprocess.run(
+        [BIN / "dg", "check", "defs"], cwd=repository, env=env, capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-2000:]
+    listed = subprocess.run(
+        [BIN / "dg", "list", "defs", "--json"],
+        cwd=repository,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    defs = json.loads(listed.stdout)
+    assert {a["asset_key"] for a in defs["assets"]} == BUILT_IN
+    assert {s["name"] for s in defs["sensors"]} >= {"inbox_sensor", "batch_remainder_sensor"}
