@@ -348,3 +348,43 @@ def pa_buffer(data: bytes):
     import pyarrow as pa
 
     return pa.BufferReader(data)
+
+
+def test_a_step_of_your_own_runs_on_a_bucket_with_a_reference_layer(instance, s3_root, tmp_path):
+    """geo_asset on an s3:// root: its source (the upstream object), its reference layer
+    (an object under <root>/reference/), its staged upload, read-back and publish."""
+    import shapely
+
+    from geoiso_dagster import Reference, geo_asset
+    from geoiso_dagster.spatial import io
+
+    mask = geopandas.GeoDataFrame(geometry=[shapely.box(-2e6, -4e6, 4e6, 4e6)], crs=6933)
+    io.write_geoparquet(mask, tmp_path / "mask.parquet")
+    s3_root.client.upload_file(
+        str(tmp_path / "mask.parquet"), "geo", "team-a/reference/mask.parquet"
+    )
+    s3_root.client.upload_file("data/sample/countries.gpkg", "geo", f"team-a/inbox/{KEY}")
+    clipped = geo_asset(
+        "clipped",
+        task="geoiso_dagster.ops:clip",
+        upstream="reprojected_features",
+        inputs={"mask": Reference("mask.parquet")},
+    )
+    result = materialize(
+        [*geo_assets, clipped],
+        instance=instance,
+        partition_key=KEY,
+        run_config={"ops": {"reprojected_features": CONFIG["ops"]["reprojected_features"]}},
+        selection=["raw_features", "reprojected_features", "clipped"],
+        resources={"spatial_pool": SpatialWorkerPool(max_workers=2)},
+        raise_on_error=False,
+    )
+    assert result.success
+    (mat,) = result.asset_materializations_for_node("clipped")
+    assert mat.metadata["dagster/uri"].value == f"s3://geo/{WAREHOUSE}/clipped/{KEY}.parquet"
+    got = _read(s3_root.client, f"{WAREHOUSE}/clipped/{KEY}.parquet", tmp_path)
+    countries = geopandas.read_file("data/sample/countries.gpkg").to_crs(6933)
+    expected = geopandas.clip(countries.set_geometry(countries.make_valid()), mask)
+    assert len(got) == len(expected) > 10
+    assert got.area.sum() == pytest.approx(expected.area.sum(), rel=1e-9)
+    assert not _staged(s3_root.client)
