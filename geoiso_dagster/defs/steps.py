@@ -97,8 +97,8 @@ def geo_asset(
 
     task: "package.module:function", run in a worker as
         function(source: str, output: str, **kwargs) -> dict
-      It reads `source` (upstream's GeoParquet output of the partition, or the inbox file
-      when there is no upstream), writes GeoParquet to `output` and returns facts (a dict
+      It reads `source` (upstream's GeoParquet output of the partition: a task step needs
+      an upstream), writes GeoParquet to `output` and returns facts (a dict
       of JSON values): `rows` is compared with the file's (if given); the other numbers
       and strings go to the catalog. Raise geoiso_dagster.errors.BadInputError for bad
       data (a clear, non-retried failure). Or a Step (the built-in assets).
@@ -132,9 +132,9 @@ def geo_asset(
         raise ValueError(f"{name}: a task step needs an upstream asset (raw_features or later)")
 
     def compute(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool, config=None):
-        options = dict(config) if config is not None else {}
+        settings = dict(config) if config is not None else {}
         try:
-            step.check(options)
+            step.check(settings)
         except BadInputError as exc:
             raise Failure(description=f"Bad config: {exc.cause}", allow_retries=False) from None
 
@@ -149,9 +149,9 @@ def geo_asset(
                 output,
                 source,
                 lambda runner, staged, source, inputs: step.produce(
-                    runner, staged, source, inputs, options
+                    runner, staged, source, inputs, settings
                 ),
-                lambda source: step.inspect_kwargs(source, options),
+                lambda source: step.inspect_kwargs(source, settings),
                 inputs=where,
                 criteria=criteria,
                 from_inbox=upstream_name is None,
