@@ -107,9 +107,17 @@ def test_overlay_equals_geopandas_overlay(pool, layers, parts):
     _same(got, expected, ["country_id", "zone"])
 
 
+# (right layer, its key column, predicate, more arguments)
+SJOINS = [
+    ("zones", "zone", "intersects", {}),
+    ("zones", "zone", "within", {}),
+    ("mask", "mask", "nearest", {"distance": 1.5e6}),
+]
+
+
 @pytest.mark.parametrize("parts", PARTS)
-@pytest.mark.parametrize("predicate", ["intersects", "within"])
-def test_sjoin_equals_geopandas_sjoin(pool, layers, parts, predicate):
+@pytest.mark.parametrize(("layer", "key", "predicate", "extra"), SJOINS)
+def test_sjoin_equals_geopandas_sjoin(pool, layers, parts, layer, key, predicate, extra):
     paths, frames, folder = layers
     got = _run(
         pool,
@@ -117,31 +125,19 @@ def test_sjoin_equals_geopandas_sjoin(pool, layers, parts, predicate):
         "geoiso_dagster.ops:sjoin",
         paths["points"],
         parts,
-        right=paths["zones"],
+        right=paths[layer],
         predicate=predicate,
+        **extra,
     )
-    expected = geopandas.sjoin(frames["points"], frames["zones"], predicate=predicate)
-    _same(got, expected.drop(columns=["index_right"]), ["country_id", "zone"])
-
-
-@pytest.mark.parametrize("parts", PARTS)
-def test_sjoin_nearest_within_a_distance_equals_geopandas(pool, layers, parts):
-    paths, frames, folder = layers
-    got = _run(
-        pool,
-        folder,
-        "geoiso_dagster.ops:sjoin",
-        paths["points"],
-        parts,
-        right=paths["mask"],
-        predicate="nearest",
-        distance=1.5e6,
-    )
-    expected = geopandas.sjoin_nearest(
-        frames["points"], frames["mask"], max_distance=1.5e6, distance_col="distance"
-    )
-    assert 0 < len(expected) < len(frames["points"])  # the distance matters here
-    _same(got, expected.drop(columns=["index_right"]), ["country_id", "mask"])
+    points, right = frames["points"], frames[layer]
+    if predicate == "nearest":
+        expected = geopandas.sjoin_nearest(
+            points, right, max_distance=extra["distance"], distance_col="distance"
+        )
+        assert 0 < len(expected) < len(points)  # the distance matters here
+    else:
+        expected = geopandas.sjoin(points, right, predicate=predicate)
+    _same(got, expected.drop(columns=["index_right"]), ["country_id", key])
 
 
 def test_buffer_and_simplify_equal_geopandas(pool, layers):
