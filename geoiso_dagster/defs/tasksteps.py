@@ -13,12 +13,10 @@ from geoiso_dagster.defs import fanout
 from geoiso_dagster.defs.checks import STEP_CRITERIA
 from geoiso_dagster.defs.envelope import STEP_FACTS
 from geoiso_dagster.pool import TaskResult
+from geoiso_dagster.records import OutputFacts
 
 # Facts of the standard metadata: a task's own facts of these names are not copied again.
-_STANDARD_FACTS = frozenset(
-    {"path", "rows", "row_groups", "bytes", "crs", "crs_name", "bbox", "geometry_types"}
-    | {"columns", "versions"}
-)
+_STANDARD_FACTS = OutputFacts.__required_keys__
 
 
 @dataclass(frozen=True)
@@ -51,18 +49,17 @@ def task_step(
         kwargs = {**inputs, **(fixed or {}), **options}
         plan = fanout.plan_row_groups(source, runner.max_workers) if splittable else None
         if plan is None:
-            own = runner.run(task, source=source, output=str(staged), **kwargs)
-            results = [own]
-        else:
+            results = [runner.run(task, source=source, output=str(staged), **kwargs)]
+            described = runner.run("describe", path=str(staged))
+        else:  # join_parts returns the joined file's standard facts: no describe after it
             runner.log(f"{name}: fanning {task} out over {len(plan)} workers: row groups {plan}")
-            results, _ = fanout.fan_out(
+            results, described = fanout.fan_out(
                 runner,
                 staged,
                 (task, {"source": source, **kwargs}),
                 [{"row_groups": groups} for groups in plan],
                 lambda parts, results: ("join_parts", {"parts": [str(p) for p in parts]}),
             )
-        described = runner.run("describe", path=str(staged))
         facts = _own_facts(results)
         standard = described.facts | {STEP_FACTS: facts}
         if "rows" in facts:  # the task's word, which the row count check compares
