@@ -121,3 +121,12 @@ def counting_progress(total: int, seconds: float) -> dict:
 def read_env(name: str) -> dict:
     """A variable of the worker's environment (None when unset)."""
     return {"value": os.environ.get(name)}
+
+
+def burst_progress(count: int) -> dict:
+    """`count` messages as fast as the worker can send them, then return at once."""
+    from geoiso_dagster.pool.worker import progress
+
+    for i in range(count):
+        progress(f"message {i}")
+    return {"sent": count}

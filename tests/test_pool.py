@@ -148,6 +148,22 @@ def test_async_fan_out_runs_tasks_in_parallel(test_pool):
     assert max(a["started"], b["started"]) < min(a["ended"], b["ended"])
 
 
+def test_every_message_a_task_sends_is_delivered_before_its_result(test_pool):
+    """A task that sends 300 messages and returns at once, to a caller slow to take them
+    (as a busy run process is): the event channel holds 10 datagrams
+    (net.unix.max_dgram_qlen), so most are refused, and the result comes first. Each
+    message still reaches the callback, once, before the future settles."""
+    got: list[str] = []
+
+    def slow(event: dict) -> None:
+        time.sleep(0.002)
+        got.append(event["message"])
+
+    result = test_pool.submit("burst_progress", count=300, on_progress=slow).result()
+    assert result.facts == {"sent": 300}
+    assert sorted(got, key=lambda m: int(m.split()[1])) == [f"message {i}" for i in range(300)]
+
+
 _TEARDOWN_SCRIPT = """
 import json, time, psutil
 from geoiso_dagster.pool import PoolSettings, WorkerPool

@@ -126,6 +126,10 @@ class WorkerPool:
         self._uses_forkserver = False
         self._ids = itertools.count(1)
         self._progress: dict[str, ProgressCallback] = {}
+        # Per task with a callback: the numbers of the messages it was given already
+        # (a message comes by the event channel, or with the result when that lost it).
+        self._delivered: dict[str, set[int]] = {}
+        self._delivery = threading.RLock()
         # Futures handed out and not yet settled, so that close() can settle them all.
         self._outstanding: dict[str, tuple[str, concurrent.futures.Future]] = {}
         self._memory_events: dict[int, dict] = {}
@@ -228,6 +232,7 @@ class WorkerPool:
         task_id = f"{os.getpid()}-{next(self._ids)}"
         if on_progress is not None:
             self._progress[task_id] = on_progress
+            self._delivered[task_id] = set()
         inner = self._pool.schedule(
             run_task, args=(task_id, function, kwargs), timeout=self.settings.task_timeout_s
         )
@@ -236,8 +241,12 @@ class WorkerPool:
         self._outstanding[task_id] = (function, outer)
 
         def _settle(done: concurrent.futures.Future) -> None:
-            self._progress.pop(task_id, None)
             self._outstanding.pop(task_id, None)
+            if not done.cancelled() and done.exception() is None:
+                for event in done.result().get("messages", ()):
+                    self._deliver(task_id, event)
+            self._progress.pop(task_id, None)
+            self._delivered.pop(task_id, None)
             if outer.done():  # cancelled, or settled by close()
                 return
             try:
@@ -344,9 +353,18 @@ class WorkerPool:
                 self._memory_events[int(event["pid"])] = event
                 self._cond.notify_all()
         elif event.get("type") == "progress":
-            callback = self._progress.get(str(event.get("task")))
-            if callback is not None:
-                callback(event)
+            self._deliver(str(event.get("task")), event)
+
+    def _deliver(self, task_id: str, event: dict) -> None:
+        """Hand a progress message to its task's callback, once, whichever way it came."""
+        # Called under the lock: when the result's copies are handed over, a message the
+        # event thread was handing over at that moment has been, too.
+        with self._delivery:
+            callback, seen = self._progress.get(task_id), self._delivered.get(task_id)
+            if callback is None or seen is None or event.get("seq") in seen:
+                return
+            seen.add(event.get("seq"))
+            callback(event)
 
     def _wait_memory_event(self, pid: int | None, timeout: float = 1.0) -> dict | None:
         deadline = time.monotonic() + timeout

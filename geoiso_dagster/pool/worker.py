@@ -93,11 +93,15 @@ class _WorkerState:
         self.task_peak_rss = 0
         self.current_task: str | None = None
         self.tasks_run = 0
+        # The current task's progress messages, numbered, sent again with its result: a
+        # datagram may lose the race with the result, or find the pool's queue full.
+        self.messages: list[dict] = []
         self.lock = threading.Lock()
 
     def begin_task(self, task_id: str) -> None:
         with self.lock:
             self.current_task = task_id
+            self.messages = []
             self.task_peak_rss = self.process.memory_info().rss
 
     def end_task(self) -> int:
@@ -224,14 +228,29 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+# Messages of one task kept for its result; past this many, only those without counts
+# (the notes a person reads; the counts only feed the status line) are kept.
+MAX_KEPT_MESSAGES = 1000
+
+
 def progress(message: str, **facts: object) -> None:
-    """Report what the current task is doing; the pool forwards it to its listener."""
-    if _state is None:
+    """Report what the current task is doing; the pool forwards it to its listener, at
+    once and, for any the channel lost, with the task's result: every message a task
+    sends before it returns reaches the caller before the task's future settles."""
+    state = _state
+    if state is None:
         return
-    _state.events.send(
-        {"type": "progress", "pid": os.getpid(), "task": _state.current_task, "message": message}
-        | {k: v for k, v in facts.items() if isinstance(v, (int, float, str, bool))}
-    )
+    event = {
+        "type": "progress",
+        "pid": os.getpid(),
+        "task": state.current_task,
+        "seq": len(state.messages),
+        "message": message,
+    } | {k: v for k, v in facts.items() if isinstance(v, (int, float, str, bool))}
+    state.messages.append(event)
+    if len(state.messages) > MAX_KEPT_MESSAGES and "done" in state.messages[-2]:
+        state.messages[-2] = {"seq": state.messages[-2]["seq"]}  # delivered or superseded
+    state.events.send(event)
 
 
 def _os_error_envelope(exc: OSError) -> dict:
@@ -297,6 +316,7 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
             "traceback": traceback.format_exc(),
         }
     peak = state.end_task()
+    envelope["messages"] = [m for m in state.messages if "message" in m]
     restored = state.baseline.restore()
     if state.settings.reused and peak > state.release_above:
         _release_memory()
