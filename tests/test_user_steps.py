@@ -1,6 +1,8 @@
 """Steps of a team's own (geo_asset, build_definitions, "module:function" tasks) in real
 Dagster runs with real worker pools: the envelope of the built-in steps, for them too."""
 
+import json
+
 import geopandas
 import numpy as np
 import pandas as pd
@@ -98,6 +100,27 @@ def test_a_step_of_your_own_gets_the_envelope_of_the_built_in_ones(instance, cou
     assert areas.automation_conditions_by_key[areas.key] is not None  # after upstream checks
     logged = [e.message for e in instance.all_logs(result.run_id)]
     assert any("measuring 177 features" in (m or "") for m in logged)  # progress()
+
+
+def test_a_plain_to_parquet_step_works_on_a_fresh_data_root(instance, countries, data_root):
+    """A function written to the contract with geopandas alone (`frame.to_parquet(output)`)
+    on a root whose warehouse has no folder for the new asset yet: the envelope prepares
+    the output's folder, as it does for the built-in writers."""
+    plain = geo_asset(
+        "plain_copy", task="tests.user_steps:plain_to_parquet", upstream="raw_features"
+    )
+    assert not (data_root / "warehouse" / "plain_copy").exists()
+    result = _run(instance, [plain], selection=["raw_features", "plain_copy"])
+    assert result.success, failure_of(result)
+    written = geopandas.read_parquet(output_path("plain_copy", KEY))
+    assert len(written) == 177 and written.crs.to_epsg() == 4326
+    geo = json.loads(pq.read_schema(output_path("plain_copy", KEY)).metadata[b"geo"])
+    assert geo["version"] == "1.1.0" and "bbox" in geo["columns"]["geometry"]["covering"]
+    logged = [e.message or "" for e in instance.all_logs(result.run_id)]
+    assert any("rewrote the step's output as GeoParquet 1.1" in m for m in logged), logged
+    assert sorted(p.name for p in (data_root / "warehouse" / "plain_copy").iterdir()) == [
+        f"{KEY}.parquet"
+    ]
 
 
 def test_config_fields_reach_the_function_as_keyword_arguments(instance, countries):

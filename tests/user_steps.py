@@ -55,3 +55,13 @@ def crash(source: str, output: str) -> dict:
 
     os.kill(os.getpid(), signal.SIGSEGV)
     return {}
+
+
+def plain_to_parquet(source: str, output: str) -> dict:
+    """The README's contract followed with nothing but geopandas: read the source, write
+    GeoParquet to `output` (which needs its folder to exist: the envelope makes it)."""
+    import geopandas
+
+    frame = geopandas.read_parquet(source)
+    frame.to_parquet(output)
+    return {"rows": len(frame)}

@@ -82,7 +82,11 @@ def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Pat
     With an S3 root, the workers read the step's input in place (or from a fetched copy,
     see FileWork.from_inbox), and the staged file is uploaded to its staged key and read
     back from the bucket for the checks: the object judged is the object that will be
-    published. An inbox source that changed while it was read is read again (transient)."""
+    published. An inbox source that changed while it was read is read again (transient).
+
+    The staged file's folder is made here, for every task: a function of the user's own
+    may write `output` with any library, which need not make its folder."""
+    staged.parent.mkdir(parents=True, exist_ok=True)
     remote = paths.remote_root()
     if remote is None:
         source = str(work.source)

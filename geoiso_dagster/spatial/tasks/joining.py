@@ -4,21 +4,37 @@ a step wrote, and the join of a fanned-out step's parts."""
 import json
 from pathlib import Path
 
+import geopandas
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import atomic_path
+from geoiso_dagster.pool import progress
 from geoiso_dagster.spatial import io, stream
 
 
 def describe(path: str) -> dict:
     """The facts the catalog shows of a file a step wrote (spatial/io.describe), or bad
-    input naming it when it is not GeoParquet with a CRS."""
+    input naming it when it is not GeoParquet with a CRS.
+
+    A file written by plain `to_parquet` (GeoParquet 1.0, no bbox covering column, one
+    row group) is rewritten first in the form every output here has (io.write_geoparquet):
+    the contract asks for GeoParquet, and the readers downstream count on the covering."""
     target = Path(path)
     if not target.exists():
         raise BadInputError(path, "the step wrote no file")
     try:
+        geo = io.geo_metadata(target)
+        version = geo.get("version")
+        covered = "bbox" in geo["columns"][geo["primary_column"]].get("covering", {})
+        if version != "1.1.0" or not covered:
+            io.write_geoparquet(geopandas.read_parquet(target), target)
+            wrote = f"GeoParquet {version}" + ("" if covered else " without a bbox covering")
+            progress(
+                "rewrote the step's output as GeoParquet 1.1 with a bbox covering column "
+                f"(the step wrote {wrote})"
+            )
         return io.describe(target)
     except (KeyError, pa.ArrowException, json.JSONDecodeError) as exc:
         raise BadInputError(path, f"is not GeoParquet: {type(exc).__name__}: {exc}") from None
