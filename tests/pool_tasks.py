@@ -130,3 +130,13 @@ def burst_progress(count: int) -> dict:
     for i in range(count):
         progress(f"message {i}")
     return {"sent": count}
+
+
+def sleep_then_write(seconds: float, path: str) -> dict:
+    """Say it started (`<path>.started` holds the pid), sleep, then write `path`."""
+    with open(f"{path}.started", "w") as handle:
+        handle.write(str(os.getpid()))
+    time.sleep(seconds)
+    with open(path, "w") as handle:
+        handle.write("written")
+    return {"pid": os.getpid()}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -162,6 +163,27 @@ def test_every_message_a_task_sends_is_delivered_before_its_result(test_pool):
     result = test_pool.submit("burst_progress", count=300, on_progress=slow).result()
     assert result.facts == {"sent": 300}
     assert sorted(got, key=lambda m: int(m.split()[1])) == [f"message {i}" for i in range(300)]
+
+
+def test_cancel_returns_once_nothing_of_the_cancelled_tasks_runs(test_pool, tmp_path):
+    """Two tasks running, two waiting for a worker: once cancel() returns, the workers of
+    the running ones are gone (not only told to stop), and the waiting ones never run,
+    also when a worker picks them up after the cancel. What a step removes after a
+    cancel (a fan-out's part files) can then never be written again."""
+    paths = [tmp_path / f"task{i}" for i in range(4)]
+    futures = [test_pool.submit("sleep_then_write", seconds=1.5, path=str(p)) for p in paths]
+    deadline = time.monotonic() + 20
+    while not all(Path(f"{p}.started").exists() for p in paths[:2]):
+        assert time.monotonic() < deadline, "the first two tasks never started"
+        time.sleep(0.01)
+    pids = [int(Path(f"{p}.started").read_text() or 0) for p in paths[:2]]
+    test_pool.cancel(futures)
+    assert all(f.cancelled() for f in futures)
+    assert [_alive(pid) for pid in pids] == [False, False]
+    time.sleep(2.0)  # longer than a task would take, had any of them gone on or started
+    assert [p.exists() for p in paths] == [False] * 4
+    assert [Path(f"{p}.started").exists() for p in paths[2:]] == [False, False]
+    assert test_pool.run("report_pid").facts["pid"] not in pids  # the pool goes on
 
 
 _TEARDOWN_SCRIPT = """

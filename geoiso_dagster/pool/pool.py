@@ -133,6 +133,10 @@ class WorkerPool:
         # Futures handed out and not yet settled, so that close() can settle them all.
         self._outstanding: dict[str, tuple[str, concurrent.futures.Future]] = {}
         self._memory_events: dict[int, dict] = {}
+        # Tasks a worker said it started (and whether it said it ended), while their
+        # futures are outstanding or being cancelled: what cancel() waits for.
+        self._started: dict[str, tuple[psutil.Process, bool]] = {}
+        self._cancelling: set[str] = set()
         # OOM kills in this cgroup already accounted for (each explains one SIGKILL).
         self._oom_kills_seen = cgroup.oom_kills()
         self._workers: dict[int, psutil.Process] = {}
@@ -233,15 +237,18 @@ class WorkerPool:
         if on_progress is not None:
             self._progress[task_id] = on_progress
             self._delivered[task_id] = set()
+        outer: concurrent.futures.Future[TaskResult] = concurrent.futures.Future()
+        # Known before a worker can say it started the task (cancel() waits for those).
+        self._outstanding[task_id] = (function, outer)
         inner = self._pool.schedule(
             run_task, args=(task_id, function, kwargs), timeout=self.settings.task_timeout_s
         )
-        outer: concurrent.futures.Future[TaskResult] = concurrent.futures.Future()
-
-        self._outstanding[task_id] = (function, outer)
 
         def _settle(done: concurrent.futures.Future) -> None:
             self._outstanding.pop(task_id, None)
+            if not done.cancelled():
+                with self._cond:
+                    self._started.pop(task_id, None)
             if not done.cancelled() and done.exception() is None:
                 for event in done.result().get("messages", ()):
                     self._deliver(task_id, event)
@@ -259,6 +266,45 @@ class WorkerPool:
         inner.add_done_callback(_settle)
         outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
         return outer
+
+    def cancel(self, futures: "list[concurrent.futures.Future]", wait_s: float = 10.0) -> None:
+        """Cancel tasks and return once nothing of them runs any more: each one that had
+        started has ended (pebble stopped its worker, or it finished), and each one that
+        had not runs nothing when a worker picks it up. A file a cancelled task was
+        writing is never written again after this returns, so the caller may remove it.
+        A worker still running one of them after `wait_s` is killed here."""
+        wanted = {id(future) for future in futures}
+        tasks = [t for t, (_, outer) in list(self._outstanding.items()) if id(outer) in wanted]
+        events = self._events
+        with self._cond:
+            self._cancelling.update(tasks)
+        try:
+            if events is not None:
+                for task in tasks:
+                    events.mark_cancelled(task)
+            for future in futures:
+                future.cancel()
+            if events is None:
+                return
+            # Every "started" a worker sent before it could see the marks is handled now.
+            events.fence()
+            deadline = time.monotonic() + wait_s
+            with self._cond:
+                while True:
+                    running = [
+                        process
+                        for process, ended in (self._started.get(t, (None, True)) for t in tasks)
+                        if not ended and _alive(process)
+                    ]
+                    if not running or time.monotonic() >= deadline:
+                        break
+                    self._cond.wait(timeout=0.01)
+            _kill_and_reap(running)
+        finally:
+            with self._cond:
+                for task in tasks:
+                    self._started.pop(task, None)
+                    self._cancelling.discard(task)
 
     def run(self, function: str, *, on_progress: ProgressCallback | None = None, **kwargs: Any):
         """Run a task and wait for it: TaskResult, or raise the project's error."""
@@ -298,6 +344,8 @@ class WorkerPool:
                 restored=tuple(worker.get("restored", ())),
             )
         kind, message = envelope["kind"], envelope["message"]
+        if kind == "cancelled":
+            raise concurrent.futures.CancelledError()
         if kind == "bad_input":
             raise BadInputError(envelope["path"], message)
         if kind == "transient_io":
@@ -354,6 +402,21 @@ class WorkerPool:
                 self._cond.notify_all()
         elif event.get("type") == "progress":
             self._deliver(str(event.get("task")), event)
+        elif event.get("type") == "task_started":
+            task = str(event.get("task"))
+            try:
+                process = psutil.Process(int(event["pid"]))
+            except (psutil.Error, KeyError, ValueError):
+                return
+            with self._cond:
+                if task in self._outstanding or task in self._cancelling:
+                    self._started[task] = (process, False)
+        elif event.get("type") == "task_ended":
+            with self._cond:
+                task = str(event.get("task"))
+                if task in self._started:
+                    self._started[task] = (self._started[task][0], True)
+                    self._cond.notify_all()
 
     def _deliver(self, task_id: str, event: dict) -> None:
         """Hand a progress message to its task's callback, once, whichever way it came."""
@@ -376,6 +439,13 @@ class WorkerPool:
 
 def _describe(kwargs: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _kill_and_reap(processes: list[psutil.Process]) -> None:

@@ -22,7 +22,7 @@ import psutil
 from geoiso_dagster.errors import BadInputError, StorageAccessError, TransientIOError
 from geoiso_dagster.fsutil import host_name
 from geoiso_dagster.pool import cgroup, gdal_jail
-from geoiso_dagster.pool._events import EventSender
+from geoiso_dagster.pool._events import EventSender, cancel_address
 from geoiso_dagster.pool.env import gdal_config_options
 from geoiso_dagster.pool.refs import check_task_ref
 
@@ -31,6 +31,8 @@ MEMORY_EXIT_CODE = 86
 _WATCH_INTERVAL_S = 0.02
 _OWNER_CHECK_EVERY = 10  # watchdog ticks between checks that the pool's owner lives
 RELEASE_ABOVE_BASE_BYTES = 64 * 2**20
+# How long a task waits for room in the pool's event queue to say it started or ended.
+_TELL_START_S = 5.0
 
 
 @dataclass
@@ -279,6 +281,10 @@ def resolve_task(function: str, default_module: str) -> Callable[..., dict]:
     return target
 
 
+class _Cancelled(Exception):
+    """The pool cancelled the task before this worker picked it up."""
+
+
 def run_task(task_id: str, function: str, kwargs: dict) -> dict:
     """Run `function` (see resolve_task) and wrap its outcome in an envelope.
 
@@ -291,12 +297,22 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
     state.begin_task(task_id)
     started = time.perf_counter()
     envelope: dict
+    # Told before anything else (and waited for, if the pool's queue is full), so that a
+    # pool cancelling this task knows to wait for this process; then, if it was cancelled
+    # before it got here, nothing of it runs (pool.WorkerPool.cancel).
+    state.events.send(
+        {"type": "task_started", "task": task_id, "pid": os.getpid()}, wait_s=_TELL_START_S
+    )
     try:
+        if state.events.bound(cancel_address(state.settings.events_address, task_id)):
+            raise _Cancelled
         fn = resolve_task(function, state.settings.task_module)
         facts = fn(**kwargs)
         if not isinstance(facts, dict):
             raise TypeError(f"{function} returned {type(facts).__name__}, not a dict of facts")
         envelope = {"ok": True, "facts": facts}
+    except _Cancelled:
+        envelope = {"ok": False, "kind": "cancelled", "message": "cancelled before it started"}
     except BadInputError as exc:
         envelope = {"ok": False, "kind": "bad_input", "path": exc.path, "message": exc.cause}
     except TransientIOError as exc:
@@ -315,6 +331,7 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
             "message": f"{type(exc).__name__}: {exc}",
             "traceback": traceback.format_exc(),
         }
+    state.events.send({"type": "task_ended", "task": task_id}, wait_s=_TELL_START_S)
     peak = state.end_task()
     envelope["messages"] = [m for m in state.messages if "message" in m]
     restored = state.baseline.restore()
