@@ -26,6 +26,7 @@ from pathlib import Path
 
 from benchmarks.data import dataset
 from geoiso_dagster.defs import fanout
+from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 
 CONFIGS = {
@@ -38,7 +39,7 @@ CONFIGS = {
 }
 
 
-def chain(runner: fanout.PoolRunner, source: Path, out: Path) -> None:
+def chain(runner: TaskRunner, source: Path, out: Path) -> None:
     raw = fanout.ingest(runner, str(source), out / "raw.parquet")
     runner.run("inspect", path=raw.facts["path"])
     rep = fanout.reproject(runner, raw.facts["path"], out / "rep.parquet", "EPSG:4326")
@@ -55,7 +56,7 @@ def measure(settings: PoolSettings, repeats: int, source: Path, out: Path) -> di
             pool.run("environment")
         timings["start"].append(time.perf_counter() - started)
     with WorkerPool(settings) as pool:
-        runner = fanout.PoolRunner(pool)
+        runner = TaskRunner(pool)
         pool.run("environment")  # the pool's own start is paid once per run, not per task
         for _ in range(repeats):
             started = time.perf_counter()

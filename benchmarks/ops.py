@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.data import CACHE, voronoi_coverage
-from geoiso_dagster.defs.fanout import PoolRunner
+from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.defs.tasksteps import task_step
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 
@@ -84,7 +84,7 @@ def ours(op: str, paths: dict, output: Path, workers: int) -> dict:
         pool.run("environment")
         started = time.perf_counter()
         result = step.produce(
-            PoolRunner(pool), output, str(paths["left"]), {keyword: str(paths[layer])}, {}
+            TaskRunner(pool), output, str(paths["left"]), {keyword: str(paths[layer])}, {}
         )
         seconds = time.perf_counter() - started
     written = geopandas.read_parquet(output)

@@ -35,6 +35,7 @@ import shapely
 
 from benchmarks.data import dataset
 from geoiso_dagster.defs import fanout
+from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from tests.live import materialize_command
 
@@ -73,7 +74,7 @@ def pool(gpkg: Path, parquet: Path, work: Path, settings: PoolSettings | None = 
     """The three steps as the assets run them (defs/fanout.py: the same survey, plans
     and fan-out over the workers), on a bare pool: no Dagster, no checks."""
     with WorkerPool(settings or PoolSettings()) as workers:
-        runner = fanout.PoolRunner(workers)
+        runner = TaskRunner(workers)
         steps = [
             fanout.ingest(runner, str(gpkg), work / "raw.parquet"),
             fanout.reproject(runner, str(work / "raw.parquet"), work / "rep.parquet", TARGET_CRS),

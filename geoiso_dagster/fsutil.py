@@ -150,6 +150,32 @@ def sweep_stale_temps(target: Path) -> list[Path]:
     return removed
 
 
+def remove_attempt(staged: Path, keep_staged: bool = False) -> list[Path]:
+    """Remove what one attempt at an output wrote: its staged file (`staged`, a temp name
+    of this writer with its own token) and every temp made from it (fan-out parts, the
+    workers' temps of those), whoever their writers were and whether or not they live.
+    Call it once nothing of the attempt runs any more (WorkerPool.cancel); `keep_staged`
+    leaves the staged file itself (to be removed with its object, envelope.discard)."""
+    removed: list[Path] = []
+    if not staged.parent.is_dir():
+        return removed
+    stem = staged.name.lstrip(".")
+    for candidate in staged.parent.iterdir():
+        name = candidate.name.lstrip(".")
+        if not name.startswith(stem) or not (
+            name == stem or name[len(stem) :].startswith(TEMP_MARKER)
+        ):
+            continue
+        if keep_staged and candidate.name == staged.name:
+            continue
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)  # an unpacked archive
+        else:
+            candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

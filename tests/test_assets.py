@@ -1,5 +1,6 @@
 """The assets in a real Dagster run (materialize, in process) with real worker pools."""
 
+import re
 import shutil
 import socket
 
@@ -209,11 +210,11 @@ def test_an_async_asset_can_fan_tasks_out(instance, data_root, countries):
 def test_progress_reaches_the_run_log_while_the_worker_works(instance):
     from dagster import AssetExecutionContext
 
-    from geoiso_dagster.defs.retries import run_task
+    from geoiso_dagster.defs.runner import TaskRunner
 
     @asset
     def slow(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool) -> None:
-        run_task(context, spatial_pool, "slow_progress", seconds=2.0)
+        TaskRunner(spatial_pool.pool, context.log.info).run("slow_progress", seconds=2.0)
 
     result = materialize(
         [slow],
@@ -238,6 +239,51 @@ def test_the_real_steps_say_what_they_do(instance, data_root, countries):
     assert any(m.startswith("dissolved 177 features into 8 groups") for m in messages)
     (mat,) = result.asset_materializations_for_node("dissolved_regions")
     assert mat.metadata["map"].value.startswith("![8 regions](data:image/png;base64,")
+
+
+def test_a_batch_run_logs_what_each_files_tasks_say(instance, data_root, monkeypatch):
+    """A run over a range of partitions (a sensor's batch, a backfill) says for every
+    file what a one-file run says (its tasks' messages, its fan-out notes), each line
+    named by its file, in the run's own log."""
+    import geopandas
+    import numpy as np
+    import shapely
+
+    from geoiso_dagster.definitions import defs
+    from geoiso_dagster.defs import fanout
+
+    keys = ["a.gpkg", "b.gpkg", "c.parquet"]
+    for key in keys[:2]:
+        shutil.copy("data/sample/countries.gpkg", data_root / "inbox" / key)
+    n = 60_001  # two row groups: with fan-out on, its steps run in two parts
+    corners = np.random.default_rng(3).uniform(0, 1e5, (2, n))
+    squares = shapely.box(corners[0], corners[1], corners[0] + 10, corners[1] + 10)
+    geopandas.GeoDataFrame({"continent": np.arange(n) % 5}, geometry=squares, crs=3035).to_parquet(
+        data_root / "inbox" / keys[2], row_group_size=50_000
+    )
+    monkeypatch.setattr(fanout, "FAN_OUT_MIN_ROWS", 1)
+    instance.add_dynamic_partitions(source_files.name, keys)
+    result = defs.resolve_job_def("geo_pipeline").execute_in_process(
+        instance=instance,
+        run_config=CONFIG,
+        tags={
+            "dagster/asset_partition_range_start": keys[0],
+            "dagster/asset_partition_range_end": keys[-1],
+        },
+        raise_on_error=False,
+    )
+    assert result.success
+    messages = [e.user_message for e in instance.all_logs(result.run_id)]
+    for key in keys[:2]:
+        for said in (
+            f"{key}: read and wrote 177 features from {key}",
+            f"{key}: reprojected 177 features to EPSG:6933",
+            f"{key}: dissolving 8 groups in 2 parts",  # a fan-out note
+        ):
+            assert any(m.startswith(said) for m in messages), said
+    assert any(m.startswith("c.parquet: fanning out over 2 workers: ") for m in messages)
+    parts = [m for m in messages if re.match(r"c.parquet: reprojected \d+ features", m)]
+    assert sum(int(m.split()[2]) for m in parts) == n and len(parts) == 2, parts
 
 
 def test_large_steps_fan_out_and_equal_the_single_task_results(instance, data_root, monkeypatch):
@@ -320,13 +366,15 @@ def test_a_long_step_says_how_far_it_is_at_regular_intervals(instance, monkeypat
     left 3: the margin was nil.)"""
     from dagster import AssetExecutionContext
 
-    from geoiso_dagster.defs import retries
+    from geoiso_dagster.defs import runner
 
-    monkeypatch.setattr(retries, "STATUS_EVERY_S", 0.3)
+    monkeypatch.setattr(runner, "STATUS_EVERY_S", 0.3)
 
     @asset
     def long_step(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool) -> None:
-        retries.run_task(context, spatial_pool, "counting_progress", total=10_000, seconds=4.0)
+        runner.TaskRunner(spatial_pool.pool, context.log.info).run(
+            "counting_progress", total=10_000, seconds=4.0
+        )
 
     result = materialize(
         [long_step],
@@ -353,7 +401,7 @@ def test_run_config_cannot_choose_the_workers_module_or_environment(instance):
     from dagster import DagsterInvalidConfigError
 
     from geoiso_dagster.definitions import defs
-    from geoiso_dagster.defs.retries import run_task
+    from geoiso_dagster.defs.runner import TaskRunner
 
     job = defs.resolve_job_def("geo_pipeline")  # the code location's own job and resource
     instance.add_dynamic_partitions(source_files.name, ["x.gpkg"])
@@ -367,7 +415,8 @@ def test_run_config_cannot_choose_the_workers_module_or_environment(instance):
 
     @asset
     def probe(context, spatial_pool: SpatialWorkerPool) -> None:
-        facts = run_task(context, spatial_pool, "read_env", name="GEOISO_TEST_MARKER").facts
+        runner = TaskRunner(spatial_pool.pool, context.log.info)
+        facts = runner.run("read_env", name="GEOISO_TEST_MARKER").facts
         context.add_output_metadata({"marker": facts["value"]})  # read_env: tests.pool_tasks
         assert spatial_pool.max_workers == 1
 

@@ -165,6 +165,91 @@ def test_a_memory_stop_fails_once_naming_the_limit(
     assert _descendants() == []
 
 
+_KILL = {"fault": "sigkill", "times": 1}
+# The other part, cancelled, ignores SIGTERM, goes on after 1 s and renames its part file
+# before pebble, which waits 3 s after SIGTERM, kills it: the cancel must wait for that.
+_LINGER = {"task": "reproject", "at": "start", "fault": "linger", "seconds": 1.0, "times": 1}
+KILL_MOMENTS = [
+    ("a part, while the other part works", [{"task": "reproject", "at": "start", **_KILL}]),
+    (
+        "a part, while the other part lingers past its cancel",
+        [{"task": "reproject", "at": "start", **_KILL}, _LINGER],
+    ),
+    ("a part, half its file on disk", [{"task": "reproject", "at": "write", **_KILL}]),
+    ("the join, half its file on disk", [{"task": "concatenate", "at": "write", **_KILL}]),
+    ("the read-back of the joined file", [{"task": "inspect", "at": "start", **_KILL}]),
+]
+
+
+@pytest.fixture(scope="module")
+def squares_gpkg(tmp_path_factory) -> Path:
+    """120,001 squares (three row groups): with fan-out on, each step runs in two parts."""
+    import geopandas
+    import numpy as np
+    import shapely
+
+    n = 120_001
+    rng = np.random.default_rng(7)
+    corners = rng.uniform(0, 1e5, (2, n))
+    frame = geopandas.GeoDataFrame(
+        {"region_id": np.arange(n) % 50},
+        geometry=shapely.box(corners[0], corners[1], corners[0] + 10, corners[1] + 10),
+        crs=3035,
+    )
+    path = tmp_path_factory.mktemp("squares") / "squares.gpkg"
+    frame.to_file(path, driver="GPKG", engine="pyogrio")
+    return path
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("moment", "faults"), KILL_MOMENTS, ids=[m[0] for m in KILL_MOMENTS])
+def test_a_worker_killed_at_any_moment_of_a_fanned_out_step_leaves_no_stray_file(
+    moment, faults, data_root, squares_gpkg, monkeypatch, tmp_path
+):
+    """A worker SIGKILLed during a part (the other part is cancelled and waited for),
+    during the join or during the read-back: the step is retried once and succeeds, its
+    output equals the output of a run without the fault, and the warehouse holds nothing
+    but the published files: every failed attempt's staged output and parts are gone."""
+    from geoiso_dagster.defs import fanout
+
+    monkeypatch.setattr(fanout, "FAN_OUT_MIN_ROWS", 1)
+    key = "squares.gpkg"
+    shutil.copy(squares_gpkg, data_root / "inbox" / key)
+    config = {"ops": {"reprojected_features": {"config": {"target_crs": "EPSG:4326"}}}}
+    steps = [a for a in geo_assets if a.key.to_user_string() != "dissolved_regions"]
+
+    def run(instance):
+        return materialize(
+            steps,
+            instance=instance,
+            partition_key=key,
+            run_config=config,
+            resources={"spatial_pool": SpatialWorkerPool(max_workers=2)},
+            raise_on_error=False,
+        )
+
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(source_files.name, [key])
+        assert run(instance).success
+        clean = pq.read_table(output_path("reprojected_features", key))
+        output_path("reprojected_features", key).unlink()
+        state = tmp_path / "fault-state"
+        monkeypatch.setenv(
+            "GEOISO_FAULTS", json.dumps([{**f, "state": str(state)} for f in faults])
+        )
+        result = run(instance)
+        logged = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert len(list(state.glob("fired-*"))) == len(faults), "a fault did not fire"
+    assert result.success
+    assert len(run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 1
+    assert any("killed by SIGKILL; attempt 1 of 3" in m for m in logged), moment
+    (mat,) = result.asset_materializations_for_node("reprojected_features")
+    assert mat.metadata["fanned_out_over"].value == 2
+    assert pq.read_table(output_path("reprojected_features", key)).equals(clean)
+    assert _temps(data_root) == []
+    assert _descendants() == []
+
+
 def _start_with_a_hung_dissolve(command: list, env: dict, state: Path) -> subprocess.Popen:
     """Start `command` with the first dissolve hanging in its write; return once it hangs."""
     faults = [{"task": "dissolve", "at": "write", "fault": "hang", "times": 1, "state": str(state)}]

@@ -17,6 +17,7 @@ from shapely.geometry import box
 from geoiso_dagster import cli
 from geoiso_dagster.definitions import defs
 from geoiso_dagster.defs import fanout
+from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.formats import ALLOWED_GDAL_DRIVERS
 from geoiso_dagster.fsutil import temp_path_for
@@ -236,7 +237,7 @@ def test_a_200_character_key_fans_out_end_to_end(data_root, monkeypatch):
     frame.to_parquet(source, row_group_size=10)
     assert pq.ParquetFile(source).num_row_groups == 6
     with WorkerPool(PoolSettings(max_workers=2)) as pool:
-        runner = fanout.PoolRunner(pool)
+        runner = TaskRunner(pool)
         raw = output_path("raw_features", key)
         rep = output_path("reprojected_features", key)
         dis = output_path("dissolved_regions", key)

@@ -11,10 +11,12 @@ cause (not retried); the remainder sensor (defs/sensors.py) carries the good fil
 through the next steps.
 """
 
+import functools
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +46,6 @@ from geoiso_dagster.defs.envelope import (
     stage_and_judge,
     sweep,
 )
-from geoiso_dagster.defs.fanout import PoolRunner
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import (
     MAX_ATTEMPTS,
@@ -53,6 +54,7 @@ from geoiso_dagster.defs.retries import (
     giving_up,
     retrying,
 )
+from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.errors import BadInputError, GeoisoError
 from geoiso_dagster.fsutil import temp_path_for
 
@@ -60,6 +62,7 @@ from geoiso_dagster.fsutil import temp_path_for
 # that carries the other files of the batch on.
 FAILED_FILES = "failed_files"
 _MESSAGE_FILES = 20  # files named in the failure's text (all of them are in its metadata)
+_LOG_EVERY_S = 0.25  # how often the files' messages are written to the run log
 
 
 @dataclass
@@ -84,7 +87,7 @@ class Outcome:
 
 
 def _one_file(
-    runner: PoolRunner,
+    runner: TaskRunner,
     asset_name: str,
     key: str,
     plan: Callable[[str], FileWork],
@@ -132,20 +135,35 @@ def _run_files(
     keys: Sequence[str],
     plan: Callable[[str], FileWork],
 ) -> list[Outcome]:
-    """Every file through the envelope, as many at once as the pool has workers."""
-    runner = PoolRunner(pool.pool)
+    """Every file through the envelope, as many at once as the pool has workers. What
+    each file's tasks say reaches the run log as in a one-file step, named by the file:
+    the files' threads queue it, and this thread, Dagster's, writes it."""
     stop = threading.Event()
+    lines: queue.Queue[str] = queue.Queue()
     outcomes: dict[str, Outcome] = {}
     threads = ThreadPoolExecutor(max(1, pool.max_workers), thread_name_prefix="geoiso-file")
     try:
-        futures = [threads.submit(_one_file, runner, asset_name, k, plan, stop) for k in keys]
-        for future in as_completed(futures):
-            outcome = future.result()
-            outcomes[outcome.key] = outcome
-            for line in outcome.warnings:
-                context.log.warning(f"{outcome.key}: {line}")
-            if not outcome.passed:
-                context.log.error(f"{asset_name} {outcome.key}: {outcome.cause}")
+        pending = {
+            threads.submit(
+                _one_file,
+                TaskRunner(pool.pool, functools.partial(_queue_line, lines, key)),
+                asset_name,
+                key,
+                plan,
+                stop,
+            )
+            for key in keys
+        }
+        while pending:
+            done, pending = wait(pending, timeout=_LOG_EVERY_S, return_when=FIRST_COMPLETED)
+            _write_lines(context, lines)
+            for future in done:
+                outcome = future.result()
+                outcomes[outcome.key] = outcome
+                for line in outcome.warnings:
+                    context.log.warning(f"{outcome.key}: {line}")
+                if not outcome.passed:
+                    context.log.error(f"{asset_name} {outcome.key}: {outcome.cause}")
     except BaseException:
         stop.set()  # interrupted (run terminated) or a bug: no file waits out a backoff
         threads.shutdown(wait=False, cancel_futures=True)
@@ -154,7 +172,20 @@ def _run_files(
                 discard(outcome.staged)
         raise
     threads.shutdown()
+    _write_lines(context, lines)
     return [outcomes[k] for k in keys]
+
+
+def _queue_line(lines: "queue.Queue[str]", key: str, message: str) -> None:
+    lines.put(f"{key}: {message}")
+
+
+def _write_lines(context: AssetExecutionContext, lines: "queue.Queue[str]") -> None:
+    while True:
+        try:
+            context.log.info(lines.get_nowait())
+        except queue.Empty:
+            return
 
 
 def _add_partition_metadata(

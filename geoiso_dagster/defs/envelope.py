@@ -12,7 +12,7 @@ from dagster import AssetCheckResult, MetadataValue, TableColumn, TableSchema
 
 from geoiso_dagster import fsutil, objectstore, paths
 from geoiso_dagster.defs.checks import check_results
-from geoiso_dagster.defs.fanout import Runner
+from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.errors import BadInputError, GeoisoError, TransientIOError
 from geoiso_dagster.pool import TaskResult
 
@@ -45,7 +45,7 @@ class FileWork:
     source: Path
     # (runner, staged file, source as the workers read it, the other inputs as the
     # workers read them) -> the task's result
-    produce: Callable[[Runner, Path, str, dict[str, str]], TaskResult]
+    produce: Callable[[TaskRunner, Path, str, dict[str, str]], TaskResult]
     # source as the workers read it -> the read-back's keyword arguments
     inspect_kwargs: Callable[[str], dict] = field(default=lambda source: {})
     # Other GeoParquet inputs by keyword (another asset's output of the same partition, a
@@ -76,7 +76,7 @@ class Judged:
         return [str(check.metadata["failed"].value) for check in self.checks if not check.passed]
 
 
-def stage_and_judge(runner: Runner, asset_name: str, work: FileWork, staged: Path) -> Judged:
+def stage_and_judge(runner: TaskRunner, asset_name: str, work: FileWork, staged: Path) -> Judged:
     """Produce `staged` and judge it; raises what the runner raises.
 
     With an S3 root, the workers read the step's input in place (or from a fetched copy,
@@ -173,17 +173,19 @@ def sweep(output: Path) -> None:
 
 
 def discard(staged: Path) -> None:
-    """Remove a staged file that will not be published, and its staged object (uploaded
-    only while the local file exists: publishing moves both)."""
-    if not staged.exists():
-        return
+    """Remove what an attempt that will not be published wrote, once none of its tasks
+    runs (the runner waits for that): the staged file and its staged object (uploaded
+    only while the local file exists: publishing moves both), and every temp made from
+    the staged name (fan-out parts and the workers' temps), whatever ended the attempt."""
     remote = paths.remote_root()
-    if remote is not None:
+    if remote is not None and staged.exists():
         try:
             objectstore.discard_staged(remote, remote.key(paths.relative_to_root(staged)))
         except GeoisoError:
-            return  # the bucket is away: the next writer's sweep removes both
-    staged.unlink(missing_ok=True)
+            # The bucket is away: the next writer's sweep removes the staged pair.
+            fsutil.remove_attempt(staged, keep_staged=True)
+            return
+    fsutil.remove_attempt(staged)
 
 
 def publish(staged: Path, output: Path) -> float:

@@ -12,69 +12,15 @@ size, a second worker costs more than it saves.
 
 import os
 from pathlib import Path
-from typing import Protocol
 
 import pyarrow.parquet as pq
-from dagster import OpExecutionContext
 
 from geoiso_dagster import objectstore
-from geoiso_dagster.defs.resources import SpatialWorkerPool
-from geoiso_dagster.defs.retries import run_task, run_tasks
+from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.errors import GeoisoError
 from geoiso_dagster.fsutil import temp_path_for
 from geoiso_dagster.paths import remote_root
-from geoiso_dagster.pool import TaskResult, WorkerPool
-
-
-class Runner(Protocol):
-    """Where a plan's tasks run: a Dagster step (StepRunner) or a bare pool (PoolRunner,
-    for the benchmarks), so that both take exactly the same decisions."""
-
-    max_workers: int
-    memory_limit_mb: int
-
-    def run(self, function: str, **kwargs) -> TaskResult: ...
-
-    def run_all(self, calls: list[tuple[str, dict]]) -> list[TaskResult]: ...
-
-    def log(self, message: str) -> None: ...
-
-
-class StepRunner:
-    """Tasks of a Dagster step: progress to the run log, failures as Failure or
-    RetryRequested (defs/retries.py)."""
-
-    def __init__(self, context: OpExecutionContext, pool: SpatialWorkerPool) -> None:
-        self.context, self.pool, self.max_workers = context, pool, pool.max_workers
-        self.memory_limit_mb = pool.memory_limit_mb
-
-    def run(self, function: str, **kwargs) -> TaskResult:
-        return run_task(self.context, self.pool, function, **kwargs)
-
-    def run_all(self, calls: list[tuple[str, dict]]) -> list[TaskResult]:
-        return run_tasks(self.context, self.pool, calls)
-
-    def log(self, message: str) -> None:
-        self.context.log.info(message)
-
-
-class PoolRunner:
-    """Tasks on a bare WorkerPool; errors raise as the pool raises them."""
-
-    def __init__(self, pool: WorkerPool) -> None:
-        self.pool, self.max_workers = pool, pool.settings.max_workers
-        self.memory_limit_mb = pool.settings.memory_limit_mb
-
-    def run(self, function: str, **kwargs) -> TaskResult:
-        return self.pool.run(function, **kwargs)
-
-    def run_all(self, calls: list[tuple[str, dict]]) -> list[TaskResult]:
-        futures = [self.pool.submit(function, **kwargs) for function, kwargs in calls]
-        return [future.result() for future in futures]
-
-    def log(self, message: str) -> None:
-        pass
-
+from geoiso_dagster.pool import TaskResult
 
 FAN_OUT_MIN_ROWS = 200_000
 # Partial unions of a giant group per union_partials task (kept equal to spatial/union.py's
@@ -126,7 +72,7 @@ def plan_features(survey: dict, workers: int) -> list[list[int] | None] | None:
     return [[i * share, share] for i in range(workers - 1)] + [[(workers - 1) * share, None]]
 
 
-def ingest(runner: Runner, source: str, staged: Path, layer: str | None = None) -> TaskResult:
+def ingest(runner: TaskRunner, source: str, staged: Path, layer: str | None = None) -> TaskResult:
     """The ingest task, fanned out over ranges of features when the file is large
     enough to be worth it (the survey is a task too: the input is not trusted here)."""
     plan = None
@@ -165,7 +111,7 @@ def _size(source: str) -> int:
         return 0
 
 
-def reproject(runner: Runner, source: str, staged: Path, target_crs: str) -> TaskResult:
+def reproject(runner: TaskRunner, source: str, staged: Path, target_crs: str) -> TaskResult:
     """The reproject task, fanned out over row groups when the file is large."""
     plan = plan_row_groups(source, runner.max_workers)
     if plan is None:
@@ -190,7 +136,7 @@ def reproject(runner: Runner, source: str, staged: Path, target_crs: str) -> Tas
 
 
 def fan_out(
-    runner: Runner, staged: Path, task: tuple[str, dict], each: list[dict], join
+    runner: TaskRunner, staged: Path, task: tuple[str, dict], each: list[dict], join
 ) -> tuple[list, TaskResult]:
     """Run `task` (function, shared arguments) once per entry of `each` (that part's own
     arguments) side by side, each writing a temp file beside `staged`; then the task
@@ -234,7 +180,7 @@ _DISSOLVE_COUNTS = (
 )
 
 
-def dissolve(runner: Runner, source: str, staged: Path, **options) -> TaskResult:
+def dissolve(runner: TaskRunner, source: str, staged: Path, **options) -> TaskResult:
     """The dissolve task, in parts a worker can hold when the file is large: a plan (a
     task: it reads the key column) cuts the sorted keys into ranges of at most a tenth
     of a worker's ceiling of data, at least one per worker; a group larger than that on

@@ -32,7 +32,6 @@ from dagster import (
 from dagster._utils.warnings import BetaWarning  # not exported; the one to silence here
 
 from geoiso_dagster import paths
-from geoiso_dagster.defs import fanout
 from geoiso_dagster.defs.batch import produce_batch
 from geoiso_dagster.defs.checks import check_specs, criteria_of
 from geoiso_dagster.defs.envelope import (
@@ -46,6 +45,7 @@ from geoiso_dagster.defs.envelope import (
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import raise_for
+from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.defs.tasksteps import Step, task_step
 from geoiso_dagster.errors import BadInputError, GeoisoError, UnsafeNameError
 from geoiso_dagster.fsutil import temp_path_for
@@ -246,7 +246,7 @@ def _produce(
     sweep(output)
     staged = temp_path_for(output)
     try:
-        judged = stage_and_judge(fanout.StepRunner(context, pool), asset_name, work, staged)
+        judged = stage_and_judge(TaskRunner(pool.pool, context.log.info), asset_name, work, staged)
         if judged.passed:
             if seconds := publish(staged, output):
                 context.log.info(f"{asset_name}: published to the bucket in {seconds:.1f} s")

@@ -8,6 +8,8 @@ KIND is one of:
     sigkill   the worker is SIGKILLed; at "write", after half of the file is on disk
     hang      the worker blocks inside a C call until killed (writes <state>/hanging-<pid>)
     memory    the worker allocates until its memory ceiling stops it
+    linger    the worker ignores SIGTERM for the rest of its life, waits "seconds" (1 s),
+              then goes on, as a task slow to notice it was cancelled would
     enospc    the real write runs under RLIMIT_FSIZE=4 KiB and fails (EFBIG)
     enomem    the write fails as Arrow's does when a worker is out of address space
               (OSError ENOMEM, "Memory mapping file failed: Cannot allocate memory")
@@ -25,6 +27,7 @@ import json
 import os
 import resource
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +57,10 @@ def _claim(fault: dict) -> bool:
     for n in range(int(fault.get("times", 1))):
         try:
             os.close(
-                os.open(state / f"fired-{fault['task']}-{_at(fault)}-{n}", os.O_CREAT | os.O_EXCL)
+                os.open(
+                    state / f"fired-{fault['task']}-{_at(fault)}-{fault['fault']}-{n}",
+                    os.O_CREAT | os.O_EXCL,
+                )
             )
             return True
         except FileExistsError:
@@ -73,6 +79,10 @@ def _fire(fault: dict, partial: Path | None = None) -> None:
     if kind == "hang":
         (Path(fault["state"]) / f"hanging-{os.getpid()}").touch()
         ctypes.CDLL(None).sleep(3600)
+    if kind == "linger":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(float(fault.get("seconds", 1.0)))
+        return
     if kind == "enomem":
         raise OSError(errno.ENOMEM, "Memory mapping file failed: Cannot allocate memory")
     if kind == "memory":

@@ -11,7 +11,7 @@ from geoiso_dagster import paths
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import temp_path_for
 from geoiso_dagster.records import ReadBack
-from geoiso_dagster.spatial import integrity, io, sources
+from geoiso_dagster.spatial import faults, integrity, io, sources
 from geoiso_dagster.spatial.ingest import gdal_info
 from geoiso_dagster.spatial.tasks.reprojection import parse_crs
 from geoiso_dagster.spatial.transfer import download_staged
@@ -35,6 +35,7 @@ def inspect(
     the covering column's statistics) is compared with what its CRS can hold; with
     `source` (raw_features), the source's own declared counts are read again.
     """
+    faults.at_start("inspect")
     target = Path(path)
     facts: ReadBack = {"path": path, "readable": False}
     try:
