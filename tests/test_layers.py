@@ -1,5 +1,9 @@
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import geoiso_dagster
 
 GEO_MODULES = ("geopandas", "shapely", "pyogrio", "pyproj", "osgeo")
 
@@ -26,3 +30,76 @@ def test_the_guard_can_fail():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "geopandas" in out.stdout
+
+
+def _import_graph(package: Path) -> dict[str, set[str]]:
+    """Each module of `package` and the modules of it that it imports, at module level or
+    inside a function (a lazy import hides a cycle, it does not break it). A module's
+    own parent packages are not counted: Python imports those first anyway."""
+    modules = {}
+    for path in package.rglob("*.py"):
+        name = ".".join(path.relative_to(package.parent).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name and not name.startswith(f"{target}."):
+                    graph[name].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in sorted(graph[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    graph = _import_graph(Path(geoiso_dagster.__file__).parent)
+    assert len(graph) > 50 and graph["geoiso_dagster.spatial.stream"]  # it read the package
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_guard_can_fail(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg import b\n")
+    (package / "b.py").write_text("def f():\n    from pkg.a import g\n")
+    (package / "c.py").write_text("import pkg.a\n")
+    assert _cycles(_import_graph(package)) == [["pkg.a", "pkg.b"]]

@@ -27,7 +27,8 @@ import shapely
 
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.spatial import integrity, io, sources
-from geoiso_dagster.spatial.stream import BBOX_FIELDS, TableSink, bbox_column
+from geoiso_dagster.spatial.io import BBOX_FIELDS, bbox_column
+from geoiso_dagster.spatial.stream import TableSink
 
 GEOMETRY = "geometry"
 

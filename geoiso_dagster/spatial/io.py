@@ -26,7 +26,7 @@ from geoiso_dagster.errors import BadInputError, StorageAccessError, TransientIO
 from geoiso_dagster.formats import PARQUET_SUFFIXES  # noqa: F401 - one definition
 from geoiso_dagster.fsutil import atomic_path
 from geoiso_dagster.records import OutputFacts
-from geoiso_dagster.spatial import faults, remote
+from geoiso_dagster.spatial import faults, hilbert, remote
 
 # Tens of thousands of rows per row group: small enough that a bbox filter skips most
 # of a file, large enough that per-group overhead stays negligible.
@@ -266,14 +266,24 @@ def write_geoparquet(frame: geopandas.GeoDataFrame, target: str | Path) -> Outpu
     return describe(target)
 
 
+BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
+
+
+def bbox_column(bounds: np.ndarray) -> pa.StructArray:
+    """The bbox covering column; null for a missing or empty geometry (it has no box)."""
+    return pa.StructArray.from_arrays(
+        [pa.array(bounds[:, i], type=pa.float64()) for i in range(4)],
+        names=list(BBOX_FIELDS),
+        mask=pa.array(np.isnan(bounds).all(axis=1)),
+    )
+
+
 def _in_hilbert_order(frame: geopandas.GeoDataFrame) -> geopandas.GeoDataFrame:
     """The rows along the Hilbert curve over what the CRS can hold (spatial/hilbert.py),
     as every GeoParquet file here is written."""
-    from geoiso_dagster.spatial import hilbert, stream
-
     bounds = shapely.bounds(frame.geometry.values)
     domain = coordinate_limits(frame.crs) if frame.crs is not None else _own_extent(bounds)
-    order = np.argsort(hilbert.keys(stream.bbox_column(bounds), domain), kind="stable")
+    order = np.argsort(hilbert.keys(bbox_column(bounds), domain), kind="stable")
     return frame.iloc[order].reset_index(drop=True)
 
 

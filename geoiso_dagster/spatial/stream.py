@@ -20,9 +20,7 @@ import shapely
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import temp_path_for
 from geoiso_dagster.spatial import hilbert, integrity, io, wkb
-from geoiso_dagster.spatial.io import ROW_GROUP_ROWS, SLICE_ROWS
-
-BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
+from geoiso_dagster.spatial.io import BBOX_FIELDS, ROW_GROUP_ROWS, SLICE_ROWS, bbox_column
 
 
 def writer_options(schema: pa.Schema, geometry: str) -> dict:
@@ -208,15 +206,6 @@ def part_tables(path: Path) -> tuple[pa.Schema, Iterator[pa.Table]]:
     parquet = pq.ParquetFile(path, pre_buffer=False)
     tables = (parquet.read_row_group(i) for i in range(parquet.num_row_groups))
     return parquet.schema_arrow, tables
-
-
-def bbox_column(bounds: np.ndarray) -> pa.StructArray:
-    """The bbox covering column; null for a missing or empty geometry (it has no box)."""
-    return pa.StructArray.from_arrays(
-        [pa.array(bounds[:, i], type=pa.float64()) for i in range(4)],
-        names=list(BBOX_FIELDS),
-        mask=pa.array(np.isnan(bounds).all(axis=1)),
-    )
 
 
 def transform(geometries: np.ndarray, transformer: pyproj.Transformer) -> np.ndarray:

@@ -33,6 +33,8 @@ from geoiso_dagster.fsutil import atomic_path
 from geoiso_dagster.pool.worker import progress
 from geoiso_dagster.spatial import io
 
+# The count of source features in each dissolved row (every dissolve writes it).
+FEATURE_COUNT_COLUMN = "feature_count"
 # The share of a worker's ceiling one dissolve part may hold as Arrow data.
 PART_SHARE = 0.1
 # A chunk of a giant group is decoded and unioned at once: measured, 200k polygons (24.6
@@ -340,10 +342,19 @@ def union_partials(
     return _write_group(combined, union, output, source, dissolve_by, rank, aggfunc, aggregations)
 
 
+def write_dissolved(result, output: str, source: str) -> dict:
+    """write_geoparquet, with values an aggregation made that Parquet cannot hold (mixed
+    types, say) named as the input's problem."""
+    try:
+        return io.write_geoparquet(result, output)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        raise BadInputError(
+            source, f"the aggregated columns cannot be written: {type(exc).__name__}: {exc}"
+        ) from None
+
+
 def _write_group(stats, union, output, source, dissolve_by, rank, aggfunc, aggregations) -> dict:
     """The giant group's row, as `dissolve` writes a part's rows."""
-    from geoiso_dagster.spatial.tasks.dissolving import FEATURE_COUNT_COLUMN, _write_dissolved
-
     schema = io.read_schema(io.ref(source))
     geo = io.geo_metadata(io.ref(source))
     geometry_name = geo["primary_column"]
@@ -364,7 +375,7 @@ def _write_group(stats, union, output, source, dissolve_by, rank, aggfunc, aggre
     frame[FEATURE_COUNT_COLUMN] = stats["__rows"]
     frame[geometry_name] = [union]
     result = geopandas.GeoDataFrame(frame, geometry=geometry_name, crs=crs)
-    written = _write_dissolved(result, output, source)
+    written = write_dissolved(result, output, source)
     return {**written, **facts}
 
 

@@ -14,11 +14,13 @@ from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.pool.worker import progress
 from geoiso_dagster.settings import check_aggregations
 from geoiso_dagster.spatial import faults, io, thumbnail, union
-from geoiso_dagster.spatial.io import write_geoparquet
-from geoiso_dagster.spatial.union import polygonal_parts, repair, union_group
-
-FEATURE_COUNT_COLUMN = "feature_count"
-_POLYGONAL = {"Polygon", "MultiPolygon"}
+from geoiso_dagster.spatial.union import (
+    FEATURE_COUNT_COLUMN,
+    polygonal_parts,
+    repair,
+    union_group,
+    write_dissolved,
+)
 
 
 def dissolve(
@@ -132,7 +134,7 @@ def dissolve(
         groups=len(result),
         repaired=repaired_count,
     )
-    facts = _write_dissolved(result, output, source)
+    facts = write_dissolved(result, output, source)
     if ranks is None:
         facts.update(_thumbnail(result))
     facts.update(
@@ -192,17 +194,6 @@ def _thumbnail(result) -> dict:
         return {}
 
 
-def _write_dissolved(result, output: str, source: str) -> dict:
-    """write_geoparquet, with values an aggregation made that Parquet cannot hold (mixed
-    types, say) named as the input's problem."""
-    try:
-        return write_geoparquet(result, output)
-    except (pa.ArrowException, TypeError, ValueError) as exc:
-        raise BadInputError(
-            source, f"the aggregated columns cannot be written: {type(exc).__name__}: {exc}"
-        ) from None
-
-
 # Arrow types a dissolve key may have: values that name a region. Lists, structs, maps and
 # binary blobs do not (pandas cannot even group by them).
 def _is_key_type(kind: pa.DataType) -> bool:
@@ -251,7 +242,7 @@ def join_dissolved(parts: list[str | None], output: str, dissolve_by: str, sourc
         raise BadInputError(source, "has no polygonal geometries to dissolve")
     result = pd.concat(frames, ignore_index=True).sort_values(dissolve_by, kind="stable")
     result = geopandas.GeoDataFrame(result.reset_index(drop=True), crs=frames[0].crs)
-    facts = _write_dissolved(result, output, source)
+    facts = write_dissolved(result, output, source)
     facts.update(_thumbnail(result))
     return facts
 
