@@ -183,11 +183,6 @@ def pending_wal(path: Path) -> str | None:
     return None
 
 
-def is_candidate(path: Path) -> bool:
-    """A file that may be a source: not hidden, not temporary, not another's part."""
-    return why_not_a_source(path.name) is None
-
-
 def changed_at(info: os.stat_result) -> float:
     """When a file last changed, content or inode: moving a file in (which keeps its
     mtime) counts as a change, as does writing it."""

@@ -221,8 +221,19 @@ def test_aggregations_and_null_keys(tmp_path):
     assert facts["dropped_null_keys"] == 1
 
 
+def decode_png(data: bytes) -> np.ndarray:
+    """RGBA pixels of a PNG, read by Pillow (not by the encoder's author)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGBA"))
+
+
 def test_thumbnail_draws_each_region_in_its_colour_and_leaves_holes_empty():
-    from geoiso_dagster.spatial.thumbnail import PALETTE, decode_png, render
+    from geoiso_dagster.spatial.thumbnail import PALETTE, render
 
     square_with_hole = Polygon(
         [(0, 0), (10, 0), (10, 10), (0, 10)], [[(4, 4), (6, 4), (6, 6), (4, 6)]]
@@ -244,8 +255,6 @@ def test_thumbnail_draws_each_region_in_its_colour_and_leaves_holes_empty():
 
 def test_dissolve_reports_a_small_map(naturalearth_shp, tmp_path):
     import base64
-
-    from geoiso_dagster.spatial.thumbnail import decode_png
 
     _, _, dis = _chain(naturalearth_shp, tmp_path, "EPSG:6933", "continent")
     png = base64.b64decode(dis["thumbnail_png"])

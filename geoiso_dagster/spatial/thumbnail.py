@@ -98,19 +98,3 @@ def encode_png(rgba: np.ndarray) -> bytes:
         + _chunk(b"IDAT", zlib.compress(raw, 6))
         + _chunk(b"IEND", b"")
     )
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """The inverse of encode_png (for tests): RGBA pixels of an unfiltered 8-bit PNG."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    offset, idat, width, height = 8, b"", 0, 0
-    while offset < len(data):
-        (length,) = struct.unpack(">I", data[offset : offset + 4])
-        kind, body = data[offset + 4 : offset + 8], data[offset + 8 : offset + 8 + length]
-        if kind == b"IHDR":
-            width, height = struct.unpack(">II", body[:8])
-        elif kind == b"IDAT":
-            idat += body
-        offset += 12 + length
-    rows = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(height, 1 + width * 4)
-    return rows[:, 1:].reshape(height, width, 4)
