@@ -18,7 +18,7 @@ GDAL_FORMATS = {
 }
 PARQUET_SUFFIXES = (".parquet", ".geoparquet")
 ARCHIVE_SUFFIXES = (".zip",)
-# Every other GDAL driver is unregistered in the workers (pool/gdal_jail.py).
+# Every other GDAL driver is unregistered in the workers (gdal_jail.py).
 ALLOWED_GDAL_DRIVERS = frozenset(GDAL_FORMATS.values())
 SOURCE_SUFFIXES = (*GDAL_FORMATS, *PARQUET_SUFFIXES, *ARCHIVE_SUFFIXES)
 # The parts of a shapefile GDAL may open beside the .shp: the .shp's exact stem, the

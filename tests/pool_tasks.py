@@ -72,7 +72,7 @@ def allocate_at_once(megabytes: int) -> dict:
 
 
 def slow_progress(seconds: float) -> dict:
-    from geoiso_dagster.pool.worker import progress
+    from geoiso_dagster.task_api import progress
 
     progress("started the slow part", step=1)
     time.sleep(seconds)
@@ -110,7 +110,7 @@ def look_at_state() -> dict:
 
 def counting_progress(total: int, seconds: float) -> dict:
     """Report `total` rows done over `seconds`, as a long step does."""
-    from geoiso_dagster.pool.worker import progress
+    from geoiso_dagster.task_api import progress
 
     for done in range(0, total + 1, max(1, total // 20)):
         progress(f"{done} rows", done=done, total=total, unit="rows")
@@ -125,7 +125,7 @@ def read_env(name: str) -> dict:
 
 def burst_progress(count: int) -> dict:
     """`count` messages as fast as the worker can send them, then return at once."""
-    from geoiso_dagster.pool.worker import progress
+    from geoiso_dagster.task_api import progress
 
     for i in range(count):
         progress(f"message {i}")

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pyogrio
 
-from geoiso_dagster import objectstore, paths
-from geoiso_dagster.pool import gdal_jail
+from geoiso_dagster import gdal_jail, objectstore, paths
 from geoiso_dagster.spatial import remote
 from geoiso_dagster.spatial import tasks as _real
 from geoiso_dagster.spatial.tasks import *  # noqa: F403

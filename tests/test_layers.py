@@ -103,3 +103,17 @@ def test_the_cycle_guard_can_fail(tmp_path):
     (package / "b.py").write_text("def f():\n    from pkg.a import g\n")
     (package / "c.py").write_text("import pkg.a\n")
     assert _cycles(_import_graph(package)) == [["pkg.a", "pkg.b"]]
+
+
+def test_worker_code_calls_into_the_task_api_not_the_pool():
+    """The worker layer (spatial/, ops/) reaches progress, the errors and the GDAL jail
+    below the pool (task_api.py, errors.py, gdal_jail.py), never the pool's modules."""
+    graph = _import_graph(Path(geoiso_dagster.__file__).parent)
+    worker_side = [
+        m for m in graph if m.startswith(("geoiso_dagster.spatial", "geoiso_dagster.ops"))
+    ]
+    assert "geoiso_dagster.spatial.union" in worker_side
+    reaching = {
+        m: sorted(t for t in graph[m] if t.startswith("geoiso_dagster.pool")) for m in worker_side
+    }
+    assert {m: t for m, t in reaching.items() if t} == {}

@@ -10,6 +10,6 @@ on_progress callback (in Dagster: the run's log).
 """
 
 from geoiso_dagster.pool.pool import PoolSettings, TaskResult, WorkerPool
-from geoiso_dagster.pool.worker import progress
+from geoiso_dagster.task_api import progress
 
 __all__ = ["PoolSettings", "TaskResult", "WorkerPool", "progress"]

@@ -31,7 +31,7 @@ DEFAULT_WORKER_ENV: dict[str, str] = {
     # Arrow's own allocator (mimalloc) keeps freed memory for reuse; the system one
     # gives it back. Measured at 1M polygons: a dissolve part peaked 80 MB lower, as fast.
     "ARROW_DEFAULT_MEMORY_POOL": "system",
-    # The source jail (spatial/sources.py, pool/gdal_jail.py): no GDAL plugin drivers, no
+    # The source jail (spatial/sources.py, gdal_jail.py): no GDAL plugin drivers, no
     # /vsicurl/, /vsis3/ (or other network file) access, no SQLite access outside the
     # database. GDAL opens a network name only if it ends with an entry of this list, and
     # none ends so; a source of an S3 root opens its own objects while it is read

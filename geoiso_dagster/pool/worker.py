@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import psutil
 
+from geoiso_dagster import gdal_jail, task_api
 from geoiso_dagster.errors import BadInputError, StorageAccessError, TransientIOError
 from geoiso_dagster.fsutil import host_name
-from geoiso_dagster.pool import cgroup, gdal_jail
+from geoiso_dagster.pool import cgroup
 from geoiso_dagster.pool._events import EventSender, cancel_address
 from geoiso_dagster.pool.env import gdal_config_options
 from geoiso_dagster.pool.refs import check_task_ref
@@ -136,6 +137,7 @@ def initialize(settings: WorkerSettings) -> None:
         limit = psutil.Process().memory_info().vms + settings.address_space_limit_bytes
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     _state = _WorkerState(settings)
+    task_api.connect(_report)
     # Tell the pool who we are, so its teardown can kill us even if pebble lost track.
     _state.events.send(
         {"type": "worker_started", "pid": os.getpid(), "create_time": _state.process.create_time()}
@@ -235,8 +237,8 @@ def _release_memory() -> None:
 MAX_KEPT_MESSAGES = 1000
 
 
-def progress(message: str, **facts: object) -> None:
-    """Report what the current task is doing; the pool forwards it to its listener, at
+def _report(message: str, facts: dict) -> None:
+    """task_api.progress in a worker: the pool forwards the message to its listener, at
     once and, for any the channel lost, with the task's result: every message a task
     sends before it returns reaches the caller before the task's future settles."""
     state = _state

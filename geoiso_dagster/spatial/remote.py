@@ -24,14 +24,13 @@ from dataclasses import dataclass
 
 import pyogrio
 
-from geoiso_dagster import formats, objectstore, paths
+from geoiso_dagster import formats, gdal_jail, objectstore, paths
 from geoiso_dagster.errors import (
     BadInputError,
     GeoisoError,
     StorageAccessError,
     TransientIOError,
 )
-from geoiso_dagster.pool import gdal_jail
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ A source is untrusted. Three rules, each an allow-list:
 
 1. Formats. The file's suffix names its format, and the driver GDAL detects must be that
    format's (`FORMATS`); every other GDAL driver is unregistered in the workers (see
-   pool/gdal_jail.py), so a VRT, a GML with xlinks, a WFS URL or a `.shz` never opens.
+   gdal_jail.py), so a VRT, a GML with xlinks, a WFS URL or a `.shz` never opens.
    None of the allowed formats can reference another file or a URL.
 2. Files. Every file the format may open (the source, a shapefile's parts, SQLite's
    `-wal`/`-shm`/`-journal`) must be a regular file that resolves inside the data root;

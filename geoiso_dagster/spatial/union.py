@@ -30,8 +30,8 @@ import shapely
 
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import atomic_path
-from geoiso_dagster.pool.worker import progress
 from geoiso_dagster.spatial import io
+from geoiso_dagster.task_api import progress
 
 # The count of source features in each dissolved row (every dissolve writes it).
 FEATURE_COUNT_COLUMN = "feature_count"

@@ -11,7 +11,6 @@ import pyarrow as pa
 import shapely
 
 from geoiso_dagster.errors import BadInputError
-from geoiso_dagster.pool.worker import progress
 from geoiso_dagster.settings import check_aggregations
 from geoiso_dagster.spatial import faults, io, thumbnail, union
 from geoiso_dagster.spatial.union import (
@@ -21,6 +20,7 @@ from geoiso_dagster.spatial.union import (
     union_group,
     write_dissolved,
 )
+from geoiso_dagster.task_api import progress
 
 
 def dissolve(

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import atomic_path
-from geoiso_dagster.pool import progress
 from geoiso_dagster.spatial import io, stream
+from geoiso_dagster.task_api import progress
 
 
 def describe(path: str) -> dict:

@@ -5,10 +5,10 @@ import time
 from pathlib import Path
 
 from geoiso_dagster.fsutil import atomic_path
-from geoiso_dagster.pool.worker import progress
 from geoiso_dagster.spatial import faults, io, stream
 from geoiso_dagster.spatial.ingest import ingest_file
 from geoiso_dagster.spatial.ingest import survey as ingest_survey
+from geoiso_dagster.task_api import progress
 
 
 def ingest(

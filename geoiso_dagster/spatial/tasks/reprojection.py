@@ -10,9 +10,9 @@ import shapely
 
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import atomic_path
-from geoiso_dagster.pool.worker import progress
 from geoiso_dagster.settings import check_target_crs
 from geoiso_dagster.spatial import faults, io, stream
+from geoiso_dagster.task_api import progress
 
 
 def drop_m(geometries: np.ndarray) -> tuple[np.ndarray, int]:
