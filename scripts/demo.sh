@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export GEOISO_DATA_ROOT=${GEOISO_DATA_ROOT:-$PWD/data}
 export DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster_home}
 mkdir -p "$DAGSTER_HOME"
-[ -f "$DAGSTER_HOME/dagster.yaml" ] || cp dagster.yaml "$DAGSTER_HOME/dagster.yaml"
+[ -f "$DAGSTER_HOME/dagster.yaml" ] || cp deploy/local/dagster.yaml "$DAGSTER_HOME/dagster.yaml"
 
 started=$EPOCHREALTIME
 key=$(.venv/bin/geoiso add data/sample/countries.gpkg | tail -n 1)

@@ -29,7 +29,7 @@ CONFIG = {
 def cli_env(tmp_path, data_root):
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy("dagster.yaml", home / "dagster.yaml")
+    shutil.copy("deploy/local/dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "GEOISO_DATA_ROOT": str(data_root)}
     return env
 

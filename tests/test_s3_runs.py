@@ -63,7 +63,7 @@ def _read(client, key: str, tmp_path: Path) -> geopandas.GeoDataFrame:
 def test_the_whole_chain_on_a_bucket_through_the_dagster_cli(s3_root, tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy("dagster.yaml", home / "dagster.yaml")
+    shutil.copy("deploy/local/dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, **s3_root.env, "DAGSTER_HOME": str(home)}
     work = tmp_path / "cwd"
     work.mkdir()
@@ -271,7 +271,7 @@ def test_a_batch_run_killed_mid_step_leaves_only_swept_staged_objects(s3_root, t
 
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copy("dagster.yaml", home / "dagster.yaml")
+    shutil.copy("deploy/local/dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, **s3_root.env, "DAGSTER_HOME": str(home)}
     keys = ["k1.gpkg", "k2.gpkg", "k3.gpkg"]
     for key in keys:
