@@ -1,5 +1,5 @@
 """Multi-input steps at 1M x 10k features: geoiso_dagster.ops fanned out over the pool
-(the decisions a geo_asset step takes, defs/tasksteps.py) against the whole-frame
+(the decisions a geo_asset step takes, defs/own_steps.py) against the whole-frame
 geopandas call in one process, measured in the same run.
 
     .venv/bin/python -m benchmarks.ops [--rows 1000000] [--zones 10000] [--ops clip,overlay,sjoin]
@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from benchmarks.data import CACHE, voronoi_coverage
+from geoiso_dagster.defs.own_steps import task_step
 from geoiso_dagster.defs.runner import TaskRunner
-from geoiso_dagster.defs.tasksteps import task_step
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 
 OPS = {

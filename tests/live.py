@@ -47,7 +47,9 @@ class DagsterDev:
     ) -> None:
         """`instance_yaml`: the instance's dagster.yaml (default: the repo's, SQLite)."""
         self.home, self.data_root, self.log_path = home, data_root, log
-        self.instance_yaml = instance_yaml or (REPO / "deploy" / "local" / "dagster.yaml").read_text()
+        self.instance_yaml = (
+            instance_yaml or (REPO / "deploy" / "local" / "dagster.yaml").read_text()
+        )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {

@@ -8,7 +8,7 @@ from unittest import mock
 import sqlalchemy
 from dagster import DagsterInstance
 
-from geoiso_dagster.storage import PooledPostgresEventLogStorage
+from geoiso_dagster.postgres_events import PooledPostgresEventLogStorage
 from tests.deploy import postgres_instance_yaml
 from tests.live import report_check_events
 

@@ -9,8 +9,8 @@ from dagster import Config
 from pydantic import Field
 
 from geoiso_dagster.defs import fanout
+from geoiso_dagster.defs.own_steps import Step
 from geoiso_dagster.defs.steps import BATCH_MAX_FILES, GROUP, POOL, geo_asset
-from geoiso_dagster.defs.tasksteps import Step
 from geoiso_dagster.settings import check_aggregations, check_layer, check_target_crs
 
 __all__ = [

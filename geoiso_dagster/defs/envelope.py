@@ -18,9 +18,9 @@ from geoiso_dagster.pool import TaskResult
 
 # Where a step of the user's own (defs/steps.py) leaves the facts its function returned:
 # each goes to the catalog under its own name, after the standard entries.
-STEP_FACTS = "step_facts"
+OWN_FACTS_KEY = "step_facts"
 # Step-specific facts of the built-in tasks that go to the catalog as they are.
-_STEP_FACTS = (
+_BUILT_IN_FACTS = (
     "transformed",
     "dropped_m",
     "repaired_geometries",
@@ -241,9 +241,9 @@ def metadata(result: TaskResult, path: Path) -> dict:
         entry["map"] = MetadataValue.md(
             f"![{facts['rows']} regions](data:image/png;base64,{facts['thumbnail_png']})"
         )
-    for extra in _STEP_FACTS:
+    for extra in _BUILT_IN_FACTS:
         if extra in facts:
             entry[extra] = facts[extra]
-    for name, value in facts.get(STEP_FACTS, {}).items():  # a step of the user's own
+    for name, value in facts.get(OWN_FACTS_KEY, {}).items():  # a step of the user's own
         entry.setdefault(name, value)
     return entry

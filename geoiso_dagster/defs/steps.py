@@ -42,11 +42,11 @@ from geoiso_dagster.defs.envelope import (
     stage_and_judge,
     sweep,
 )
+from geoiso_dagster.defs.own_steps import Step, task_step
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import raise_for
 from geoiso_dagster.defs.runner import TaskRunner
-from geoiso_dagster.defs.tasksteps import Step, task_step
 from geoiso_dagster.errors import BadInputError, GeoisoError, UnsafeNameError
 from geoiso_dagster.fsutil import temp_path_for
 from geoiso_dagster.pool.refs import check_task_ref, is_qualified

@@ -320,7 +320,7 @@ class WorkerPool:
     def _result(self, function: str, kwargs: dict, done: concurrent.futures.Future) -> TaskResult:
         what = f"task {function}({_describe(kwargs)})"
         try:
-            envelope = done.result()
+            outcome = done.result()
         except concurrent.futures.TimeoutError:
             raise WorkerTimeoutError(
                 f"{what} ran past task_timeout_s={self.settings.task_timeout_s:g} s; "
@@ -332,10 +332,10 @@ class WorkerPool:
             raise
         except Exception as exc:  # pebble could not send the task or its result
             raise WorkerCrashedError(f"{what}: worker failed: {exc!r}") from exc
-        worker = envelope["worker"]
-        if envelope["ok"]:
+        worker = outcome["worker"]
+        if outcome["ok"]:
             return TaskResult(
-                facts=envelope["facts"],
+                facts=outcome["facts"],
                 pid=worker["pid"],
                 peak_rss_mb=worker["peak_rss_mb"],
                 duration_s=worker["duration_s"],
@@ -343,11 +343,11 @@ class WorkerPool:
                 host=worker["host"],
                 restored=tuple(worker.get("restored", ())),
             )
-        kind, message = envelope["kind"], envelope["message"]
+        kind, message = outcome["kind"], outcome["message"]
         if kind == "cancelled":
             raise concurrent.futures.CancelledError()
         if kind == "bad_input":
-            raise BadInputError(envelope["path"], message)
+            raise BadInputError(outcome["path"], message)
         if kind == "transient_io":
             raise TransientIOError(f"{what}: {message}")
         if kind == "storage_access":
@@ -357,7 +357,7 @@ class WorkerPool:
                 f"{what}: {message}: the address-space backstop stopped an allocation; "
                 f"memory_limit_mb={self.settings.memory_limit_mb}"
             )
-        raise TaskError(f"{what} failed: {message}", traceback=envelope.get("traceback", ""))
+        raise TaskError(f"{what} failed: {message}", traceback=outcome.get("traceback", ""))
 
     def _expired(self, what: str, exc: pebble.ProcessExpired) -> GeoisoError:
         code = exc.exitcode

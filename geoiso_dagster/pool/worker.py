@@ -257,7 +257,7 @@ def _report(message: str, facts: dict) -> None:
     state.events.send(event)
 
 
-def _os_error_envelope(exc: OSError) -> dict:
+def _os_error_outcome(exc: OSError) -> dict:
     """An OSError no task classified: Arrow's S3 filesystem failing mid-read of an object
     read in place is transient (its text names bucket, key and AWS's error kind, never a
     credential); anything else is a bug, as any exception no one classified."""
@@ -288,7 +288,7 @@ class _Cancelled(Exception):
 
 
 def run_task(task_id: str, function: str, kwargs: dict) -> dict:
-    """Run `function` (see resolve_task) and wrap its outcome in an envelope.
+    """Run `function` (see resolve_task) and wrap what happened in an outcome dict.
 
     Exceptions become data here, not pickled objects: the parent rebuilds the right
     error type from `kind`, whatever the worker's exception classes look like.
@@ -298,7 +298,7 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
         raise RuntimeError("worker used before initialize()")
     state.begin_task(task_id)
     started = time.perf_counter()
-    envelope: dict
+    outcome: dict
     # Told before anything else (and waited for, if the pool's queue is full), so that a
     # pool cancelling this task knows to wait for this process; then, if it was cancelled
     # before it got here, nothing of it runs (pool.WorkerPool.cancel).
@@ -312,22 +312,22 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
         facts = fn(**kwargs)
         if not isinstance(facts, dict):
             raise TypeError(f"{function} returned {type(facts).__name__}, not a dict of facts")
-        envelope = {"ok": True, "facts": facts}
+        outcome = {"ok": True, "facts": facts}
     except _Cancelled:
-        envelope = {"ok": False, "kind": "cancelled", "message": "cancelled before it started"}
+        outcome = {"ok": False, "kind": "cancelled", "message": "cancelled before it started"}
     except BadInputError as exc:
-        envelope = {"ok": False, "kind": "bad_input", "path": exc.path, "message": exc.cause}
+        outcome = {"ok": False, "kind": "bad_input", "path": exc.path, "message": exc.cause}
     except TransientIOError as exc:
-        envelope = {"ok": False, "kind": "transient_io", "message": str(exc)}
+        outcome = {"ok": False, "kind": "transient_io", "message": str(exc)}
     except StorageAccessError as exc:
-        envelope = {"ok": False, "kind": "storage_access", "message": str(exc)}
+        outcome = {"ok": False, "kind": "storage_access", "message": str(exc)}
     except OSError as exc:
-        envelope = _os_error_envelope(exc)
+        outcome = _os_error_outcome(exc)
     except MemoryError as exc:
         detail = f": {exc}" if str(exc) else ""
-        envelope = {"ok": False, "kind": "memory", "message": f"allocation failed{detail}"}
+        outcome = {"ok": False, "kind": "memory", "message": f"allocation failed{detail}"}
     except Exception as exc:
-        envelope = {
+        outcome = {
             "ok": False,
             "kind": "error",
             "message": f"{type(exc).__name__}: {exc}",
@@ -335,11 +335,11 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
         }
     state.events.send({"type": "task_ended", "task": task_id}, wait_s=_TELL_START_S)
     peak = state.end_task()
-    envelope["messages"] = [m for m in state.messages if "message" in m]
+    outcome["messages"] = [m for m in state.messages if "message" in m]
     restored = state.baseline.restore()
     if state.settings.reused and peak > state.release_above:
         _release_memory()
-    envelope["worker"] = {
+    outcome["worker"] = {
         "restored": restored,
         "pid": os.getpid(),
         "host": host_name(),
@@ -347,4 +347,4 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
         "duration_s": round(time.perf_counter() - started, 4),
         "tasks_run": state.tasks_run,
     }
-    return envelope
+    return outcome

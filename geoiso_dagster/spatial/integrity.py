@@ -28,7 +28,7 @@ _CHUNK = 2**20
 _LOOKAHEAD = 4096
 
 
-def _sidecar(shp: "Path | str", suffix: str) -> "Path | str | None":
+def _shapefile_part(shp: "Path | str", suffix: str) -> "Path | str | None":
     """A part of a shapefile as GDAL finds it: the .shp's exact stem, the suffix as
     written or in upper case (never another file whose name differs only in case)."""
     if sources.is_object(shp):
@@ -53,7 +53,7 @@ def _read(file: "Path | str", length: int | None = None) -> bytes:
 
 def check_shapefile(shp: "Path | str") -> None:
     """The .shp, .shx and .dbf exist and are as long as their headers say."""
-    shx, dbf = _sidecar(shp, ".shx"), _sidecar(shp, ".dbf")
+    shx, dbf = _shapefile_part(shp, ".shx"), _shapefile_part(shp, ".dbf")
     missing = [part for part, f in ((".shx (index)", shx), (".dbf (attributes)", dbf)) if not f]
     if missing:
         raise BadInputError(str(shp), f"shapefile is missing its {' and its '.join(missing)}")
@@ -107,7 +107,7 @@ def check_parquet(path: "Path | str") -> None:
 
 def shapes_with_geometry(shp: "Path | str") -> int:
     """How many records the .shx indexes with a shape (a null shape's record is 4 bytes)."""
-    shx = _sidecar(shp, ".shx")
+    shx = _shapefile_part(shp, ".shx")
     index = _read(shx) if shx else b""
     return sum(length > 2 for _, length in struct.iter_unpack(">ii", index[_SHP_HEADER:]))
 

@@ -5,7 +5,7 @@ One module per operation, each importing the geo stack (worker layer):
   reprojection   reproject, drop_m
   dissolving     dissolve and the parts of a fanned-out or hierarchical dissolve
   readback       inspect (the facts the blocking checks judge), inspect_object
-  joining        describe, join_parts (steps of the user's own, defs/tasksteps.py)
+  joining        describe, join_parts (steps of the user's own, defs/own_steps.py)
   doctor         environment
   ../transfer    fetch, upload: files between an S3 root and this host's mirror
 """

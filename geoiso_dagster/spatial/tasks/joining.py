@@ -1,4 +1,4 @@
-"""Tasks for steps of the user's own (defs/tasksteps.py): the standard facts of the file
+"""Tasks for steps of the user's own (defs/own_steps.py): the standard facts of the file
 a step wrote, and the join of a fanned-out step's parts."""
 
 import json

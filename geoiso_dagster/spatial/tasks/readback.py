@@ -13,7 +13,7 @@ from geoiso_dagster.fsutil import temp_path_for
 from geoiso_dagster.records import ReadBack
 from geoiso_dagster.spatial import faults, integrity, io, sources
 from geoiso_dagster.spatial.ingest import gdal_info
-from geoiso_dagster.spatial.tasks.reprojection import parse_crs
+from geoiso_dagster.spatial.tasks.reprojection import target_crs_of
 from geoiso_dagster.spatial.transfer import download_staged
 
 
@@ -77,7 +77,7 @@ def inspect(
     if expected_crs_of is not None:
         expected = io.geoparquet_crs(io.ref(expected_crs_of))
     elif expected_crs is not None:
-        expected = parse_crs(expected_crs, path)
+        expected = target_crs_of(expected_crs, path)
     if expected is not None:
         facts["expected_crs"] = io.crs_label(expected)
         facts["crs_matches"] = bool(crs.equals(expected))

@@ -29,7 +29,7 @@ def drop_m(geometries: np.ndarray) -> tuple[np.ndarray, int]:
     return out, int(measured.sum())
 
 
-def parse_crs(value: str, path: str) -> pyproj.CRS:
+def target_crs_of(value: str, path: str) -> pyproj.CRS:
     """The target CRS, parsed here in a worker (under the pool's timeout) after the text
     passed the allow-list grammar; it must be horizontal: a vertical, geocentric or
     engineering CRS has no x and y to put features in."""
@@ -54,7 +54,7 @@ def reproject(
     when the CRS already equals it (compared by pyproj, not as text). With `row_groups`,
     only those (one part of a fan-out over the workers; see `concatenate`)."""
     faults.at_start("reproject")
-    target = parse_crs(target_crs, source)
+    target = target_crs_of(target_crs, source)
     source_crs = io.geoparquet_crs(io.ref(source))
     started = time.perf_counter()
     measured = 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from geoiso_dagster.defs import fanout
 from geoiso_dagster.defs.checks import STEP_CRITERIA
-from geoiso_dagster.defs.envelope import STEP_FACTS
+from geoiso_dagster.defs.envelope import OWN_FACTS_KEY
 from geoiso_dagster.pool import TaskResult
 from geoiso_dagster.records import OutputFacts
 
@@ -61,7 +61,7 @@ def task_step(
                 lambda parts, results: ("join_parts", {"parts": [str(p) for p in parts]}),
             )
         facts = _own_facts(results)
-        standard = described.facts | {STEP_FACTS: facts}
+        standard = described.facts | {OWN_FACTS_KEY: facts}
         if "rows" in facts:  # the task's word, which the row count check compares
             standard["rows"] = facts["rows"]
         combined = fanout.combined(described, results) if plan else results[0]
