@@ -85,6 +85,10 @@ up() {
     docker image inspect "$image" >/dev/null 2>&1 || IMAGE=$image scripts/image.sh
 
     cp deploy/dagster.yaml "$DAGSTER_HOME/dagster.yaml"
+    # Make the instance's schema once, before three processes would each make it at the
+    # same moment on a fresh database ("type instigators already exists", seen here).
+    "$bin/dagster" instance migrate > "$stack/migrate.log" 2>&1 \
+        || { cat "$stack/migrate.log" >&2; echo "stack: instance migrate failed" >&2; exit 1; }
     sed "s/port: 4266/port: $code_port/" deploy/workspace.yaml >"$stack/workspace.yaml"
     launch code-server "$bin/dagster" code-server start -h 127.0.0.1 -p "$code_port" \
         -m geoiso_dagster.definitions --location-name geoiso_dagster
