@@ -33,7 +33,7 @@ _WATCH_INTERVAL_S = 0.02
 _OWNER_CHECK_EVERY = 10  # watchdog ticks between checks that the pool's owner lives
 RELEASE_ABOVE_BASE_BYTES = 64 * 2**20
 # How long a task waits for room in the pool's event queue to say it started or ended.
-_TELL_START_S = 5.0
+_TELL_POOL_S = 5.0
 
 
 @dataclass
@@ -303,7 +303,7 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
     # pool cancelling this task knows to wait for this process; then, if it was cancelled
     # before it got here, nothing of it runs (pool.WorkerPool.cancel).
     state.events.send(
-        {"type": "task_started", "task": task_id, "pid": os.getpid()}, wait_s=_TELL_START_S
+        {"type": "task_started", "task": task_id, "pid": os.getpid()}, wait_s=_TELL_POOL_S
     )
     try:
         if state.events.bound(cancel_address(state.settings.events_address, task_id)):
@@ -333,7 +333,7 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
             "message": f"{type(exc).__name__}: {exc}",
             "traceback": traceback.format_exc(),
         }
-    state.events.send({"type": "task_ended", "task": task_id}, wait_s=_TELL_START_S)
+    state.events.send({"type": "task_ended", "task": task_id}, wait_s=_TELL_POOL_S)
     peak = state.end_task()
     outcome["messages"] = [m for m in state.messages if "message" in m]
     restored = state.baseline.restore()
