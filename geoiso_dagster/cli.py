@@ -9,24 +9,17 @@ geoiso doctor        what a worker sees: environment, GDAL config, library versi
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from geoiso_dagster import formats, inbox, objectstore, paths
+from geoiso_dagster import dataroot, formats, inbox, paths
 from geoiso_dagster.errors import BadInputError, GeoisoError
-from geoiso_dagster.fsutil import atomic_path
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    with atomic_path(target) as tmp:
-        shutil.copy2(source, tmp)
 
 
 def add(files: list[str]) -> list[str]:
-    paths.configured_root()  # a root this project cannot serve is refused first
+    dataroot.check_setting()  # a root this project cannot serve is refused first
     if not os.environ.get("DAGSTER_HOME"):
         raise GeoisoError(
             "DAGSTER_HOME is not set: set it to the instance folder the dagster CLI and "
@@ -36,10 +29,8 @@ def add(files: list[str]) -> list[str]:
 
     from geoiso_dagster.defs.partitions import source_files
 
-    remote = paths.remote_root()
-    if remote is not None:
-        objectstore.check_bucket(remote)  # refused here, naming the bucket, not in a run
-    root = paths.data_root()
+    root = dataroot.root()
+    root.check()  # a bucket that does not answer is refused here, naming it, not in a run
     keys = []
     for name in files:
         source = Path(name)
@@ -50,22 +41,11 @@ def add(files: list[str]) -> list[str]:
         if why := inbox.pending_wal(source):
             raise BadInputError(str(source), why.replace("waits for", "needs"))
         inbox.read_sidecar(source)  # a bad sidecar refuses its file here, not in a run
-        target = paths.source_path(key, root)
-        if remote is not None:
-            # As below: the parts first, the main object last, so that a sensor listing
-            # the bucket never sees a .shp before its .shx and .dbf.
-            for part in inbox.companions(source):
-                if not part.name.endswith(formats.SQLITE_PARTS):
-                    objectstore.upload(remote, part, remote.key(f"inbox/{part.name}"))
-            objectstore.upload(remote, source, remote.key(f"inbox/{key}"))
-        elif source.resolve() != target.resolve():
-            # Sidecars first, the main file last: a watcher never sees a .shp whose
-            # .shx or .dbf has not arrived yet. SQLite's -wal/-shm stay behind: a
-            # GeoPackage with changes in its log was refused above.
-            for part in inbox.companions(source):
-                if not part.name.endswith(formats.SQLITE_PARTS):
-                    _copy_atomic(part, target.with_name(part.name))
-            _copy_atomic(source, target)
+        paths.source_path(key, root.local)  # a safe name inside the inbox
+        # SQLite's -wal/-shm stay behind: a GeoPackage with changes in its log was
+        # refused above.
+        parts = [p for p in inbox.companions(source) if not p.name.endswith(formats.SQLITE_PARTS)]
+        root.add(source, parts, key)
         keys.append(key)
     with DagsterInstance.get() as instance:
         new = [k for k in keys if not instance.has_dynamic_partition(source_files.name, k)]
@@ -82,34 +62,13 @@ def _crs_label(geo: dict) -> str:
     return str(crs)
 
 
-def _fetched(path: Path) -> str:
-    """Where an output is, as users name it. With an S3 root the published object is
-    brought into this host's mirror first (unless it holds that version), and a path
-    the bucket does not have is removed from the mirror."""
-    remote = paths.remote_root()
-    if remote is None:
-        return str(path)
-    relative = paths.relative_to_root(path)
-    key = remote.key(relative)
-    try:
-        info = objectstore.head(remote, key)
-    except BadInputError:  # no such object
-        path.unlink(missing_ok=True)
-        return remote.uri_of(relative)
-    with objectstore.mirror_lock(path):
-        if not objectstore.mirror_holds(path, info):
-            objectstore.etag_file(path).unlink(missing_ok=True)
-            objectstore.download(remote, key, path, expect_etag=info.etag)
-            objectstore.remember(path, info.etag)
-    return remote.uri_of(relative)
-
-
 def show(keys: list[str]) -> list[dict]:
     rows = []
+    root = dataroot.root()
     for key in keys:
         for asset in paths.ASSET_NAMES:
-            path = paths.output_path(asset, key)
-            shown = _fetched(path)
+            path = paths.output_path(asset, key, root.local)
+            shown = root.shown(path)
             if not path.exists():
                 rows.append(
                     {

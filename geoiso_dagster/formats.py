@@ -6,6 +6,8 @@ shapefile, GeoJSON (and GeoJSON sequences), FlatGeobuf, GeoParquet (read by Arro
 a `.zip` holding one of them (unpacked by the worker, never by GDAL's /vsizip/).
 """
 
+from collections.abc import Iterable, Mapping
+
 # suffix -> the GDAL driver that must read it
 GDAL_FORMATS = {
     ".shp": "ESRI Shapefile",
@@ -44,3 +46,42 @@ def companion_names(name: str) -> list[str]:
     if lower.endswith(".gpkg"):
         return [name + part for part in SQLITE_PARTS]
     return []
+
+
+def missing_shapefile_parts(name: str, present: Iterable[str]) -> list[str]:
+    """The required parts (.shx, .dbf) a shapefile `name` lacks among the names
+    `present` beside it, as GDAL looks them up; [] for any other format."""
+    if not name.lower().endswith(".shp"):
+        return []
+    stem = name[: -len(".shp")]
+    have = set(present)
+    return [s for s in SHAPEFILE_REQUIRED if not have & set(part_names(stem, s))]
+
+
+def pending_wal(name: str, sizes: Mapping[str, int]) -> int:
+    """Bytes of changes a GeoPackage `name` holds in its SQLite write-ahead log, given
+    the sizes of the files beside it by name (0: none, or not a GeoPackage). A GeoPackage
+    in WAL mode keeps committed rows in `<file>-wal` until a checkpoint: the main file
+    alone is stale, and a copy of it silently loses them. A checkpointed log (QGIS
+    leaves these) is empty."""
+    if not name.lower().endswith(".gpkg"):
+        return 0
+    return sizes.get(name + "-wal", 0)
+
+
+def wal_waits(name: str) -> str:
+    """Why a GeoPackage with a pending log waits in the inbox."""
+    return (
+        f"{name}-wal holds changes not yet in the file (SQLite WAL); waits for a "
+        "checkpoint (close the program writing it)"
+    )
+
+
+def wal_refusal(name: str, size: int) -> str:
+    """Why a worker refuses a GeoPackage with a pending log, and the fix."""
+    return (
+        f"has un-checkpointed changes in {name}-wal (SQLite write-ahead log, {size} bytes); "
+        f"close the program writing it, or run sqlite3 {name} 'PRAGMA wal_checkpoint"
+        "(TRUNCATE)', then deliver the file again (a copy of the main file alone would be "
+        "missing those rows)"
+    )

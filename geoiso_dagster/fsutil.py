@@ -20,11 +20,14 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+
+from geoiso_dagster.errors import BadInputError
 
 TEMP_MARKER = ".tmp-"
 # A temp name is '.' + the target's name + '.tmp-<pid>@<host tag>-<token>', once per
@@ -206,3 +209,24 @@ def publish(staged: Path, target: Path) -> None:
     """Move a finished, checked file onto its final name, durably."""
     os.replace(staged, target)
     _fsync_dir(target.parent)
+
+
+def read_small_regular_file(path: Path, inside: Path | None, limit: int) -> bytes:
+    """The bytes of `path`, refusing (BadInputError naming it) what could hang or flood
+    the reader: a FIFO or device (opened non-blocking, then checked), a link out of
+    `inside`, a file over `limit` bytes."""
+    where = str(path)
+    resolved = path.resolve()
+    if inside is not None and not resolved.is_relative_to(inside):
+        raise BadInputError(where, f"is a link to {resolved}, outside the data root")
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise BadInputError(where, f"cannot be opened: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise BadInputError(where, "is not a regular file (a FIFO, device or folder)")
+        if info.st_size > limit:
+            raise BadInputError(where, f"is {info.st_size} bytes; at most {limit}")
+        return handle.read(limit + 1)

@@ -33,8 +33,9 @@ from dagster_docker import DockerRunLauncher
 from dagster_docker.container_context import DockerContainerContext
 from dagster_docker.utils import DOCKER_CONFIG_SCHEMA
 
+from geoiso_dagster.dataroot import DATA_ROOT_ENV
 from geoiso_dagster.defs.resources import SpatialWorkerPool
-from geoiso_dagster.paths import DATA_ROOT_ENV, data_root, root_uri
+from geoiso_dagster.paths import data_root, root_uri
 
 IMAGE_ENV = "GEOISO_IMAGE"
 DEFAULT_IMAGE = "geoiso-dagster:latest"

@@ -38,8 +38,8 @@ from geoiso_dagster.errors import (
     GeoisoError,
     StorageAccessError,
     TransientIOError,
+    UnsafeNameError,
 )
-from geoiso_dagster.paths import S3Root
 
 # Multipart part size: S3 allows 5 MiB to 5 GiB a part and 10,000 parts (16 MiB parts:
 # objects up to 156 GiB). GEOISO_S3_PART_MB changes it (at least 5).
@@ -57,6 +57,36 @@ _ACCESS_CODES = {
     "403",
 }
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
+
+
+@dataclass(frozen=True)
+class S3Root:
+    """An `s3://bucket/prefix` data root: keys below `prefix/` are the root's files."""
+
+    bucket: str
+    prefix: str  # without a leading or trailing '/'; '' for the bucket's top
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def key(self, relative: str) -> str:
+        """The object key of `relative` (a path below the root, '/'-separated)."""
+        parts = relative.split("/")
+        if not relative or any(p in ("", ".", "..") for p in parts):
+            raise UnsafeNameError(relative, f"is not a path inside the data root {self.uri}")
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def relative(self, key: str) -> str:
+        """The path below the root of object `key`; UnsafeNameError for a key outside it."""
+        head = f"{self.prefix}/" if self.prefix else ""
+        rest = key[len(head) :] if key.startswith(head) else None
+        if not rest or any(p in ("", ".", "..") for p in rest.split("/")):
+            raise UnsafeNameError(key, f"lies outside the data root {self.uri}")
+        return rest
+
+    def uri_of(self, relative: str) -> str:
+        return f"s3://{self.bucket}/{self.key(relative)}"
 
 
 @dataclass(frozen=True)
@@ -311,26 +341,23 @@ def arrow_error(exc: OSError, uri: str, doing: str) -> GeoisoError:
     return TransientIOError(f"{uri}: S3 read failed ({kind}) while {doing}")
 
 
-def in_root(uri: str) -> str:
-    """'bucket/key' of `uri` for Arrow, once it is known to be an object of this process's
-    data root (BadInputError or UnsafeNameError otherwise)."""
-    from geoiso_dagster.paths import remote_root
-
+def in_root(root: S3Root, uri: str) -> str:
+    """'bucket/key' of `uri` for Arrow, once it is known to be an object of `root`
+    (BadInputError or UnsafeNameError otherwise)."""
     bucket, key = split_uri(uri)
-    root = remote_root()
-    if root is None or bucket != root.bucket:
+    if bucket != root.bucket:
         raise BadInputError(uri, "is not an object of this data root's bucket")
     root.relative(key)  # refuses a key outside the root's prefix
     return f"{bucket}/{key}"
 
 
-def parquet_file(uri: str, **kwargs):
-    """A pyarrow ParquetFile over object `uri` of this process's S3 root, read in place:
+def parquet_file(root: S3Root, uri: str, **kwargs):
+    """A pyarrow ParquetFile over object `uri` of `root`, read in place:
     its footer, then only the column chunks asked for, by range requests."""
     import pyarrow.parquet as pq
 
     try:
-        handle = arrow_filesystem().open_input_file(in_root(uri))
+        handle = arrow_filesystem().open_input_file(in_root(root, uri))
         return pq.ParquetFile(handle, **kwargs)
     except OSError as exc:
         raise arrow_error(exc, uri, "opening it") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyogrio
 
-from geoiso_dagster import gdal_jail, objectstore, paths
+from geoiso_dagster import dataroot, gdal_jail, objectstore
 from geoiso_dagster.spatial import remote
 from geoiso_dagster.spatial import tasks as _real
 from geoiso_dagster.spatial.tasks import *  # noqa: F403
@@ -43,7 +43,7 @@ def inspect_object(relative: str, **kwargs) -> dict:
     source = kwargs.get("source")
     if source and not marker.exists():
         marker.touch()
-        root = paths.remote_root()
+        root = dataroot.bucket()
         key = objectstore.split_uri(source)[1]
         objectstore.client().upload_file(str(replacement), root.bucket, key)
     return _real.inspect_object(relative, **kwargs)

@@ -1,4 +1,5 @@
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,42 @@ def test_worker_code_calls_into_the_task_api_not_the_pool():
         m: sorted(t for t in graph[m] if t.startswith("geoiso_dagster.pool")) for m in worker_side
     }
     assert {m: t for m, t in reaching.items() if t} == {}
+
+
+# What asks "a folder or a bucket?": the predicates and type tests that tell the two
+# kinds of data root (or a path from an object URI) apart.
+_STORAGE_BRANCH = re.compile(
+    r"\bis_uri\(|startswith\(\s*[\"']s3://|isinstance\([^)]*\b(S3Root|BucketRoot|LocalRoot)\b"
+    r"|\bdataroot\.bucket\(\)|\bremote_root\("
+)
+# The data root (run side), and where a worker opens a file or an object: the only
+# modules that may tell a folder from a bucket (docs/design.md, Storage).
+STORAGE_MODULES = {
+    "geoiso_dagster/dataroot.py",
+    "geoiso_dagster/spatial/io.py",
+    "geoiso_dagster/spatial/remote.py",
+    "geoiso_dagster/spatial/sources.py",
+}
+
+
+def _storage_branches(package: Path) -> dict[str, int]:
+    found = {}
+    for path in sorted(package.rglob("*.py")):
+        lines = [
+            line
+            for line in path.read_text().splitlines()
+            if _STORAGE_BRANCH.search(line) and not line.lstrip().startswith(("def ", "#"))
+        ]
+        if lines:
+            found[path.relative_to(package.parent).as_posix()] = len(lines)
+    return found
+
+
+def test_storage_is_told_apart_in_four_modules_only():
+    """Every other module asks the data root object (or spatial/io.py) and never
+    which kind of root it has: a storage rule is written once."""
+    branches = _storage_branches(Path(geoiso_dagster.__file__).parent)
+    outside = {module: n for module, n in branches.items() if module not in STORAGE_MODULES}
+    assert not outside, f"storage branches outside {sorted(STORAGE_MODULES)}: {outside}"
+    # The pattern sees the real branches (a guard that matches nothing guards nothing).
+    assert branches.keys() == STORAGE_MODULES, branches

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from geoiso_dagster import fsutil, inbox, objectstore, paths
+from geoiso_dagster import dataroot, fsutil, inbox, objectstore, paths
 from geoiso_dagster.errors import (
     BadInputError,
     StorageAccessError,
@@ -21,7 +21,7 @@ from geoiso_dagster.errors import (
 from tests.s3 import ACCESS_KEY, SECRET_KEY, FaultyProxy, S3Server, free_port, open_uploads
 
 BIN = Path(sys.executable).parent
-ROOT = paths.S3Root("geo", "team-a")
+ROOT = objectstore.S3Root("geo", "team-a")
 
 
 @pytest.mark.parametrize(
@@ -44,15 +44,15 @@ ROOT = paths.S3Root("geo", "team-a")
 )
 def test_a_root_the_project_cannot_serve_is_refused(root, cause):
     if cause is None:
-        assert paths.parse_root(root) == Path(root).resolve()
+        assert dataroot.parse_root(root) == dataroot.LocalRoot(Path(root).resolve())
         return
-    with pytest.raises(paths.DataRootError, match=re.escape(cause)):
-        paths.parse_root(root)
+    with pytest.raises(dataroot.DataRootError, match=re.escape(cause)):
+        dataroot.parse_root(root)
 
 
 def test_s3_roots_parse_and_keep_keys_inside_the_prefix():
-    assert paths.parse_root("s3://geo/team-a/") == ROOT
-    assert paths.parse_root("s3://geo") == paths.S3Root("geo", "")
+    assert dataroot.parse_bucket("s3://geo/team-a/") == ROOT
+    assert dataroot.parse_bucket("s3://geo") == objectstore.S3Root("geo", "")
     assert ROOT.key("inbox/a.gpkg") == "team-a/inbox/a.gpkg"
     assert ROOT.uri_of("warehouse/x/a.parquet") == "s3://geo/team-a/warehouse/x/a.parquet"
     assert ROOT.relative("team-a/inbox/a.gpkg") == "inbox/a.gpkg"
@@ -92,7 +92,7 @@ def test_the_object_stores_answers_map_onto_the_failure_table(s3_root, tmp_path)
     assert missing.value.path == "s3://geo/team-a/inbox/gone.gpkg"
     # No such bucket: a named, non-retried failure.
     with pytest.raises(StorageAccessError, match="the bucket 'nope' does not exist") as no_bucket:
-        objectstore.check_bucket(paths.S3Root("nope", "x"))
+        objectstore.check_bucket(objectstore.S3Root("nope", "x"))
     assert not no_bucket.value.retryable
     # The endpoint unreachable: transient.
     os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
@@ -231,13 +231,13 @@ def test_a_mirror_folder_others_could_write_is_refused(tmp_path, monkeypatch):
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
     monkeypatch.setenv("GEOISO_SCRATCH_DIR", str(shared))
-    with pytest.raises(paths.DataRootError, match="may be written by others"):
+    with pytest.raises(dataroot.DataRootError, match="may be written by others"):
         paths.data_root()
     elsewhere = tmp_path / "attacker"
     elsewhere.mkdir()
     (tmp_path / "planted").symlink_to(elsewhere)
     monkeypatch.setenv("GEOISO_SCRATCH_DIR", str(tmp_path / "planted"))
-    with pytest.raises(paths.DataRootError, match="is a symbolic link"):
+    with pytest.raises(dataroot.DataRootError, match="is a symbolic link"):
         paths.data_root()
     monkeypatch.setenv("GEOISO_SCRATCH_DIR", str(tmp_path / "mine"))
     mirror = paths.data_root()

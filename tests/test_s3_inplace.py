@@ -12,8 +12,8 @@ import pytest
 from dagster import DagsterEventType, instance_for_test, materialize
 
 from geoiso_dagster import objectstore, paths
+from geoiso_dagster.dataroot import BucketRoot
 from geoiso_dagster.defs.assets import geo_assets
-from geoiso_dagster.defs.envelope import in_place
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.errors import BadInputError
@@ -236,12 +236,12 @@ def test_aws_settings_are_translated_for_gdal(monkeypatch):
 )
 def test_names_gdal_cannot_be_given_safely_are_fetched_instead(uri, read_in_place, monkeypatch):
     monkeypatch.delenv("GEOISO_S3_SOURCES", raising=False)
-    assert in_place(uri) is read_in_place
+    assert BucketRoot.in_place(uri) is read_in_place
     monkeypatch.setenv("GEOISO_S3_SOURCES", "fetch")  # every source, by choice
-    assert in_place(uri) is False
+    assert BucketRoot.in_place(uri) is False
     monkeypatch.setenv("GEOISO_S3_SOURCES", "stream")
     with pytest.raises(BadInputError, match="GEOISO_S3_SOURCES='stream': must be"):
-        in_place(uri)
+        BucketRoot.in_place(uri)
 
 
 @pytest.mark.timeout(120)

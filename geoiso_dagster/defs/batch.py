@@ -37,14 +37,12 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,  # not exported; what a check points at
 )
 
+from geoiso_dagster import dataroot
 from geoiso_dagster.defs.envelope import (
     FileWork,
     Judged,
-    discard,
     metadata,
-    publish,
     stage_and_judge,
-    sweep,
 )
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import (
@@ -100,13 +98,14 @@ def _one_file(
         outcome.error = describe_failure(exc)[0]
         return outcome
     output = outcome.work.output
+    root = dataroot.root()
     for attempt in range(1, MAX_ATTEMPTS + 1):
         staged = temp_path_for(output)
         try:
-            sweep(output)
+            root.sweep(output)
             outcome.judged = stage_and_judge(runner, asset_name, outcome.work, staged)
         except GeoisoError as exc:
-            discard(staged)
+            root.discard(staged)
             if not exc.retryable:
                 outcome.error = describe_failure(exc)[0]
                 return outcome
@@ -118,12 +117,12 @@ def _one_file(
             stop.wait(wait)
             continue
         except BaseException:
-            discard(staged)
+            root.discard(staged)
             raise
         if outcome.judged.passed:
             outcome.staged = staged
         else:
-            discard(staged)
+            root.discard(staged)
         return outcome
     raise AssertionError("unreachable")
 
@@ -169,7 +168,7 @@ def _run_files(
         threads.shutdown(wait=False, cancel_futures=True)
         for outcome in outcomes.values():
             if outcome.staged is not None:
-                discard(outcome.staged)
+                dataroot.root().discard(outcome.staged)
         raise
     threads.shutdown()
     _write_lines(context, lines)
@@ -250,7 +249,7 @@ def produce_batch(
     bad = [o for o in outcomes if not o.passed]
     asset_key = AssetKey(asset_name)
     for o in good:
-        publish(o.staged, o.work.output)
+        dataroot.root().publish(o.staged, o.work.output)
     if not bad:
         for o in good:
             _add_partition_metadata(

@@ -4,7 +4,7 @@ from collections.abc import Mapping, Sequence
 
 from dagster import AssetsDefinition, Definitions, in_process_executor
 
-from geoiso_dagster import paths
+from geoiso_dagster import dataroot
 from geoiso_dagster.defs.assets import geo_assets
 from geoiso_dagster.defs.jobs import geo_pipeline
 from geoiso_dagster.defs.resources import SpatialWorkerPool
@@ -24,7 +24,7 @@ def build_definitions(
     run config cannot set them (SpatialWorkerPool.fixed).
     A data root this project cannot serve (gs://..., s3:/typo) fails here, with the reason,
     instead of being taken as a relative folder."""
-    paths.configured_root()
+    dataroot.check_setting()
     pool = SpatialWorkerPool.from_env(worker_env=worker_env) if worker_env else None
     # In-process executor: one worker pool per run, shared by its steps; the pool, not the
     # executor, supplies the process isolation (and starts ~2.5x faster per run).

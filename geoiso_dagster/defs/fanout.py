@@ -10,16 +10,14 @@ them in order (Arrow tables, no decoding). Smaller inputs run as one task: below
 size, a second worker costs more than it saves.
 """
 
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from geoiso_dagster import objectstore
+from geoiso_dagster import dataroot
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.errors import GeoisoError
 from geoiso_dagster.fsutil import temp_path_for
-from geoiso_dagster.paths import remote_root
 from geoiso_dagster.pool import TaskResult
 
 FAN_OUT_MIN_ROWS = 200_000
@@ -33,9 +31,7 @@ FAN_OUT_MIN_BYTES = 32 * 2**20
 
 def _metadata(source: str | Path) -> pq.FileMetaData:
     """The footer of a GeoParquet input: a local file, or an object read in place."""
-    if str(source).startswith("s3://"):
-        return objectstore.parquet_file(str(source)).metadata
-    return pq.ParquetFile(source).metadata
+    return dataroot.root().parquet_metadata(str(source))
 
 
 def plan_row_groups(source: str | Path, workers: int) -> list[list[int]] | None:
@@ -102,11 +98,8 @@ def ingest(runner: TaskRunner, source: str, staged: Path, layer: str | None = No
 def _size(source: str) -> int:
     """The size of a source file or object (0 when it cannot be known: the task names
     what is wrong with it)."""
-    root = remote_root()
     try:
-        if root is not None and source.startswith("s3://"):
-            return objectstore.head(root, objectstore.split_uri(source)[1]).size
-        return os.stat(source).st_size
+        return dataroot.root().size(source)
     except (OSError, GeoisoError):
         return 0
 

@@ -31,16 +31,13 @@ from dagster import (
 )
 from dagster._utils.warnings import BetaWarning  # not exported; the one to silence here
 
-from geoiso_dagster import paths
+from geoiso_dagster import dataroot, paths
 from geoiso_dagster.defs.batch import produce_batch
 from geoiso_dagster.defs.checks import check_specs, criteria_of
 from geoiso_dagster.defs.envelope import (
     FileWork,
-    discard,
     metadata,
-    publish,
     stage_and_judge,
-    sweep,
 )
 from geoiso_dagster.defs.own_steps import Step, task_step
 from geoiso_dagster.defs.partitions import source_files
@@ -243,12 +240,13 @@ def _produce(
     good output in place and fails the step (the checks are blocking), so nothing
     downstream runs on it."""
     output = work.output
-    sweep(output)
+    root = dataroot.root()
+    root.sweep(output)
     staged = temp_path_for(output)
     try:
         judged = stage_and_judge(TaskRunner(pool.pool, context.log.info), asset_name, work, staged)
         if judged.passed:
-            if seconds := publish(staged, output):
+            if seconds := root.publish(staged, output):
                 context.log.info(f"{asset_name}: published to the bucket in {seconds:.1f} s")
             yield MaterializeResult(
                 metadata=metadata(judged.result, output), check_results=judged.checks
@@ -260,9 +258,9 @@ def _produce(
             )
             yield from judged.checks
     finally:
-        discard(staged)
+        root.discard(staged)
         with contextlib.suppress(GeoisoError):  # the step's own error matters more
-            sweep(output)  # what a killed worker of this step left behind
+            root.sweep(output)  # what a killed worker of this step left behind
 
 
 __all__ = ["Reference", "Step", "geo_asset"]

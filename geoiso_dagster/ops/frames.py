@@ -4,13 +4,11 @@ output the way every file here is written. Worker layer: imports geopandas."""
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import geopandas
 import pyarrow as pa
 import shapely
 
-from geoiso_dagster import objectstore
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.records import OutputFacts
 from geoiso_dagster.spatial import io
@@ -32,16 +30,14 @@ def read(source: str, row_groups: list[int] | None = None) -> geopandas.GeoDataF
 def read_near(path: str, bbox: tuple[float, float, float, float] | None) -> geopandas.GeoDataFrame:
     """The features of a GeoParquet layer whose bbox (its covering column) meets `bbox`:
     row groups whose statistics lie apart are never read. None: the whole layer."""
-    if not io.is_uri(path) and not Path(path).exists():
+    if not io.exists(path):
         raise BadInputError(str(path), "input layer does not exist")
     with io.reading(path):
         geo = io.geo_metadata(io.ref(path))
         schema = io.open_parquet(io.ref(path)).schema_arrow
     covering = io.covering_column(geo)
     columns = [name for name in schema.names if name != covering]
-    where, filesystem = path, None
-    if io.is_uri(path):
-        where, filesystem = objectstore.in_root(path), objectstore.arrow_filesystem()
+    where, filesystem = io.arrow_location(path)
     try:
         frame = geopandas.read_parquet(
             where,

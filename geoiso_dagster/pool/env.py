@@ -6,7 +6,7 @@ the forkserver that workers are forked from is started with them, and each worke
 applies them again (plus GDAL's own config options) in its initializer.
 """
 
-from geoiso_dagster import paths
+from geoiso_dagster import dataroot
 
 # One thread each: the pool already runs one worker per core, and GDAL's or Arrow's
 # own threads on top of that only oversubscribe the machine.
@@ -53,11 +53,8 @@ def worker_env(
     (the jail every source must stay in; default: this process's), then overrides."""
     env = dict(DEFAULT_WORKER_ENV)
     env["GDAL_CACHEMAX"] = str(int(gdal_cachemax_mb))
-    if data_root:
-        root = paths.parse_root(data_root)
-        env[paths.DATA_ROOT_ENV] = root.uri if isinstance(root, paths.S3Root) else str(root)
-    else:
-        env[paths.DATA_ROOT_ENV] = paths.root_uri()
+    root = dataroot.parse_root(data_root) if data_root else dataroot.root()
+    env[dataroot.DATA_ROOT_ENV] = root.uri
     env.update(overrides or {})
     return env
 

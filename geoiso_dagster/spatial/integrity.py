@@ -10,13 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pyproj
 import shapely
 
-from geoiso_dagster import formats
 from geoiso_dagster.errors import BadInputError, GeoisoError
-from geoiso_dagster.spatial import io, remote, sources
+from geoiso_dagster.spatial import io
 
 _SHP_HEADER = 100
 # A GeoJSON 'crs' member (GeoJSON 2008; RFC 7946 dropped it) and, within its object, its type
@@ -24,42 +22,18 @@ _SHP_HEADER = 100
 _GEOJSON_CRS_MEMBER = re.compile(rb'"crs"\s*:\s*\{')
 _GEOJSON_CRS_TYPE = re.compile(rb'^\s*"type"\s*:\s*"([^"]*)"|[,{]\s*"type"\s*:\s*"([^"]*)"')
 _GEOJSON_CRS_NAME = re.compile(rb'"name"\s*:\s*"([^"]+)"')
-_CHUNK = 2**20
 _LOOKAHEAD = 4096
-
-
-def _shapefile_part(shp: "Path | str", suffix: str) -> "Path | str | None":
-    """A part of a shapefile as GDAL finds it: the .shp's exact stem, the suffix as
-    written or in upper case (never another file whose name differs only in case)."""
-    if sources.is_object(shp):
-        return remote.part_uri(shp, suffix)
-    for name in formats.part_names(shp.stem, suffix):
-        if (shp.parent / name).exists():
-            return shp.parent / name
-    return None
-
-
-def _size(file: "Path | str") -> int:
-    return remote.size(file) if sources.is_object(file) else file.stat().st_size
-
-
-def _read(file: "Path | str", length: int | None = None) -> bytes:
-    """The first `length` bytes of a file or object (all of it by default)."""
-    if sources.is_object(file):
-        return remote.read_bytes(file, 0, length)
-    with open(file, "rb") as handle:
-        return handle.read() if length is None else handle.read(length)
 
 
 def check_shapefile(shp: "Path | str") -> None:
     """The .shp, .shx and .dbf exist and are as long as their headers say."""
-    shx, dbf = _shapefile_part(shp, ".shx"), _shapefile_part(shp, ".dbf")
+    shx, dbf = io.shapefile_part(shp, ".shx"), io.shapefile_part(shp, ".dbf")
     missing = [part for part, f in ((".shx (index)", shx), (".dbf (attributes)", dbf)) if not f]
     if missing:
         raise BadInputError(str(shp), f"shapefile is missing its {' and its '.join(missing)}")
     assert shx is not None and dbf is not None
-    shp_size = _size(shp)
-    index = _read(shx)
+    shp_size = io.size(shp)
+    index = io.read_head(shx)
     if len(index) < _SHP_HEADER or (len(index) - _SHP_HEADER) % 8:
         raise BadInputError(str(shp), "its index (.shx) is truncated or corrupt")
     records = (len(index) - _SHP_HEADER) // 8
@@ -73,11 +47,11 @@ def check_shapefile(shp: "Path | str") -> None:
             str(shp),
             f"is truncated: {past_end} of {records} records lie past its end ({shp_size} bytes)",
         )
-    header = _read(dbf, 12)
+    header = io.read_head(dbf, 12)
     if len(header) < 12:
         raise BadInputError(str(shp), "its attribute table (.dbf) is truncated")
     count, header_len, record_len = struct.unpack("<IHH", header[4:12])
-    holds = max(0, (_size(dbf) - header_len)) // record_len if record_len else 0
+    holds = max(0, (io.size(dbf) - header_len)) // record_len if record_len else 0
     if holds < count:
         raise BadInputError(
             str(shp), f"its .dbf declares {count} records but holds {holds} (it is truncated)"
@@ -91,7 +65,7 @@ def check_shapefile(shp: "Path | str") -> None:
 def check_parquet(path: "Path | str") -> None:
     """Readable Parquet with GeoParquet metadata and unique column names."""
     try:
-        schema = io.open_parquet(path).schema_arrow if io.is_uri(path) else pq.read_schema(path)
+        schema = io.parquet_schema(path)
     except GeoisoError:
         raise
     except Exception as exc:
@@ -107,27 +81,16 @@ def check_parquet(path: "Path | str") -> None:
 
 def shapes_with_geometry(shp: "Path | str") -> int:
     """How many records the .shx indexes with a shape (a null shape's record is 4 bytes)."""
-    shx = _shapefile_part(shp, ".shx")
-    index = _read(shx) if shx else b""
+    shx = io.shapefile_part(shp, ".shx")
+    index = io.read_head(shx) if shx else b""
     return sum(length > 2 for _, length in struct.iter_unpack(">ii", index[_SHP_HEADER:]))
-
-
-def _chunks(path: "Path | str") -> Iterator[bytes]:
-    """The bytes of a file or object in chunks of about 1 MiB, then b''."""
-    if sources.is_object(path):
-        yield from remote.read(path)
-    else:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                yield chunk
-    yield b""
 
 
 def _geojson_crs_members(path: "Path | str") -> Iterator[bytes]:
     """The text after each '"crs": {' in the file (up to 4 kB each), read in 1 MiB chunks
     that overlap by 4 kB, so that a member across a chunk boundary is still seen whole."""
     buffer = b""
-    for chunk in _chunks(path):
+    for chunk in io.chunks(path):
         buffer += chunk
         limit = len(buffer) if not chunk else max(0, len(buffer) - _LOOKAHEAD)
         for match in _GEOJSON_CRS_MEMBER.finditer(buffer):

@@ -21,7 +21,7 @@ import pyogrio
 import pyproj
 import shapely
 
-from geoiso_dagster import objectstore
+from geoiso_dagster import formats, objectstore
 from geoiso_dagster.errors import BadInputError, StorageAccessError, TransientIOError
 from geoiso_dagster.formats import PARQUET_SUFFIXES  # noqa: F401 - one definition
 from geoiso_dagster.fsutil import atomic_path
@@ -62,6 +62,8 @@ TRANSIENT_ERRNOS = {
     errno.ENOMEM,
     errno.EFBIG,  # a file-size limit (RLIMIT_FSIZE, quota) is the environment's, not the data's
 }
+# Chunks a source's bytes are scanned in.
+_CHUNK = 2**20
 
 
 def _errno(exc: OSError) -> int | None:
@@ -92,7 +94,9 @@ def open_parquet(source: "str | Path", **kwargs) -> pq.ParquetFile:
         version = remote.version(source)
         if version is not None and (source, version) in _FOOTERS:
             kwargs["metadata"] = _FOOTERS[source, version]
-        parquet = objectstore.parquet_file(source, **{**kwargs, "pre_buffer": True})
+        parquet = objectstore.parquet_file(
+            remote.s3_root(), source, **{**kwargs, "pre_buffer": True}
+        )
         if version is not None:
             if len(_FOOTERS) >= 8:
                 _FOOTERS.clear()
@@ -108,10 +112,8 @@ _FOOTERS: dict[tuple[str, str], pq.FileMetaData] = {}
 
 def read_geoparquet_frame(source: "str | Path") -> geopandas.GeoDataFrame:
     """A whole GeoParquet file, local or an object of the root, as a GeoDataFrame."""
-    if is_uri(source):
-        where = objectstore.in_root(source)
-        return geopandas.read_parquet(where, filesystem=objectstore.arrow_filesystem())
-    return geopandas.read_parquet(source)
+    where, filesystem = arrow_location(source)
+    return geopandas.read_parquet(where, filesystem=filesystem)
 
 
 def copy_to(source: "str | Path", target: Path) -> None:
@@ -119,7 +121,7 @@ def copy_to(source: "str | Path", target: Path) -> None:
     if not is_uri(source):
         shutil.copyfile(source, target)
         return
-    where = objectstore.in_root(source)
+    where = objectstore.in_root(remote.s3_root(), source)
     try:
         with objectstore.arrow_filesystem().open_input_stream(where) as stream:
             with open(target, "wb") as out:
@@ -131,8 +133,56 @@ def copy_to(source: "str | Path", target: Path) -> None:
         raise
 
 
-def _exists(source: "str | Path") -> bool:
+def exists(source: "str | Path") -> bool:
     return True if is_uri(source) else Path(source).exists()  # an object: opening says
+
+
+def arrow_location(source: "str | Path") -> tuple[str, "object | None"]:
+    """(where, filesystem) for Arrow and geopandas readers: a local path and None, or
+    an object's 'bucket/key' and the S3 filesystem."""
+    if is_uri(source):
+        return objectstore.in_root(remote.s3_root(), source), objectstore.arrow_filesystem()
+    return str(source), None
+
+
+def parquet_schema(source: "str | Path") -> pa.Schema:
+    """The Arrow schema (with its `geo` metadata) of a Parquet file or object."""
+    return open_parquet(source).schema_arrow if is_uri(source) else pq.read_schema(source)
+
+
+def shapefile_part(shp: "Path | str", suffix: str) -> "Path | str | None":
+    """A part of a shapefile as GDAL finds it: the .shp's exact stem, the suffix as
+    written or in upper case (never another file whose name differs only in case)."""
+    if is_uri(shp):
+        return remote.part_uri(shp, suffix)
+    for name in formats.part_names(shp.stem, suffix):
+        if (shp.parent / name).exists():
+            return shp.parent / name
+    return None
+
+
+def size(file: "Path | str") -> int:
+    """The bytes of a source file or object (as checked, for an object being read)."""
+    return remote.size(file) if is_uri(file) else Path(file).stat().st_size
+
+
+def read_head(file: "Path | str", length: int | None = None) -> bytes:
+    """The first `length` bytes of a file or object (all of it by default)."""
+    if is_uri(file):
+        return remote.read_bytes(file, 0, length)
+    with open(file, "rb") as handle:
+        return handle.read() if length is None else handle.read(length)
+
+
+def chunks(path: "Path | str") -> Iterator[bytes]:
+    """The bytes of a file or object in chunks of about 1 MiB, then b''."""
+    if is_uri(path):
+        yield from remote.read(path)
+    else:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                yield chunk
+    yield b""
 
 
 def os_error(path: Path, exc: OSError, doing: str) -> Exception:
@@ -218,7 +268,7 @@ def read_geoparquet_table(
     row group, so that no more than one group beyond the result is ever decoded;
     `row_groups`: only those row groups."""
     path = ref(path)
-    if not _exists(path):
+    if not exists(path):
         raise BadInputError(str(path), "upstream output does not exist; materialize it first")
     geo = geo_metadata(path)
     crs = geoparquet_crs(path, geo)
@@ -296,7 +346,7 @@ def _own_extent(bounds: "np.ndarray") -> tuple[float, float, float, float]:
 def geoparquet_crs(path: Path, geo: dict | None = None) -> pyproj.CRS:
     """The CRS a GeoParquet file declares (its `geo` metadata, read here unless given),
     refused when it has none."""
-    if not _exists(path):
+    if not exists(path):
         raise BadInputError(str(path), "upstream output does not exist; materialize it first")
     if geo is None:
         geo = geo_metadata(path)
@@ -450,15 +500,15 @@ def covering_column(geo: dict) -> str | None:
 
 def read_schema(path: Path) -> pa.Schema:
     """The Arrow schema of an upstream GeoParquet output, named by file when unreadable."""
-    if not _exists(path):
+    if not exists(path):
         raise BadInputError(str(path), "upstream output does not exist; materialize it first")
     with reading(path):
-        return open_parquet(path).schema_arrow if is_uri(path) else pq.read_schema(path)
+        return parquet_schema(path)
 
 
 def geo_metadata(path: Path) -> dict:
     """The `geo` key of a GeoParquet file's metadata."""
-    schema = open_parquet(path).schema_arrow if is_uri(path) else pq.read_schema(path)
+    schema = parquet_schema(path)
     raw = schema.metadata or {}
     if b"geo" not in raw:
         raise BadInputError(str(path), "is Parquet without GeoParquet 'geo' metadata")

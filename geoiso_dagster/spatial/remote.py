@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import pyogrio
 
-from geoiso_dagster import formats, gdal_jail, objectstore, paths
+from geoiso_dagster import dataroot, formats, gdal_jail, objectstore
 from geoiso_dagster.errors import (
     BadInputError,
     GeoisoError,
@@ -46,9 +46,9 @@ class SourceObject:
 _open: dict[str, SourceObject] = {}
 
 
-def s3_root() -> paths.S3Root:
+def s3_root() -> objectstore.S3Root:
     """This worker's S3 data root (GeoisoError when it has a folder root)."""
-    root = paths.remote_root()
+    root = dataroot.bucket()
     if root is None:
         raise GeoisoError("this worker's data root is not an s3:// root")
     return root
@@ -63,7 +63,7 @@ def inspect(uri: str) -> SourceObject:
     if uri in _open:
         return _open[uri]
     root = s3_root()
-    objectstore.in_root(uri)
+    objectstore.in_root(root, uri)
     key = objectstore.split_uri(uri)[1]
     relative = root.relative(key)
     main = objectstore.head(root, key)  # names a missing source as such
@@ -75,16 +75,10 @@ def inspect(uri: str) -> SourceObject:
 
 def check_no_pending_wal(uri: str, listed: dict[str, objectstore.ObjectInfo]) -> None:
     """A GeoPackage object whose `-wal` object (in `listed`, by name) holds changes is
-    refused, as a local one is (spatial/sources.py)."""
+    refused, as a local one is (formats.pending_wal)."""
     name = name_of(uri)
-    wal = listed.get(name + "-wal")
-    if name.lower().endswith(".gpkg") and wal is not None and wal.size > 0:
-        raise BadInputError(
-            uri,
-            f"has un-checkpointed changes in {name}-wal (SQLite write-ahead log, {wal.size} "
-            "bytes); close the program writing it, or checkpoint it, then deliver the file "
-            "again (the main file alone would be missing those rows)",
-        )
+    if size := formats.pending_wal(name, {n: info.size for n, info in listed.items()}):
+        raise BadInputError(uri, formats.wal_refusal(name, size))
 
 
 def part_uri(uri: str, suffix: str) -> str | None:

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from geoiso_dagster import formats, paths
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import temp_path_for
-from geoiso_dagster.spatial import remote
+from geoiso_dagster.spatial import io, remote
 
 FORMATS = formats.GDAL_FORMATS
 PARQUET_SUFFIXES = formats.PARQUET_SUFFIXES
@@ -44,10 +44,6 @@ MAX_COMPRESSION_RATIO = 200
 def suffix_of(path: "Path | str") -> str:
     """The lower-case suffix of a path or an object's URI."""
     return PurePosixPath(str(path)).suffix.lower()
-
-
-def is_object(source: "Path | str") -> bool:
-    return isinstance(source, str) and source.startswith("s3://")
 
 
 def check_format(path: "Path | str", what: str | None = None) -> str:
@@ -94,7 +90,7 @@ def check_source_files(source: "Path | str") -> None:
     """Rules 1 and 2 for `source` and each file its format may open."""
     what = str(source)
     check_format(source, what)
-    if is_object(source):
+    if io.is_uri(source):
         remote.inspect(source)
         return
     root = jail_root()
@@ -106,18 +102,12 @@ def check_source_files(source: "Path | str") -> None:
 
 
 def _check_no_pending_wal(gpkg: Path) -> None:
-    """A GeoPackage in WAL mode keeps committed rows in `<file>-wal` until a checkpoint:
-    the main file alone is stale, and a copy of it silently loses them. Refused with the
-    fix; a WAL-mode file whose log was checkpointed (QGIS leaves these) reads fine."""
+    """A GeoPackage whose SQLite log holds changes is refused, with the fix
+    (formats.pending_wal)."""
     wal = gpkg.with_name(gpkg.name + "-wal")
-    if os.path.lexists(wal) and wal.stat().st_size > 0:
-        raise BadInputError(
-            str(gpkg),
-            f"has un-checkpointed changes in {wal.name} (SQLite write-ahead log, "
-            f"{wal.stat().st_size} bytes); close the program writing it, or run "
-            f"sqlite3 {gpkg.name} 'PRAGMA wal_checkpoint(TRUNCATE)', then deliver the "
-            "file again (a copy of the main file alone would be missing those rows)",
-        )
+    size = wal.stat().st_size if os.path.lexists(wal) else 0
+    if formats.pending_wal(gpkg.name, {wal.name: size}):
+        raise BadInputError(str(gpkg), formats.wal_refusal(gpkg.name, size))
 
 
 def check_driver(source: Path, driver: str | None) -> None:
@@ -134,7 +124,7 @@ def check_driver(source: Path, driver: str | None) -> None:
 def source_access(source: "Path | str") -> contextlib.AbstractContextManager:
     """While a checked `source` is read: for an object, its checked version known and
     GDAL's network opened for its objects only (spatial/remote.py); nothing for a file."""
-    return remote.gdal_access(source) if is_object(source) else contextlib.nullcontext()
+    return remote.gdal_access(source) if io.is_uri(source) else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -153,7 +143,7 @@ def opened(source: "Path | str", scratch_beside: Path) -> Iterator[tuple["Path |
     folder.mkdir(parents=True)
     try:
         archive = source
-        if is_object(source):
+        if io.is_uri(source):
             archive = folder.with_name(folder.name + ".zip")
             with open(archive, "wb") as out:
                 for chunk in remote.read(source):

@@ -24,7 +24,7 @@ def _local(relative: str) -> Path:
     return target
 
 
-def _fetch_one(root: paths.S3Root, info: objectstore.ObjectInfo, local: Path) -> bool:
+def _fetch_one(root: objectstore.S3Root, info: objectstore.ObjectInfo, local: Path) -> bool:
     with objectstore.mirror_lock(local):
         if objectstore.mirror_holds(local, info):
             return False

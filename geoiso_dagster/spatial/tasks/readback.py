@@ -11,7 +11,7 @@ from geoiso_dagster import paths
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import temp_path_for
 from geoiso_dagster.records import ReadBack
-from geoiso_dagster.spatial import faults, integrity, io, sources
+from geoiso_dagster.spatial import faults, integrity, io, remote, sources
 from geoiso_dagster.spatial.ingest import gdal_info
 from geoiso_dagster.spatial.tasks.reprojection import target_crs_of
 from geoiso_dagster.spatial.transfer import download_staged
@@ -111,7 +111,7 @@ def inspect_object(relative: str, **kwargs) -> ReadBack:
         facts = inspect(str(copy), **kwargs)
     finally:
         copy.unlink(missing_ok=True)
-    facts["path"] = f"s3://{paths.remote_root().bucket}/{info.key}"
+    facts["path"] = f"s3://{remote.s3_root().bucket}/{info.key}"
     facts["etag"] = info.etag
     return facts
 
