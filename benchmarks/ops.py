@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.data import CACHE, voronoi_coverage
-from geoiso_dagster.defs.own_steps import task_step
+from geoiso_dagster.defs.own_steps import TaskStep
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 
@@ -76,7 +76,7 @@ def ours(op: str, paths: dict, output: Path, workers: int) -> dict:
     import geopandas
 
     task, keyword, layer = OPS[op]
-    step = task_step(task, op, splittable=True, criteria=None)
+    step = TaskStep(task=task, name=op, splittable=True)
     settings = PoolSettings(max_workers=workers, memory_limit_mb=6144, task_timeout_s=3600)
     # Started (and warmed up) before the clock: a run's steps share a started pool, as the
     # baseline's timer starts after its interpreter has imported geopandas.
@@ -84,7 +84,7 @@ def ours(op: str, paths: dict, output: Path, workers: int) -> dict:
         pool.run("environment")
         started = time.perf_counter()
         result = step.produce(
-            TaskRunner(pool), output, str(paths["left"]), {keyword: str(paths[layer])}, {}
+            TaskRunner(pool), str(paths["left"]), output, {keyword: str(paths[layer])}, {}
         )
         seconds = time.perf_counter() - started
     written = geopandas.read_parquet(output)

@@ -157,3 +157,38 @@ def test_storage_is_told_apart_in_four_modules_only():
     assert not outside, f"storage branches outside {sorted(STORAGE_MODULES)}: {outside}"
     # The pattern sees the real branches (a guard that matches nothing guards nothing).
     assert branches.keys() == STORAGE_MODULES, branches
+
+
+# The modules a file passes through from the sensor's run to its published output.
+STEP_PATH = ("assets", "steps", "own_steps", "envelope", "batch", "fanout", "runner")
+
+
+def _hidden_flow(path: Path) -> list[str]:
+    """The lambdas and nested functions of a module, by line, except geo_asset's
+    `compute`: the function Dagster calls, which only hands its spec to run_step."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Lambda):
+            found.append(f"{path.name}:{node.lineno} lambda")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                nested = inner is not node and isinstance(
+                    inner, (ast.FunctionDef, ast.AsyncFunctionDef)
+                )
+                if nested and not (node.name == "geo_asset" and inner.name == "compute"):
+                    found.append(f"{path.name}:{inner.lineno} {inner.name} inside {node.name}")
+    return found
+
+
+def test_the_step_path_has_no_lambda_or_closure():
+    """A reader (and a static walk of the code) follows a file from the step to its
+    published output through named functions with explicit arguments."""
+    defs = Path(geoiso_dagster.__file__).parent / "defs"
+    hidden = [entry for module in STEP_PATH for entry in _hidden_flow(defs / f"{module}.py")]
+    assert hidden == [], hidden
+
+
+def test_the_flow_guard_can_fail(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f(x):\n    def g():\n        return x\n    return lambda: g\n")
+    assert sorted(_hidden_flow(module)) == ["m.py:2 g inside f", "m.py:4 lambda"]

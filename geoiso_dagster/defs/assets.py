@@ -2,6 +2,7 @@
 source file, each built with geo_asset (defs/steps.py). The steps here only
 orchestrate: the work runs in the worker pool."""
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -51,23 +52,69 @@ class DissolveConfig(Config):
     )
 
 
-def _ingest(runner, staged: Path, source: str, inputs: dict, options: dict):
-    return fanout.ingest(runner, source, staged, layer=options["layer"])
+@dataclass(frozen=True)
+class IngestStep(Step):
+    """The source file read (fanned out over feature ranges when large) into GeoParquet."""
+
+    library: str = "gdal"
+
+    def produce(self, runner, source: str, staged: Path, inputs: dict, options: dict):
+        return fanout.ingest(runner, source, staged, layer=options["layer"])
+
+    def inspect_kwargs(self, source: str, options: dict) -> dict:
+        return {"source": source, "layer": options["layer"]}
+
+    def check(self, options: dict) -> None:
+        if options["layer"] is not None:
+            check_layer(options["layer"])
 
 
-def _check_layer(options: dict) -> None:
-    if options["layer"] is not None:
-        check_layer(options["layer"])
+@dataclass(frozen=True)
+class ReprojectStep(Step):
+    """The upstream output in the target CRS (fanned out over row groups when large)."""
+
+    library: str = "proj"
+
+    def produce(self, runner, source: str, staged: Path, inputs: dict, options: dict):
+        return fanout.reproject(runner, source, staged, options["target_crs"])
+
+    def inspect_kwargs(self, source: str, options: dict) -> dict:
+        return {"expected_crs": options["target_crs"]}
+
+    def check(self, options: dict) -> None:
+        check_target_crs(options["target_crs"])
+
+
+@dataclass(frozen=True)
+class DissolveStep(Step):
+    """One (multi)polygon per key (fanned out over key ranges and giant groups)."""
+
+    library: str = "geos"
+
+    def produce(self, runner, source: str, staged: Path, inputs: dict, options: dict):
+        return fanout.dissolve(
+            runner,
+            source,
+            staged,
+            dissolve_by=options["dissolve_by"],
+            aggfunc=options["aggfunc"],
+            aggregations=dict(options["aggregations"]),
+        )
+
+    def inspect_kwargs(self, source: str, options: dict) -> dict:
+        return {
+            "expected_crs_of": source,
+            "unique_key": options["dissolve_by"],
+            "geometries": "all",
+        }
+
+    def check(self, options: dict) -> None:
+        check_aggregations(options["aggfunc"], dict(options["aggregations"]))
 
 
 raw_features = geo_asset(
     "raw_features",
-    task=Step(
-        produce=_ingest,
-        inspect_kwargs=lambda source, options: {"source": source, "layer": options["layer"]},
-        check=_check_layer,
-        library="gdal",
-    ),
+    task=IngestStep(),
     config=IngestConfig,
     description="The source file as stored in GeoParquet 1.1: GeoPackage, shapefile (also "
     "zipped), GeoJSON, FlatGeobuf or GeoParquet. Refused with a clear error when it has no "
@@ -76,44 +123,16 @@ raw_features = geo_asset(
 
 reprojected_features = geo_asset(
     "reprojected_features",
-    task=Step(
-        produce=lambda runner, staged, source, inputs, options: fanout.reproject(
-            runner, source, staged, options["target_crs"]
-        ),
-        inspect_kwargs=lambda source, options: {"expected_crs": options["target_crs"]},
-        check=lambda options: check_target_crs(options["target_crs"]),
-        library="proj",
-    ),
+    task=ReprojectStep(),
     upstream=raw_features,
     config=ReprojectConfig,
     description="raw_features in the target CRS (config target_crs, default EPSG:4326). When "
     "the source is already in that CRS the geometries are copied untouched.",
 )
 
-
-def _dissolve(runner, staged: Path, source: str, inputs: dict, options: dict):
-    return fanout.dissolve(
-        runner,
-        source,
-        staged,
-        dissolve_by=options["dissolve_by"],
-        aggfunc=options["aggfunc"],
-        aggregations=dict(options["aggregations"]),
-    )
-
-
 dissolved_regions = geo_asset(
     "dissolved_regions",
-    task=Step(
-        produce=_dissolve,
-        inspect_kwargs=lambda source, options: {
-            "expected_crs_of": source,
-            "unique_key": options["dissolve_by"],
-            "geometries": "all",
-        },
-        check=lambda options: check_aggregations(options["aggfunc"], dict(options["aggregations"])),
-        library="geos",
-    ),
+    task=DissolveStep(),
     upstream=reprojected_features,
     config=DissolveConfig,
     description="One valid (multi)polygon per value of config dissolve_by: invalid geometries "

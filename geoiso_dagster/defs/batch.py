@@ -15,7 +15,7 @@ import functools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,12 +88,13 @@ def _one_file(
     runner: TaskRunner,
     asset_name: str,
     key: str,
-    plan: Callable[[str], FileWork],
+    plan: Callable[[str, Mapping], FileWork],
+    options: Mapping,
     stop: threading.Event,
 ) -> Outcome:
     outcome = Outcome(key)
     try:
-        outcome.work = plan(key)
+        outcome.work = plan(key, options)
     except BadInputError as exc:
         outcome.error = describe_failure(exc)[0]
         return outcome
@@ -132,7 +133,8 @@ def _run_files(
     pool: SpatialWorkerPool,
     asset_name: str,
     keys: Sequence[str],
-    plan: Callable[[str], FileWork],
+    plan: Callable[[str, Mapping], FileWork],
+    options: Mapping,
 ) -> list[Outcome]:
     """Every file through the envelope, as many at once as the pool has workers. What
     each file's tasks say reaches the run log as in a one-file step, named by the file:
@@ -149,6 +151,7 @@ def _run_files(
                 asset_name,
                 key,
                 plan,
+                options,
                 stop,
             )
             for key in keys
@@ -241,10 +244,11 @@ def produce_batch(
     pool: SpatialWorkerPool,
     asset_name: str,
     keys: Sequence[str],
-    plan: Callable[[str], FileWork],
+    plan: Callable[[str, Mapping], FileWork],
+    options: Mapping,
 ) -> Iterator:
     started = time.monotonic()
-    outcomes = _run_files(context, pool, asset_name, keys, plan)
+    outcomes = _run_files(context, pool, asset_name, keys, plan, options)
     good = [o for o in outcomes if o.passed]
     bad = [o for o in outcomes if not o.passed]
     asset_key = AssetKey(asset_name)

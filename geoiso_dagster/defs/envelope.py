@@ -3,7 +3,7 @@ batch: the task writes a staged file, a worker reads it back, the blocking check
 it, and only a file that passed is published, with the standard metadata."""
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,12 +11,10 @@ from dagster import AssetCheckResult, MetadataValue, TableColumn, TableSchema
 
 from geoiso_dagster import dataroot, paths
 from geoiso_dagster.defs.checks import check_results
+from geoiso_dagster.defs.own_steps import OWN_FACTS_KEY, Step
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.pool import TaskResult
 
-# Where a step of the user's own (defs/steps.py) leaves the facts its function returned:
-# each goes to the catalog under its own name, after the standard entries.
-OWN_FACTS_KEY = "step_facts"
 # Step-specific facts of the built-in tasks that go to the catalog as they are.
 _BUILT_IN_FACTS = (
     "transformed",
@@ -34,18 +32,17 @@ _BUILT_IN_FACTS = (
 
 @dataclass(frozen=True)
 class FileWork:
-    """One step's work on one source file: where it publishes, what it reads, how it
-    produces the staged file from what it reads (on a runner, so that the same plan
-    serves a one-file step and a batch), and what the read-back is told to expect."""
+    """One step's work on one source file: where it publishes, what it reads, and the
+    step that produces the staged file from it with the config's `options` (on a
+    runner, so that the same work serves a one-file step and a batch)."""
 
     output: Path
     # The file the step reads, in the local root (or this host's mirror of an S3 root).
     source: Path
-    # (runner, staged file, source as the workers read it, the other inputs as the
-    # workers read them) -> the task's result
-    produce: Callable[[TaskRunner, Path, str, dict[str, str]], TaskResult]
-    # source as the workers read it -> the read-back's keyword arguments
-    inspect_kwargs: Callable[[str], dict] = field(default=lambda source: {})
+    # What produces the staged file and says what the read-back expects (own_steps.Step).
+    step: Step
+    # The config's values, as the step's methods take them.
+    options: Mapping[str, object] = field(default_factory=dict)
     # Other GeoParquet inputs by keyword (another asset's output of the same partition, a
     # reference layer), in the local root or this host's mirror, like `source`.
     inputs: Mapping[str, Path] = field(default_factory=dict)
@@ -91,9 +88,11 @@ def stage_and_judge(runner: TaskRunner, asset_name: str, work: FileWork, staged:
     times, clock = {}, time.monotonic()
     reading = root.reading(runner, work.source, work.inputs, work.from_inbox)
     times["input"], clock = time.monotonic() - clock, time.monotonic()
-    result = work.produce(runner, staged, reading.source, reading.inputs)
+    options = dict(work.options)
+    result = work.step.produce(runner, reading.source, staged, reading.inputs, options)
     times["work"], clock = time.monotonic() - clock, time.monotonic()
-    seen, times["note"] = root.read_back(runner, staged, **work.inspect_kwargs(reading.source))
+    expect = work.step.inspect_kwargs(reading.source, options)
+    seen, times["note"] = root.read_back(runner, staged, **expect)
     root.check_unchanged(reading)
     times["read_back"] = time.monotonic() - clock
     if line := root.transfers(asset_name, reading, times):

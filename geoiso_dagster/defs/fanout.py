@@ -10,6 +10,7 @@ them in order (Arrow tables, no decoding). Smaller inputs run as one task: below
 size, a second worker costs more than it saves.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -83,16 +84,31 @@ def ingest(runner: TaskRunner, source: str, staged: Path, layer: str | None = No
         staged,
         ("ingest", {"source": source, "layer": layer}),
         [{"features": features} for features in plan],
-        lambda parts, results: (
-            "concatenate",
-            {
-                "parts": [str(p) for p in parts],
-                "geos": [r.facts["geo"] for r in results],
-                "runs": [r.facts["runs"] for r in results],
-            },
-        ),
+        concatenate_ingested,
     )
     return combined(joined, results)
+
+
+def concatenate_ingested(parts: list[Path], results: list[TaskResult]) -> tuple[str, dict]:
+    """The join of ingest parts: their files, with each part's `geo` and sorted runs."""
+    return "concatenate", {
+        "parts": [str(p) for p in parts],
+        "geos": [r.facts["geo"] for r in results],
+        "runs": [r.facts["runs"] for r in results],
+    }
+
+
+def concatenate_parts(parts: list[Path], results: list[TaskResult]) -> tuple[str, dict]:
+    """The join of parts of one GeoParquet input: their files and sorted runs."""
+    return "concatenate", {
+        "parts": [str(p) for p in parts],
+        "runs": [r.facts["runs"] for r in results],
+    }
+
+
+def join_parts(parts: list[Path], results: list[TaskResult]) -> tuple[str, dict]:
+    """The join of a step of one's own's parts (it reports no runs)."""
+    return "join_parts", {"parts": [str(p) for p in parts]}
 
 
 def _size(source: str) -> int:
@@ -115,10 +131,7 @@ def reproject(runner: TaskRunner, source: str, staged: Path, target_crs: str) ->
         staged,
         ("reproject", {"source": source, "target_crs": target_crs}),
         [{"row_groups": groups} for groups in plan],
-        lambda parts, results: (
-            "concatenate",
-            {"parts": [str(p) for p in parts], "runs": [r.facts["runs"] for r in results]},
-        ),
+        concatenate_parts,
     )
     return combined(
         joined,
@@ -129,11 +142,16 @@ def reproject(runner: TaskRunner, source: str, staged: Path, target_crs: str) ->
 
 
 def fan_out(
-    runner: TaskRunner, staged: Path, task: tuple[str, dict], each: list[dict], join
+    runner: TaskRunner,
+    staged: Path,
+    task: tuple[str, dict],
+    each: list[dict],
+    join: Callable[[list[Path], list[TaskResult]], tuple[str, dict]],
 ) -> tuple[list, TaskResult]:
     """Run `task` (function, shared arguments) once per entry of `each` (that part's own
     arguments) side by side, each writing a temp file beside `staged`; then the task
-    `join(parts, results)` names, into `staged`. The part files never outlive this call."""
+    `join(parts, results)` names (one of the join functions here), into `staged`. The
+    part files never outlive this call."""
     function, shared = task
     parts = [temp_path_for(staged) for _ in each]
     try:
@@ -202,12 +220,7 @@ def dissolve(runner: TaskRunner, source: str, staged: Path, **options) -> TaskRe
             for g in giants
         )
     )
-    temps: list[Path] = []
-
-    def temp() -> str:
-        temps.append(temp_path_for(staged))
-        return str(temps[-1])
-
+    temps = Temps(staged)
     try:
         calls = [
             (
@@ -217,7 +230,7 @@ def dissolve(runner: TaskRunner, source: str, staged: Path, **options) -> TaskRe
                     **options,
                     "ranks": ranks,
                     "row_groups": groups,
-                    "output": temp(),
+                    "output": temps.new(),
                 },
             )
             for ranks, groups in zip(plan["parts"], plan["part_row_groups"], strict=True)
@@ -230,7 +243,7 @@ def dissolve(runner: TaskRunner, source: str, staged: Path, **options) -> TaskRe
                     **options,
                     "rank": g["rank"],
                     "row_groups": chunk,
-                    "output": temp(),
+                    "output": temps.new(),
                 },
             )
             for g in giants
@@ -238,7 +251,7 @@ def dissolve(runner: TaskRunner, source: str, staged: Path, **options) -> TaskRe
         ]
         results = runner.run_all(calls + chunk_calls)
         parts, chunks = results[: len(calls)], results[len(calls) :]
-        finals, union_tasks = _union_giants(runner, source, options, giants, chunks, temp)
+        finals, union_tasks = _union_giants(runner, source, options, giants, chunks, temps)
         joined = runner.run(
             "join_dissolved",
             parts=[r.facts["path"] for r in [*parts, *finals]],
@@ -247,8 +260,7 @@ def dissolve(runner: TaskRunner, source: str, staged: Path, **options) -> TaskRe
             source=source,
         )
     finally:
-        for path in temps:
-            path.unlink(missing_ok=True)
+        temps.remove()
     everything = [*parts, *finals]
     counts = {name: sum(r.facts.get(name, 0) for r in everything) for name in _DISSOLVE_COUNTS}
     counts["dropped_null_keys"] = plan["dropped_null_keys"]
@@ -257,7 +269,26 @@ def dissolve(runner: TaskRunner, source: str, staged: Path, **options) -> TaskRe
     return combined(joined, [*parts, *chunks, *finals], dissolve_by=by, **counts)
 
 
-def _union_giants(runner, source, options, giants, chunks, temp) -> tuple[list[TaskResult], int]:
+class Temps:
+    """The part files of one attempt's step, named from its staged file, removed
+    together when the step ends."""
+
+    def __init__(self, staged: Path) -> None:
+        self.staged = staged
+        self.paths: list[Path] = []
+
+    def new(self) -> str:
+        self.paths.append(temp_path_for(self.staged))
+        return str(self.paths[-1])
+
+    def remove(self) -> None:
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+
+
+def _union_giants(
+    runner, source, options, giants, chunks, temps: "Temps"
+) -> tuple[list[TaskResult], int]:
     """Union each giant group's chunk unions FAN_IN at a time, level by level (all the
     groups' tasks of a level side by side), down to one row per group."""
     fan_in = FAN_IN
@@ -279,7 +310,7 @@ def _union_giants(runner, source, options, giants, chunks, temp) -> tuple[list[T
                         "union_partials",
                         {
                             "partials": paths[start : start + fan_in],
-                            "output": temp(),
+                            "output": temps.new(),
                             "source": source,
                             "dissolve_by": options["dissolve_by"],
                             "rank": giants[i]["rank"],

@@ -1,64 +1,83 @@
 """Steps for geo_asset (defs/steps.py): what a step runs for one partition's file.
 
 A Step says how the staged file is produced from the step's input (the built-in assets'
-plans, defs/assets.py); task_step makes the Step of a function of the user's own, named
+steps, defs/assets.py); TaskStep is the Step of a function of the user's own, named
 "package.module:function". Orchestration layer: no geo import.
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from geoiso_dagster.defs import fanout
 from geoiso_dagster.defs.checks import STEP_CRITERIA
-from geoiso_dagster.defs.envelope import OWN_FACTS_KEY
+from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.pool import TaskResult
 from geoiso_dagster.records import OutputFacts
 
+# Where a step of the user's own leaves the facts its function returned: each goes to
+# the catalog under its own name, after the standard entries (envelope.metadata).
+OWN_FACTS_KEY = "step_facts"
 # Facts of the standard metadata: a task's own facts of these names are not copied again.
 _STANDARD_FACTS = OutputFacts.__required_keys__
 
 
 @dataclass(frozen=True)
 class Step:
-    """How a built-in asset makes one partition's staged file, for geo_asset.
+    """What a geo asset runs for one partition's file, for geo_asset: a subclass says how
+    (the built-in assets' steps, defs/assets.py; TaskStep for a function of one's own).
 
-    produce(runner, staged, source, inputs, options): run the tasks; `options` are the
-    config's values. inspect_kwargs(source, options): what the read-back is told to
-    expect. check(options): refuse bad settings before any work (BadInputError)."""
+    produce(runner, source, staged, inputs, options): run the tasks that write `staged`
+    from `source` (and the other `inputs`, by keyword), as the workers read them;
+    `options` are the config's values. inspect_kwargs(source, options): what the
+    read-back is told to expect. check(options): refuse bad settings before any work
+    (BadInputError)."""
 
-    produce: Callable[..., TaskResult]
-    inspect_kwargs: Callable[[str, dict], dict]
-    check: Callable[[dict], None] = lambda options: None
     criteria: tuple[str, ...] | None = None
     library: str = "geopandas"
 
+    def produce(
+        self, runner: TaskRunner, source: str, staged: Path, inputs: dict, options: dict
+    ) -> TaskResult:
+        raise NotImplementedError(f"{type(self).__name__} does not say how it produces a file")
 
-def task_step(
-    task: str,
-    name: str,
-    splittable: bool,
-    criteria: tuple[str, ...] | None,
-    fixed: dict | None = None,
-) -> Step:
-    """The Step of a function of the user's own: one task (or its fan-out over the
-    source's row groups), then the standard facts of the file it wrote. The function gets
-    the inputs' paths, the `fixed` keyword arguments, then the config's values."""
+    def inspect_kwargs(self, source: str, options: dict) -> dict:
+        return {}
 
-    def produce(runner, staged: Path, source: str, inputs: dict, options: dict) -> TaskResult:
-        kwargs = {**inputs, **(fixed or {}), **options}
-        plan = fanout.plan_row_groups(source, runner.max_workers) if splittable else None
+    def check(self, options: dict) -> None:
+        """Nothing to refuse by default."""
+
+
+@dataclass(frozen=True)
+class TaskStep(Step):
+    """The step of a function of the user's own, named "package.module:function": one
+    task (or its fan-out over the source's row groups when `splittable`), then the
+    standard facts of the file it wrote. The function gets the inputs' paths, the
+    `fixed` keyword arguments, then the config's values."""
+
+    task: str = ""
+    name: str = ""
+    splittable: bool = False
+    fixed: dict = field(default_factory=dict)
+    criteria: tuple[str, ...] | None = STEP_CRITERIA
+
+    def produce(
+        self, runner: TaskRunner, source: str, staged: Path, inputs: dict, options: dict
+    ) -> TaskResult:
+        kwargs = {**inputs, **self.fixed, **options}
+        plan = fanout.plan_row_groups(source, runner.max_workers) if self.splittable else None
         if plan is None:
-            results = [runner.run(task, source=source, output=str(staged), **kwargs)]
+            results = [runner.run(self.task, source=source, output=str(staged), **kwargs)]
             described = runner.run("describe", path=str(staged))
         else:  # join_parts returns the joined file's standard facts: no describe after it
-            runner.log(f"{name}: fanning {task} out over {len(plan)} workers: row groups {plan}")
+            runner.log(
+                f"{self.name}: fanning {self.task} out over {len(plan)} workers: row groups {plan}"
+            )
             results, described = fanout.fan_out(
                 runner,
                 staged,
-                (task, {"source": source, **kwargs}),
+                (self.task, {"source": source, **kwargs}),
                 [{"row_groups": groups} for groups in plan],
-                lambda parts, results: ("join_parts", {"parts": [str(p) for p in parts]}),
+                fanout.join_parts,
             )
         facts = _own_facts(results)
         standard = described.facts | {OWN_FACTS_KEY: facts}
@@ -74,11 +93,8 @@ def task_step(
             host=combined.host,
         )
 
-    return Step(
-        produce=produce,
-        inspect_kwargs=lambda source, options: {"expected_crs_of": source},
-        criteria=criteria or STEP_CRITERIA,
-    )
+    def inspect_kwargs(self, source: str, options: dict) -> dict:
+        return {"expected_crs_of": source}
 
 
 def _own_facts(results: list[TaskResult]) -> dict:

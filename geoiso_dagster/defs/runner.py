@@ -10,6 +10,7 @@ plans of a step on a bare pool with it.
 """
 
 import concurrent.futures
+import functools
 import queue
 import time
 from collections.abc import Callable
@@ -47,7 +48,7 @@ class TaskRunner:
         messages: queue.Queue[dict] = queue.Queue()
         futures = [
             self.pool.submit(
-                function, on_progress=lambda e, i=i: messages.put({**e, "index": i}), **kwargs
+                function, on_progress=functools.partial(_tagged, messages, i), **kwargs
             )
             for i, (function, kwargs) in enumerate(calls)
         ]
@@ -119,3 +120,8 @@ def status_line(function: str, facts: dict | None, elapsed: float) -> str:
         line += f" of {int(total):,} ({100 * done / int(total):.0f} %)"
         return f"{line}, {rate:,.0f} {unit}/s, {eta} (after {elapsed:.0f} s)"
     return f"{line} so far, {rate:,.0f} {unit}/s (after {elapsed:.0f} s)"
+
+
+def _tagged(messages: "queue.Queue[dict]", index: int, event: dict) -> None:
+    """Queue a task's message, tagged with the task's place among the calls."""
+    messages.put({**event, "index": index})

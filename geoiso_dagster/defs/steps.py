@@ -33,13 +33,13 @@ from dagster._utils.warnings import BetaWarning  # not exported; the one to sile
 
 from geoiso_dagster import dataroot, paths
 from geoiso_dagster.defs.batch import produce_batch
-from geoiso_dagster.defs.checks import check_specs, criteria_of
+from geoiso_dagster.defs.checks import STEP_CRITERIA, check_specs, criteria_of
 from geoiso_dagster.defs.envelope import (
     FileWork,
     metadata,
     stage_and_judge,
 )
-from geoiso_dagster.defs.own_steps import Step, task_step
+from geoiso_dagster.defs.own_steps import Step, TaskStep
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import raise_for
@@ -121,40 +121,24 @@ def geo_asset(
     else:
         if not is_qualified(check_task_ref(task)):
             raise ValueError(f"{name}: task {task!r} must name its module: 'package.module:fn'")
-        step = task_step(task, name, splittable, criteria, dict(options or {}))
+        step = TaskStep(
+            task=task,
+            name=name,
+            splittable=splittable,
+            fixed=dict(options or {}),
+            criteria=criteria or STEP_CRITERIA,
+        )
     criteria = criteria_of(name, step.criteria)
     if upstream is None and not isinstance(task, Step):
         # Inbox files are untrusted: raw_features brings them in through the source jail
         # (spatial/sources.py), and a step of the user's own reads its checked output.
         raise ValueError(f"{name}: a task step needs an upstream asset (raw_features or later)")
 
+    spec = StepSpec(name, step, upstream_name, extra, criteria)
+
     def compute(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool, config=None):
-        settings = dict(config) if config is not None else {}
-        try:
-            step.check(settings)
-        except BadInputError as exc:
-            raise Failure(description=f"Bad config: {exc.cause}", allow_retries=False) from None
-
-        def plan(key: str) -> FileWork:
-            output = paths.output_path(name, key)
-            if upstream_name:
-                source = paths.output_path(upstream_name, key)
-            else:
-                source = paths.source_path(key)
-            where = {k: _input_path(v, key) for k, v in extra.items()}
-            return FileWork(
-                output,
-                source,
-                lambda runner, staged, source, inputs: step.produce(
-                    runner, staged, source, inputs, settings
-                ),
-                lambda source: step.inspect_kwargs(source, settings),
-                inputs=where,
-                criteria=criteria,
-                from_inbox=upstream_name is None,
-            )
-
-        yield from _run_step(context, spatial_pool, name, plan)
+        # Dagster calls this; everything it does is run_step's, with the spec as argument.
+        yield from run_step(context, spatial_pool, spec, dict(config) if config else {})
 
     _signature(compute, config)
     deps = [upstream] if upstream is not None else []
@@ -174,6 +158,61 @@ def geo_asset(
             pool=POOL,
             backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=BATCH_MAX_FILES),
         )(compute)
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What geo_asset knows of an asset's step: its name, its Step, what it reads (the
+    upstream asset's output, or with none an inbox source; more inputs by keyword) and
+    what its blocking check judges."""
+
+    name: str
+    step: Step
+    upstream: str | None
+    inputs: Mapping[str, Union[AssetRef, "Reference"]]
+    criteria: tuple[str, ...]
+
+    def work(self, key: str, options: Mapping[str, Any]) -> FileWork:
+        """The step's work on partition `key`'s file with the config's `options`."""
+        if self.upstream:
+            source = paths.output_path(self.upstream, key)
+        else:
+            source = paths.source_path(key)
+        return FileWork(
+            output=paths.output_path(self.name, key),
+            source=source,
+            step=self.step,
+            options=dict(options),
+            inputs={k: _input_path(v, key) for k, v in self.inputs.items()},
+            criteria=self.criteria,
+            from_inbox=self.upstream is None,
+        )
+
+
+def run_step(
+    context: AssetExecutionContext,
+    pool: SpatialWorkerPool,
+    spec: StepSpec,
+    options: dict,
+) -> Iterator:
+    """The step for one file (a run of one partition) or for a batch (a run over a range
+    of partitions, defs/batch.py): bad config refused first, then each file's work."""
+    try:
+        spec.step.check(options)
+    except BadInputError as exc:
+        raise Failure(description=f"Bad config: {exc.cause}", allow_retries=False) from None
+    try:
+        if not context.has_partition_key:
+            keys = context.partition_keys
+            yield from produce_batch(context, pool, spec.name, keys, spec.work, options)
+            return
+        try:
+            work = spec.work(context.partition_key, options)
+        except UnsafeNameError as exc:
+            raise Failure(description=f"Bad input: {exc}", allow_retries=False) from None
+        yield from _produce(context, pool, spec.name, work)
+    except GeoisoError as exc:  # raised here, not in a worker: the object store's answers
+        raise_for(context, exc)
 
 
 def _asset_name(ref: AssetRef) -> str:
@@ -209,27 +248,6 @@ def _signature(compute: Callable, config: Optional[type[Config]]) -> None:
     ]
     compute.__signature__ = inspect.Signature(parameters)
     compute.__annotations__ = annotations
-
-
-def _run_step(
-    context: AssetExecutionContext,
-    pool: SpatialWorkerPool,
-    asset_name: str,
-    plan: Callable[[str], FileWork],
-) -> Iterator:
-    """The step for one file (a run of one partition) or for a batch (a run over a range
-    of partitions, defs/batch.py); `plan` says what to do for a partition key."""
-    try:
-        if not context.has_partition_key:
-            yield from produce_batch(context, pool, asset_name, context.partition_keys, plan)
-            return
-        try:
-            work = plan(context.partition_key)
-        except UnsafeNameError as exc:
-            raise Failure(description=f"Bad input: {exc}", allow_retries=False) from None
-        yield from _produce(context, pool, asset_name, work)
-    except GeoisoError as exc:  # raised here, not in a worker: the object store's answers
-        raise_for(context, exc)
 
 
 def _produce(
