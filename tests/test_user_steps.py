@@ -9,7 +9,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import shapely
-from dagster import AssetKey, Config, DagsterEventType, instance_for_test
+from dagster import (
+    AssetKey,
+    Config,
+    DagsterEventType,
+    build_run_status_sensor_context,
+    instance_for_test,
+)
 
 from geoiso_dagster import Reference, build_definitions, geo_asset
 from geoiso_dagster.defs.partitions import source_files
@@ -258,3 +264,64 @@ def test_the_pool_runs_a_function_of_your_own_with_its_guarantees(tmp_path, natu
             pool.run("tests.nowhere:step", source=str(source), output="x")
         with pytest.raises(ValueError, match="bad task reference"):
             pool.run("tests.user_steps:area_km2; import os", source=str(source))
+
+
+def test_a_batch_remainder_makes_a_teams_own_step_too(instance, data_root, naturalearth_shp):
+    """A batch run that fails on one file is carried on by the remainder sensor for
+    its other files, and a team's own step in the job's group is one of the steps the
+    remainder makes (the sensor reads the job's assets, not the built-in three)."""
+    frame = geopandas.read_file(naturalearth_shp)
+    keys = ["a.gpkg", "b.gpkg", "c.gpkg"]
+    for key in ("a.gpkg", "c.gpkg"):
+        frame.to_file(data_root / "inbox" / key, driver="GPKG", engine="pyogrio")
+    (data_root / "inbox" / "b.gpkg").write_bytes(b"not a GeoPackage" * 64)
+    instance.add_dynamic_partitions(source_files.name, keys)
+    areas = geo_asset(
+        "country_areas", task="tests.user_steps:area_km2", upstream="reprojected_features"
+    )
+    defs = build_definitions([areas])
+    job = defs.resolve_job_def("geo_pipeline")
+    config = {"ops": {"dissolved_regions": {"config": {"dissolve_by": "continent"}}}}
+    failed = job.execute_in_process(
+        instance=instance,
+        run_config=config,
+        tags={
+            "dagster/asset_partition_range_start": keys[0],
+            "dagster/asset_partition_range_end": keys[-1],
+        },
+        raise_on_error=False,
+    )
+    assert not failed.success
+    assert not output_path("country_areas", "a.gpkg").exists()
+    (event,) = run_events(failed, DagsterEventType.PIPELINE_FAILURE)
+    sensor = defs.get_sensor_def("batch_remainder_sensor")
+    context = build_run_status_sensor_context(
+        sensor_name=sensor.name,
+        dagster_event=event,
+        dagster_instance=instance,
+        dagster_run=instance.get_run_by_id(failed.run_id),
+    )
+    requests = sensor(context)
+    # b.gpkg lies between them, so each good file gets a remainder run of its own.
+    ranges = [
+        (r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+        for r in requests
+    ]
+    assert ranges == [("a.gpkg", "a.gpkg"), ("c.gpkg", "c.gpkg")]
+    for request in requests:
+        made = [key.to_user_string() for key in request.asset_selection]
+        assert made == ["reprojected_features", "dissolved_regions", "country_areas"]
+        remainder = job.execute_in_process(
+            instance=instance,
+            run_config=request.run_config,
+            tags=request.tags,
+            asset_selection=request.asset_selection,
+            raise_on_error=False,
+        )
+        assert remainder.success
+    expected = frame.to_crs(6933).area.sum() / 1e6  # independent of the step
+    for key in ("a.gpkg", "c.gpkg"):
+        written = geopandas.read_parquet(output_path("country_areas", key))
+        assert len(written) == 177
+        assert np.isclose(written["area_km2"].sum(), expected, rtol=1e-9)
+    assert not output_path("country_areas", "b.gpkg").exists()

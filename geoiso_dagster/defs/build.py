@@ -5,10 +5,14 @@ from collections.abc import Mapping, Sequence
 from dagster import AssetsDefinition, Definitions, in_process_executor
 
 from geoiso_dagster import dataroot
-from geoiso_dagster.defs.assets import geo_assets
+from geoiso_dagster.defs.assets import GROUP, geo_assets
 from geoiso_dagster.defs.jobs import geo_pipeline
 from geoiso_dagster.defs.resources import SpatialWorkerPool
-from geoiso_dagster.defs.sensors import build_inbox_sensor, build_remainder_sensor
+from geoiso_dagster.defs.sensors import (
+    build_inbox_sensor,
+    build_remainder_sensor,
+    in_dependency_order,
+)
 
 
 def build_definitions(
@@ -28,10 +32,13 @@ def build_definitions(
     pool = SpatialWorkerPool.from_env(worker_env=worker_env) if worker_env else None
     # In-process executor: one worker pool per run, shared by its steps; the pool, not the
     # executor, supplies the process isolation (and starts ~2.5x faster per run).
+    assets = [*geo_assets, *extra_assets]
+    # The job's assets (its selection is the group), in the order a remainder makes them.
+    in_job = in_dependency_order(assets, GROUP)
     return Definitions(
-        assets=[*geo_assets, *extra_assets],
+        assets=assets,
         jobs=[geo_pipeline],
-        sensors=[build_inbox_sensor(geo_pipeline), build_remainder_sensor(geo_pipeline)],
+        sensors=[build_inbox_sensor(geo_pipeline), build_remainder_sensor(geo_pipeline, in_job)],
         resources={"spatial_pool": pool or SpatialWorkerPool.from_env()},
         executor=in_process_executor,
     )

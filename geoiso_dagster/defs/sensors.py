@@ -6,15 +6,17 @@ And the remainder sensor: when a batch run fails because some of its files did, 
 carries the batch's other files on through the steps they have not done yet.
 """
 
+import graphlib
 import hashlib
 import json
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from dagster import (
     AssetKey,
+    AssetsDefinition,
     DagsterEventType,
     DagsterRunStatus,
     DefaultSensorStatus,
@@ -219,8 +221,10 @@ def build_inbox_sensor(
     return inbox_sensor
 
 
-def _materialized_in(context: RunStatusSensorContext, run_id: str) -> dict[str, set[str]]:
-    done: dict[str, set[str]] = {name: set() for name in ASSET_NAMES}
+def _materialized_in(
+    context: RunStatusSensorContext, run_id: str, names: Sequence[str]
+) -> dict[str, set[str]]:
+    done: dict[str, set[str]] = {name: set() for name in names}
     for record in run_materializations(context.instance, run_id):
         event = record.event_log_entry.dagster_event
         done.setdefault(event.asset_key.to_user_string(), set()).add(event.partition)
@@ -242,7 +246,26 @@ def _failed_files(context: RunStatusSensorContext, run_id: str) -> set[str]:
     return failed
 
 
-def build_remainder_sensor(job: JobDefinition) -> SensorDefinition:
+def in_dependency_order(assets: Sequence[AssetsDefinition], group: str) -> list[str]:
+    """The names of the assets of `group`, each after the assets it depends on (the
+    built-in chain first, then a team's own steps, as they were given)."""
+    deps: dict[str, list[str]] = {}
+    for definition in assets:
+        for spec in definition.specs:
+            if spec.group_name == group:
+                deps[spec.key.to_user_string()] = [d.asset_key.to_user_string() for d in spec.deps]
+    order = graphlib.TopologicalSorter(
+        {name: [d for d in ds if d in deps] for name, ds in deps.items()}
+    )
+    return list(order.static_order())
+
+
+def build_remainder_sensor(
+    job: JobDefinition, in_order: Sequence[str] = ASSET_NAMES
+) -> SensorDefinition:
+    """`in_order`: the job's assets in dependency order (in_dependency_order), the ones a
+    remainder run may have to make."""
+
     @run_status_sensor(
         name="batch_remainder_sensor",
         run_status=DagsterRunStatus.FAILURE,
@@ -267,17 +290,20 @@ def build_remainder_sensor(job: JobDefinition) -> SensorDefinition:
         keys = known[known.index(start) : known.index(end) + 1]
         selected = [
             name
-            for name in ASSET_NAMES
-            if run.asset_selection is None or AssetKey(name) in run.asset_selection
+            for name in in_order
+            if not run.asset_selection or AssetKey(name) in run.asset_selection  # none: all
         ]
-        done, failed = _materialized_in(context, run.run_id), _failed_files(context, run.run_id)
+        done = _materialized_in(context, run.run_id, selected)
+        failed = _failed_files(context, run.run_id)
         todo: dict[tuple[str, ...], list[str]] = {}
         for key in keys:
             if key in failed:
                 continue
-            missing = [i for i, name in enumerate(selected) if key not in done[name]]
+            # What the run did not make of this file: a step not done, and so every step
+            # after it (a step runs only once the steps it reads from are done).
+            missing = tuple(name for name in selected if key not in done[name])
             if missing:
-                todo.setdefault(tuple(selected[missing[0] :]), []).append(key)
+                todo.setdefault(missing, []).append(key)
         position = {key: i for i, key in enumerate(known)}
         requests = []
         for assets, pending in todo.items():
