@@ -33,7 +33,7 @@ from pathlib import Path
 import geopandas
 import shapely
 
-from benchmarks.data import dataset
+from benchmarks.data import CACHE, dataset
 from geoiso_dagster.defs import fanout
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.pool import PoolSettings, WorkerPool
@@ -73,7 +73,9 @@ def inproc(gpkg: Path, parquet: Path, work: Path) -> dict:
 def pool(gpkg: Path, parquet: Path, work: Path, settings: PoolSettings | None = None) -> dict:
     """The three steps as the assets run them (defs/fanout.py: the same survey, plans
     and fan-out over the workers), on a bare pool: no Dagster, no checks."""
-    with WorkerPool(settings or PoolSettings()) as workers:
+    # The workers' jail is the data root: the cached data and the work folder are in it.
+    settings = settings or PoolSettings(data_root=str(CACHE))
+    with WorkerPool(settings) as workers:
         runner = TaskRunner(workers)
         steps = [
             fanout.ingest(runner, str(gpkg), work / "raw.parquet"),
@@ -92,7 +94,7 @@ def pool(gpkg: Path, parquet: Path, work: Path, settings: PoolSettings | None = 
 def cli(gpkg: Path, parquet: Path, work: Path) -> dict:
     home, root = work / "home", work / "data"
     home.mkdir(exist_ok=True)
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "GEOISO_DATA_ROOT": str(root)}
     registering = time.perf_counter()
     key = subprocess.run(
@@ -153,7 +155,7 @@ def main() -> None:
         for name in args.methods:
             times, adds, extra = [], [], {}
             for _ in range(args.repeats):
-                with tempfile.TemporaryDirectory() as tmp:
+                with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
                     started = time.perf_counter()
                     result = METHODS[name](gpkg, parquet, Path(tmp))
                     times.append(result.pop("timed_s", time.perf_counter() - started))

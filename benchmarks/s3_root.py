@@ -55,7 +55,7 @@ _PUBLISHED = re.compile(r"(\w+): published to the bucket in ([\d.]+) s")
 def _instance(work: Path, name: str) -> Path:
     home = work / f"home-{name}"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
     return home
 
 

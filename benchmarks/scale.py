@@ -249,7 +249,7 @@ def measure(n: int, memory_limit_mb: int, work: Path) -> dict:
     home, root = work / f"home-{n}", work / f"data-{n}"
     (root / "inbox").mkdir(parents=True)
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "local" / "dagster.yaml", home / "dagster.yaml")
     dropped = root / "inbox" / given.name
     os.link(given, dropped)
     env = {
