@@ -169,8 +169,8 @@ class LocalRoot:
         return Reading(str(source), {name: str(p) for name, p in inputs.items()}, "local file")
 
     def read_back(self, runner, staged: Path, **kwargs):
-        """(the read-back's result, a note for the transfers line)."""
-        return runner.run("inspect", path=str(staged), **kwargs), ""
+        """(the read-back's result, what moving the staged file took: nothing here)."""
+        return runner.run("inspect", path=str(staged), **kwargs), {}
 
     def check_unchanged(self, reading: Reading) -> None:
         """A local source is read by one process at a time from one file."""
@@ -314,8 +314,8 @@ class BucketRoot:
         relative = self._relative(staged)
         clock = time.monotonic()
         uploaded = runner.run("upload", path=str(staged), relative=relative).facts
-        note = f"upload {_mb(uploaded['bytes'])} in {time.monotonic() - clock:.1f} s, "
-        return runner.run("inspect_object", relative=relative, **kwargs), note
+        moved = {"upload_bytes": uploaded["bytes"], "upload_s": time.monotonic() - clock}
+        return runner.run("inspect_object", relative=relative, **kwargs), moved
 
     def check_unchanged(self, reading: Reading) -> None:
         """An object read in place by several requests (and workers) was read from one
@@ -331,8 +331,8 @@ class BucketRoot:
     ) -> str | None:
         return (
             f"{asset_name}: S3 transfers: input ({reading.how}) in {times['input']:.1f} s, "
-            f"work {times['work']:.1f} s, {times['note']}"
-            f"read back and checked in {times['read_back']:.1f} s"
+            f"work {times['work']:.1f} s, upload {_mb(times['upload_bytes'])} in "
+            f"{times['upload_s']:.1f} s, read back and checked in {times['read_back']:.1f} s"
         )
 
     def sweep(self, output: Path) -> None:

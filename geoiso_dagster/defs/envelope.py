@@ -92,9 +92,10 @@ def stage_and_judge(runner: TaskRunner, asset_name: str, work: FileWork, staged:
     result = work.step.produce(runner, reading.source, staged, reading.inputs, options)
     times["work"], clock = time.monotonic() - clock, time.monotonic()
     expect = work.step.inspect_kwargs(reading.source, options)
-    seen, times["note"] = root.read_back(runner, staged, **expect)
+    seen, moved = root.read_back(runner, staged, **expect)
+    times.update(moved, upload_s=moved.get("upload_s", 0.0))
     root.check_unchanged(reading)
-    times["read_back"] = time.monotonic() - clock
+    times["read_back"] = time.monotonic() - clock - times["upload_s"]
     if line := root.transfers(asset_name, reading, times):
         runner.log(line)
     return Judged(result, check_results(asset_name, result.facts, seen.facts, work.criteria))
