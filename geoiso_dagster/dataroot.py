@@ -116,7 +116,6 @@ class LocalRoot:
         return entries
 
     def _entry(self, item: os.DirEntry) -> Entry:
-        info = item.stat(follow_symlinks=False)
         if item.is_symlink():
             target = Path(item.path).resolve()
             if not target.is_relative_to(self.local):
@@ -124,6 +123,8 @@ class LocalRoot:
                     item.name, 0, "", 0.0, False, f"is a link to {target}, outside the data root"
                 )
             info = os.stat(target)
+        else:
+            info = item.stat(follow_symlinks=False)
         return Entry(
             item.name,
             info.st_size,
@@ -256,14 +257,12 @@ class BucketRoot:
 
     def size(self, source: str) -> int:
         if not source.startswith("s3://"):  # an upstream output the mirror holds
-            return os.stat(source).st_size
+            return LocalRoot(self.local).size(source)
         return objectstore.head(self.s3, objectstore.split_uri(source)[1]).size
 
     def parquet_metadata(self, source: str):
-        if not source.startswith("s3://"):
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(source).metadata
+        if not source.startswith("s3://"):  # an upstream output the mirror holds
+            return LocalRoot(self.local).parquet_metadata(source)
         return objectstore.parquet_file(self.s3, source).metadata
 
     def reading(

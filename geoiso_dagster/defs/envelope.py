@@ -85,7 +85,7 @@ def stage_and_judge(runner: TaskRunner, asset_name: str, work: FileWork, staged:
     may write `output` with any library, which need not make its folder."""
     staged.parent.mkdir(parents=True, exist_ok=True)
     root = dataroot.root()
-    times, clock = {}, time.monotonic()
+    times, clock = {"upload_s": 0.0}, time.monotonic()
     reading = root.reading(runner, work.source, work.inputs, work.from_inbox)
     times["input"], clock = time.monotonic() - clock, time.monotonic()
     options = dict(work.options)
@@ -93,7 +93,7 @@ def stage_and_judge(runner: TaskRunner, asset_name: str, work: FileWork, staged:
     times["work"], clock = time.monotonic() - clock, time.monotonic()
     expect = work.step.inspect_kwargs(reading.source, options)
     seen, moved = root.read_back(runner, staged, **expect)
-    times.update(moved, upload_s=moved.get("upload_s", 0.0))
+    times.update(moved)
     root.check_unchanged(reading)
     times["read_back"] = time.monotonic() - clock - times["upload_s"]
     if line := root.transfers(asset_name, reading, times):
