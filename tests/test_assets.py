@@ -21,7 +21,7 @@ from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import MAX_WAIT_S, MIN_WAIT_S
 from geoiso_dagster.paths import ASSET_NAMES, output_path
-from tests.runs import run_events
+from tests.runs import run_batch, run_events
 
 CONFIG = {
     "ops": {
@@ -263,15 +263,7 @@ def test_a_batch_run_logs_what_each_files_tasks_say(instance, data_root, monkeyp
     )
     monkeypatch.setattr(fanout, "FAN_OUT_MIN_ROWS", 1)
     instance.add_dynamic_partitions(source_files.name, keys)
-    result = defs.resolve_job_def("geo_pipeline").execute_in_process(
-        instance=instance,
-        run_config=CONFIG,
-        tags={
-            "dagster/asset_partition_range_start": keys[0],
-            "dagster/asset_partition_range_end": keys[-1],
-        },
-        raise_on_error=False,
-    )
+    result = run_batch(defs.resolve_job_def("geo_pipeline"), instance, keys, CONFIG)
     assert result.success
     messages = [e.user_message for e in instance.all_logs(result.run_id)]
     for key in keys[:2]:

@@ -30,7 +30,7 @@ from geoiso_dagster.paths import output_path, reference_dir
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from geoiso_dagster.spatial import io
 from tests.grids import grid
-from tests.runs import failure_of, run_events
+from tests.runs import failure_of, run_batch, run_events
 
 KEY = "countries.gpkg"
 
@@ -282,15 +282,7 @@ def test_a_batch_remainder_makes_a_teams_own_step_too(instance, data_root, natur
     defs = build_definitions([areas])
     job = defs.resolve_job_def("geo_pipeline")
     config = {"ops": {"dissolved_regions": {"config": {"dissolve_by": "continent"}}}}
-    failed = job.execute_in_process(
-        instance=instance,
-        run_config=config,
-        tags={
-            "dagster/asset_partition_range_start": keys[0],
-            "dagster/asset_partition_range_end": keys[-1],
-        },
-        raise_on_error=False,
-    )
+    failed = run_batch(job, instance, keys, config)
     assert not failed.success
     assert not output_path("country_areas", "a.gpkg").exists()
     (event,) = run_events(failed, DagsterEventType.PIPELINE_FAILURE)
