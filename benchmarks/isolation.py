@@ -26,16 +26,23 @@ from pathlib import Path
 
 from benchmarks.data import dataset
 from geoiso_dagster.defs import fanout
+from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 
 CONFIGS = {
-    "workers reused within the pool (the default)": PoolSettings(max_tasks_per_worker=0),
-    "fresh worker per task (forkserver, warm-up)": PoolSettings(max_tasks_per_worker=1),
-    "fresh worker per task (forkserver, no warm-up)": PoolSettings(
-        max_tasks_per_worker=1, warm_up=False
+    "workers reused within the pool (the default)": PoolSettings(
+        task_module=TASK_MODULE, max_tasks_per_worker=0
     ),
-    "fresh worker per task (spawn)": PoolSettings(max_tasks_per_worker=1, start_method="spawn"),
+    "fresh worker per task (forkserver, warm-up)": PoolSettings(
+        task_module=TASK_MODULE, max_tasks_per_worker=1
+    ),
+    "fresh worker per task (forkserver, no warm-up)": PoolSettings(
+        task_module=TASK_MODULE, max_tasks_per_worker=1, warm_up=False
+    ),
+    "fresh worker per task (spawn)": PoolSettings(
+        task_module=TASK_MODULE, max_tasks_per_worker=1, start_method="spawn"
+    ),
 }
 
 

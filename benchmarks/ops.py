@@ -22,6 +22,7 @@ from pathlib import Path
 
 from benchmarks.data import CACHE, voronoi_coverage
 from geoiso_dagster.defs.own_steps import TaskStep
+from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 
@@ -77,7 +78,9 @@ def ours(op: str, paths: dict, output: Path, workers: int) -> dict:
 
     task, keyword, layer = OPS[op]
     step = TaskStep(task=task, name=op, splittable=True)
-    settings = PoolSettings(max_workers=workers, memory_limit_mb=6144, task_timeout_s=3600)
+    settings = PoolSettings(
+        task_module=TASK_MODULE, max_workers=workers, memory_limit_mb=6144, task_timeout_s=3600
+    )
     # Started (and warmed up) before the clock: a run's steps share a started pool, as the
     # baseline's timer starts after its interpreter has imported geopandas.
     with WorkerPool(settings) as pool:

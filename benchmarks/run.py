@@ -35,6 +35,7 @@ import shapely
 
 from benchmarks.data import CACHE, dataset
 from geoiso_dagster.defs import fanout
+from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from tests.live import materialize_command
@@ -74,7 +75,7 @@ def pool(gpkg: Path, parquet: Path, work: Path, settings: PoolSettings | None = 
     """The three steps as the assets run them (defs/fanout.py: the same survey, plans
     and fan-out over the workers), on a bare pool: no Dagster, no checks."""
     # The workers' jail is the data root: the cached data and the work folder are in it.
-    settings = settings or PoolSettings(data_root=str(CACHE))
+    settings = settings or PoolSettings(task_module=TASK_MODULE, data_root=str(CACHE))
     with WorkerPool(settings) as workers:
         runner = TaskRunner(workers)
         steps = [

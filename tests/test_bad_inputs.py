@@ -6,6 +6,7 @@ import geopandas
 import pytest
 import shapely
 
+from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from tests.bad_inputs.corpus import CASES, Case
@@ -21,7 +22,9 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pool(root):
-    with WorkerPool(PoolSettings(max_workers=2, data_root=str(root))) as pool:
+    with WorkerPool(
+        PoolSettings(task_module=TASK_MODULE, max_workers=2, data_root=str(root))
+    ) as pool:
         yield pool
 
 

@@ -21,7 +21,7 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance, instance_for_te
 
 from geoiso_dagster.defs.assets import geo_assets
 from geoiso_dagster.defs.partitions import source_files
-from geoiso_dagster.defs.resources import SpatialWorkerPool
+from geoiso_dagster.defs.resources import TASK_MODULE, SpatialWorkerPool
 from geoiso_dagster.paths import ASSET_NAMES, output_path
 from tests.live import materialize_command
 from tests.runs import run_events
@@ -372,7 +372,7 @@ def test_a_full_disk_while_reproject_copies_is_transient(data_root, monkeypatch,
     output = data_root / "warehouse" / "reprojected_features" / "squares.parquet"
     output.parent.mkdir(parents=True, exist_ok=True)
     _inject(monkeypatch, tmp_path, "reproject", "write", "enospc", times=1)
-    with WorkerPool(PoolSettings(max_workers=1)) as pool:
+    with WorkerPool(PoolSettings(task_module=TASK_MODULE, max_workers=1)) as pool:
         with pytest.raises(TransientIOError, match="File too large"):
             pool.run("reproject", source=str(source), output=str(output), target_crs="EPSG:4326")
         facts = pool.run(

@@ -17,6 +17,7 @@ from shapely.geometry import box
 from geoiso_dagster import cli
 from geoiso_dagster.definitions import defs
 from geoiso_dagster.defs import fanout
+from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.formats import ALLOWED_GDAL_DRIVERS
@@ -71,7 +72,7 @@ def _vrt(path: Path, source: str) -> Path:
 
 
 def test_workers_keep_only_the_allowed_drivers_and_no_network(data_root):
-    with WorkerPool(PoolSettings(max_workers=1)) as pool:
+    with WorkerPool(PoolSettings(task_module=TASK_MODULE, max_workers=1)) as pool:
         facts = pool.run("environment").facts
     assert set(facts["gdal_drivers"]) == ALLOWED_GDAL_DRIVERS
     assert facts["proj_network"] is False
@@ -88,14 +89,19 @@ def test_a_vrt_to_a_url_sends_no_request_and_the_test_can_tell(data_root, http_s
         ({"env_overrides": allow_url}, "is not readable as GPKG"),  # the driver allow-list
     ]
     for settings, cause in layers:
-        with WorkerPool(PoolSettings(max_workers=1, **settings)) as pool:
+        with WorkerPool(PoolSettings(task_module=TASK_MODULE, max_workers=1, **settings)) as pool:
             with pytest.raises(BadInputError, match=cause):
                 pool.run("ingest", source=str(source), output=str(output))
         assert http_server.hits == [] and not output.exists(), settings
     # With both layers lifted (the URL explicitly allowed), GDAL fetches it: this test
     # would see a request.
     with WorkerPool(
-        PoolSettings(max_workers=1, allowed_gdal_drivers=None, env_overrides=allow_url)
+        PoolSettings(
+            task_module=TASK_MODULE,
+            max_workers=1,
+            allowed_gdal_drivers=None,
+            env_overrides=allow_url,
+        )
     ) as pool:
         with pytest.raises(BadInputError):
             pool.run("ingest", source=str(source), output=str(output))
@@ -236,7 +242,7 @@ def test_a_200_character_key_fans_out_end_to_end(data_root, monkeypatch):
     )
     frame.to_parquet(source, row_group_size=10)
     assert pq.ParquetFile(source).num_row_groups == 6
-    with WorkerPool(PoolSettings(max_workers=2)) as pool:
+    with WorkerPool(PoolSettings(task_module=TASK_MODULE, max_workers=2)) as pool:
         runner = TaskRunner(pool)
         raw = output_path("raw_features", key)
         rep = output_path("reprojected_features", key)

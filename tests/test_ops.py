@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import shapely
 
+from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from geoiso_dagster.spatial import io
 from tests.grids import grid
@@ -50,7 +51,7 @@ def layers(naturalearth_shp, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool():
-    with WorkerPool(PoolSettings(max_workers=2)) as pool:
+    with WorkerPool(PoolSettings(task_module=TASK_MODULE, max_workers=2)) as pool:
         yield pool
 
 

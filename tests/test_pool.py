@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.errors import (
     BadInputError,
     MemoryLimitError,
@@ -55,7 +56,12 @@ def test_osgeo_bindings_get_exceptions_and_config(test_pool):
 
 
 def test_env_overrides_are_applied():
-    settings = PoolSettings(max_workers=1, gdal_cachemax_mb=64, env_overrides={"CPL_DEBUG": "ON"})
+    settings = PoolSettings(
+        task_module=TASK_MODULE,
+        max_workers=1,
+        gdal_cachemax_mb=64,
+        env_overrides={"CPL_DEBUG": "ON"},
+    )
     with WorkerPool(settings) as pool:
         facts = pool.run("environment").facts
     assert facts["gdal_config"]["GDAL_CACHEMAX"] == 64
@@ -130,17 +136,33 @@ def test_bad_input_comes_back_as_bad_input(test_pool, tmp_path):
     assert info.value.path == str(tmp_path / "nope.gpkg")
 
 
+def test_a_pool_is_told_its_task_module_by_its_caller():
+    """The pool names no task module of its own: a bare task name needs one given; a
+    qualified reference needs none."""
+    with WorkerPool(PoolSettings(max_workers=1)) as pool:
+        with pytest.raises(ValueError, match="'environment' names no module"):
+            pool.run("environment")
+        facts = pool.run("geoiso_dagster.spatial.tasks:environment").facts
+    assert facts["gdal_config"]["GDAL_NUM_THREADS"] == 1
+
+
 def test_fresh_worker_per_task_and_recycling():
-    with WorkerPool(PoolSettings(max_workers=1, max_tasks_per_worker=1)) as pool:
+    with WorkerPool(
+        PoolSettings(task_module=TASK_MODULE, max_workers=1, max_tasks_per_worker=1)
+    ) as pool:
         pids = {pool.run("environment").pid for _ in range(3)}
     assert len(pids) == 3
-    with WorkerPool(PoolSettings(max_workers=1, max_tasks_per_worker=0)) as pool:
+    with WorkerPool(
+        PoolSettings(task_module=TASK_MODULE, max_workers=1, max_tasks_per_worker=0)
+    ) as pool:
         pids = {pool.run("environment").pid for _ in range(3)}
     assert len(pids) == 1
 
 
 def test_spawn_start_method_works():
-    with WorkerPool(PoolSettings(max_workers=1, start_method="spawn")) as pool:
+    with WorkerPool(
+        PoolSettings(task_module=TASK_MODULE, max_workers=1, start_method="spawn")
+    ) as pool:
         facts = pool.run("environment").facts
     assert facts["gdal_config"]["GDAL_NUM_THREADS"] == 1
 

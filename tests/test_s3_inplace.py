@@ -15,7 +15,7 @@ from geoiso_dagster import objectstore, paths
 from geoiso_dagster.dataroot import BucketRoot
 from geoiso_dagster.defs.assets import geo_assets
 from geoiso_dagster.defs.partitions import source_files
-from geoiso_dagster.defs.resources import SpatialWorkerPool
+from geoiso_dagster.defs.resources import TASK_MODULE, SpatialWorkerPool
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from tests.runs import failure_of, run_events
@@ -321,7 +321,7 @@ def test_a_zip_object_given_to_a_worker_is_unpacked_from_a_private_copy(countrie
     s3_root.client.put_object(Bucket="geo", Key=f"{INBOX}/broken.zip", Body=b"PK not a zip")
     output = paths.data_root() / "warehouse" / "raw_features" / "countries-fgb.zip.parquet"
     output.parent.mkdir(parents=True)
-    with WorkerPool(PoolSettings(max_workers=1)) as pool:
+    with WorkerPool(PoolSettings(task_module=TASK_MODULE, max_workers=1)) as pool:
         facts = pool.run(
             "ingest", source=f"s3://geo/{INBOX}/countries-fgb.zip", output=str(output)
         ).facts

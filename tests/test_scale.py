@@ -13,6 +13,7 @@ import shapely
 
 from benchmarks.data import voronoi_coverage
 from geoiso_dagster.defs import fanout
+from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.pool import PoolSettings, WorkerPool
@@ -157,7 +158,7 @@ def test_a_group_too_large_for_a_worker_is_unioned_in_parts_and_equals_the_plain
     options = {"aggfunc": "first", "aggregations": AGGREGATIONS}
 
     plain = tasks.dissolve(str(source), str(data_root / "plain.parquet"), "everything", **options)
-    with WorkerPool(PoolSettings(max_workers=2)) as pool:
+    with WorkerPool(PoolSettings(task_module=TASK_MODULE, max_workers=2)) as pool:
         runner = TaskRunner(pool)
         runner.memory_limit_mb = 4  # the plan's view of a worker; the pool's is its own
         plan = runner.run(
@@ -222,7 +223,7 @@ def test_a_group_that_does_not_fit_even_in_parts_fails_naming_it(data_root, monk
     )
     source = data_root / "squares.parquet"
     frame.to_parquet(source, row_group_size=200, write_covering_bbox=True)
-    with WorkerPool(PoolSettings(max_workers=2)) as pool:
+    with WorkerPool(PoolSettings(task_module=TASK_MODULE, max_workers=2)) as pool:
         runner = TaskRunner(pool)
         runner.memory_limit_mb = 1
         with pytest.raises(BadInputError) as caught:

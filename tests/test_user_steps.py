@@ -19,6 +19,7 @@ from dagster import (
 
 from geoiso_dagster import Reference, build_definitions, geo_asset
 from geoiso_dagster.defs.partitions import source_files
+from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.errors import (
     BadInputError,
     MemoryLimitError,
@@ -242,7 +243,9 @@ def test_the_pool_runs_a_function_of_your_own_with_its_guarantees(tmp_path, natu
     a crash named by its signal, a module that is not there."""
     source = tmp_path / "countries.parquet"
     io.write_geoparquet(geopandas.read_file(naturalearth_shp), source)
-    settings = PoolSettings(max_workers=1, task_timeout_s=2, memory_limit_mb=300)
+    settings = PoolSettings(
+        task_module=TASK_MODULE, max_workers=1, task_timeout_s=2, memory_limit_mb=300
+    )
     with WorkerPool(settings) as pool:
         seen = []
         facts = pool.run(

@@ -8,8 +8,12 @@ from typing import ClassVar, Optional
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
+from geoiso_dagster.formats import ALLOWED_GDAL_DRIVERS
 from geoiso_dagster.pool import PoolSettings, TaskResult, WorkerPool
-from geoiso_dagster.pool.pool import TASK_MODULE, ProgressCallback
+from geoiso_dagster.pool.pool import ProgressCallback
+
+# The module of the built-in tasks ("ingest", "inspect", ...): the pool is told it here.
+TASK_MODULE = "geoiso_dagster.spatial.tasks"
 
 
 class SpatialWorkerPool(ConfigurableResource):
@@ -45,6 +49,7 @@ class SpatialWorkerPool(ConfigurableResource):
     # config: a field here would let whoever launches a run (the launchpad, a sensor's
     # run request) choose the module the workers import or give them LD_PRELOAD.
     task_module: ClassVar[str] = TASK_MODULE
+    allowed_gdal_drivers: ClassVar[frozenset[str]] = ALLOWED_GDAL_DRIVERS
     worker_env: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     _pool: Optional[WorkerPool] = PrivateAttr(default=None)
@@ -100,6 +105,7 @@ class SpatialWorkerPool(ConfigurableResource):
             address_space_headroom_mb=self.address_space_headroom_mb,
             env_overrides=dict(self.worker_env),
             task_module=self.task_module,
+            allowed_gdal_drivers=self.allowed_gdal_drivers,
         )
 
     def setup_for_execution(self, context: InitResourceContext) -> None:

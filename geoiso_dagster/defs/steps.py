@@ -6,7 +6,7 @@ check, published only when it passed; the standard metadata; retries by failure 
 fan-out; a run over many files in batches; automation once upstream's checks passed.
 
 The built-in assets (defs/assets.py) are built with it, and so is any step of a team's
-own: `task` is then "package.module:function", fixed here in code (pool/refs.py).
+own: `task` is then "package.module:function", fixed here in code (task_api.py).
 Orchestration layer: nothing here imports a geo library.
 """
 
@@ -46,7 +46,7 @@ from geoiso_dagster.defs.retries import raise_for
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.errors import BadInputError, GeoisoError, UnsafeNameError
 from geoiso_dagster.fsutil import temp_path_for
-from geoiso_dagster.pool.refs import check_task_ref, is_qualified
+from geoiso_dagster.task_api import check_task_ref, is_qualified
 
 GROUP = "geo"
 # Dagster concurrency pool of the heavy steps; dagster.yaml limits how many runs use it.

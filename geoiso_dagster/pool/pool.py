@@ -35,8 +35,8 @@ from geoiso_dagster.formats import ALLOWED_GDAL_DRIVERS
 from geoiso_dagster.pool import _forkserver, cgroup
 from geoiso_dagster.pool._events import EventListener
 from geoiso_dagster.pool.env import worker_env
-from geoiso_dagster.pool.refs import check_task_ref
 from geoiso_dagster.pool.worker import MEMORY_EXIT_CODE, WorkerSettings, initialize, run_task
+from geoiso_dagster.task_api import check_task_ref, is_qualified
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 # that long. At 10 ms, measured on the 10k-polygon chain with a fresh worker per task:
 # 56 ms of overhead per task became 29 ms. Only this process's pools are affected.
 pebble.common.CONSTS.sleep_unit = min(pebble.common.CONSTS.sleep_unit, 0.01)
-TASK_MODULE = "geoiso_dagster.spatial.tasks"
 START_METHODS = ("forkserver", "spawn")
 
 
@@ -66,12 +65,14 @@ class PoolSettings:
     env_overrides: dict[str, str] = field(default_factory=dict)
     # Pay PROJ's and Arrow's first-use costs when a worker starts, not in its first task.
     warm_up: bool = True
-    # The module whose functions bare task names ("ingest") name; "package.module:function"
-    # names its own. Tests point it at a module of their own to stand in for a built-in.
-    task_module: str = TASK_MODULE
+    # The module whose functions bare task names ("ingest") name, given by the caller (the
+    # Dagster resource gives the built-in tasks, defs/resources.py); None: every task names
+    # its module, "package.module:function".
+    task_module: str | None = None
     # The folder every source a task opens must stay in (None: $GEOISO_DATA_ROOT or ./data).
     data_root: str | None = None
-    # GDAL drivers left registered in the workers (None: all; see gdal_jail.py).
+    # GDAL drivers left registered in the workers (see gdal_jail.py). The default is the
+    # project's allow-list, so that a pool nobody configured is jailed; None: all drivers.
     allowed_gdal_drivers: frozenset[str] | None = ALLOWED_GDAL_DRIVERS
 
     def __post_init__(self) -> None:
@@ -227,9 +228,13 @@ class WorkerPool:
         self, function: str, *, on_progress: ProgressCallback | None = None, **kwargs: Any
     ) -> "concurrent.futures.Future[TaskResult]":
         """Schedule `function` ("package.module:function", or a built-in task's name:
-        pool/refs.py); the future holds a TaskResult or one of the project's errors
+        task_api.py); the future holds a TaskResult or one of the project's errors
         (BadInputError, WorkerTimeoutError, ...). ValueError for a malformed reference."""
-        check_task_ref(function)
+        if not is_qualified(check_task_ref(function)) and self.settings.task_module is None:
+            raise ValueError(
+                f"task {function!r} names no module, and the pool has no task_module: "
+                "name it as 'package.module:function' or give PoolSettings(task_module=...)"
+            )
         if self._pool is None:
             self.start()
         assert self._pool is not None

@@ -7,14 +7,12 @@ name the functions it sends, and the orchestration layer must stay geo-free.
 import contextlib
 import ctypes
 import gc
-import importlib
 import os
 import resource
 import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -25,7 +23,7 @@ from geoiso_dagster.fsutil import host_name
 from geoiso_dagster.pool import cgroup
 from geoiso_dagster.pool._events import EventSender, cancel_address
 from geoiso_dagster.pool.env import gdal_config_options
-from geoiso_dagster.pool.refs import check_task_ref
+from geoiso_dagster.task_api import resolve_task
 
 # Exit code of a worker that the watchdog stopped for going over its memory ceiling.
 MEMORY_EXIT_CODE = 86
@@ -44,7 +42,7 @@ class WorkerSettings:
     owner_pid: int
     owner_create_time: float
     events_address: str
-    task_module: str
+    task_module: str | None
     allowed_gdal_drivers: frozenset[str] | None = None
     warm_up: bool = True
     reused: bool = False  # the worker runs more than one task: hand memory back between
@@ -269,18 +267,6 @@ def _os_error_outcome(exc: OSError) -> dict:
         "message": f"{type(exc).__name__}: {exc}",
         "traceback": traceback.format_exc(),
     }
-
-
-def resolve_task(function: str, default_module: str) -> Callable[..., dict]:
-    """The function a task reference names: "package.module:function" (any importable
-    module: the user's own steps), or a bare name of `default_module` (the built-in
-    tasks). The reference was checked by the pool (tasks.check_task_ref); the module is
-    imported here, in the worker, where the geo stack may load."""
-    module, _, name = check_task_ref(function).rpartition(":")
-    target = getattr(importlib.import_module(module or default_module), name, None)
-    if not callable(target):
-        raise LookupError(f"no function {name!r} in module {module or default_module!r}")
-    return target
 
 
 class _Cancelled(Exception):
