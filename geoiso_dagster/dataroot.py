@@ -169,9 +169,10 @@ class LocalRoot:
     ) -> Reading:
         return Reading(str(source), {name: str(p) for name, p in inputs.items()}, "local file")
 
-    def read_back(self, runner, staged: Path, **kwargs):
-        """(the read-back's result, what moving the staged file took: nothing here)."""
-        return runner.run("inspect", path=str(staged), **kwargs), {}
+    def read_back(self, runner, staged: Path, task: str, **kwargs):
+        """(the read-back `task`'s result on `staged`, what moving the staged file took:
+        nothing here)."""
+        return runner.run(task, path=str(staged), **kwargs), {}
 
     def check_unchanged(self, reading: Reading) -> None:
         """A local source is read by one process at a time from one file."""
@@ -307,14 +308,15 @@ class BucketRoot:
                 return str(local)
         return self.where(relative)
 
-    def read_back(self, runner, staged: Path, **kwargs):
-        """The staged file uploaded to its staged key and read back from the bucket: the
-        object judged is the object that will be published."""
+    def read_back(self, runner, staged: Path, task: str, **kwargs):
+        """The staged file uploaded to its staged key and read back from the bucket (by
+        the read-back `task`, on the object downloaded again): the object judged is the
+        object that will be published."""
         relative = self._relative(staged)
         clock = time.monotonic()
         uploaded = runner.run("upload", path=str(staged), relative=relative).facts
         moved = {"upload_bytes": uploaded["bytes"], "upload_s": time.monotonic() - clock}
-        return runner.run("inspect_object", relative=relative, **kwargs), moved
+        return runner.run("inspect_object", relative=relative, read_back=task, **kwargs), moved
 
     def check_unchanged(self, reading: Reading) -> None:
         """An object read in place by several requests (and workers) was read from one

@@ -80,11 +80,14 @@ def source_path(key: str, root: Path | None = None) -> Path:
     return _inside(root, inbox_dir(root) / check_partition_key(key))
 
 
-def output_path(asset: str, key: str, root: Path | None = None) -> Path:
-    """<data root>/warehouse/<asset>/<key>.parquet"""
+def output_path(
+    asset: str, key: str, root: Path | None = None, *, suffix: str = ".parquet"
+) -> Path:
+    """<data root>/warehouse/<asset>/<key><suffix> (the suffix of the asset's output kind,
+    defs/outputs.py)."""
     root = root or data_root()
     folder = warehouse_dir(root) / check_asset_name(asset)
-    return _inside(root, folder / f"{check_partition_key(key)}.parquet")
+    return _inside(root, folder / f"{check_partition_key(key)}{suffix}")
 
 
 def check_asset_name(name: str) -> str:

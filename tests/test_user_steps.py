@@ -2,6 +2,7 @@
 Dagster runs with real worker pools: the envelope of the built-in steps, for them too."""
 
 import json
+from dataclasses import dataclass, field
 
 import geopandas
 import numpy as np
@@ -18,6 +19,7 @@ from dagster import (
 )
 
 from geoiso_dagster import Reference, build_definitions, geo_asset
+from geoiso_dagster.defs.outputs import OutputKind
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.errors import (
@@ -128,6 +130,107 @@ def test_a_plain_to_parquet_step_works_on_a_fresh_data_root(instance, countries,
     assert sorted(p.name for p in (data_root / "warehouse" / "plain_copy").iterdir()) == [
         f"{KEY}.parquet"
     ]
+
+
+@dataclass(frozen=True)
+class FlatGeobufOutput(OutputKind):
+    """A second output kind, made here as the raster kind will be: a subclass naming its
+    suffix, its worker tasks, its criteria and its catalog entries, with no edit to the
+    envelope (defs/outputs.py)."""
+
+    name: str = "flatgeobuf"
+    suffix: str = ".fgb"
+    read_back: str = "tests.user_steps:inspect_flatgeobuf"
+    describe: str = "tests.user_steps:describe_flatgeobuf"
+    criteria: dict = field(
+        default_factory=lambda: {
+            "readable_flatgeobuf": "The file opens with GDAL's FlatGeobuf driver.",
+            "row_count_matches": "Rows in the file equal the row count the step reported.",
+            "geometries_valid": "Every geometry is valid.",
+        }
+    )
+    default_criteria: tuple = ("readable_flatgeobuf", "row_count_matches")
+
+    def judge(self, criterion, written, seen):
+        if criterion == "readable_flatgeobuf":
+            return seen["driver"] == "FlatGeobuf", {"driver": seen["driver"]}
+        if criterion == "row_count_matches":
+            return seen["rows"] == written["rows"], {"in_file": seen["rows"]}
+        if criterion == "geometries_valid":
+            return seen["valid"] == seen["rows"], {"valid": seen["valid"]}
+        return super().judge(criterion, written, seen)
+
+    def catalog(self, facts):
+        return {"dagster/row_count": facts["rows"], "fgb_bytes": facts["bytes"]}
+
+
+def test_a_second_output_kind_goes_through_the_same_envelope(instance, countries, data_root):
+    """A FlatGeobuf kind of the test's own: published as <key>.fgb, read back by its own
+    task, judged by its own criteria, described by its own catalog entries; a file that
+    holds fewer rows than reported is stopped by the blocking check and never published."""
+    kind = FlatGeobufOutput()
+    as_fgb = geo_asset(
+        "as_fgb",
+        task="tests.user_steps:to_flatgeobuf",
+        upstream="reprojected_features",
+        output_kind=kind,
+        criteria=("readable_flatgeobuf", "row_count_matches", "geometries_valid"),
+    )
+    assert as_fgb.specs_by_key[as_fgb.key].kinds == {"flatgeobuf", "geopandas"}
+    result = _run(instance, [as_fgb], selection=["raw_features", "reprojected_features", "as_fgb"])
+    assert result.success, failure_of(result)
+    published = output_path("as_fgb", KEY, suffix=".fgb")
+    written = geopandas.read_file(published, engine="pyogrio")
+    reprojected = geopandas.read_parquet(output_path("reprojected_features", KEY))
+    assert len(written) == len(reprojected) == 177 and written.crs.to_epsg() == 4326
+    assert written.to_crs(6933).area.sum() == pytest.approx(reprojected.to_crs(6933).area.sum())
+    (mat,) = result.asset_materializations_for_node("as_fgb")
+    assert mat.metadata["dagster/row_count"].value == 177
+    assert mat.metadata["fgb_bytes"].value == published.stat().st_size
+    assert mat.metadata["path"].value == str(published)
+    (check,) = [
+        e.asset_check_evaluation_data
+        for e in run_events(result, DagsterEventType.ASSET_CHECK_EVALUATION)
+        if e.asset_check_evaluation_data.asset_key.to_user_string() == "as_fgb"
+    ]
+    assert check.passed
+    assert {k for k in check.metadata if k != "failed"} == set(kind.criteria)
+    assert sorted(p.name for p in published.parent.iterdir()) == [f"{KEY}.fgb"]
+
+    short = geo_asset(
+        "short_fgb",
+        task="tests.user_steps:to_flatgeobuf",
+        upstream="reprojected_features",
+        output_kind=kind,
+        options={"drop": 1},
+    )
+    result = _run(instance, [short], selection=["short_fgb"])
+    assert not result.success
+    (check,) = [
+        e.asset_check_evaluation_data
+        for e in run_events(result, DagsterEventType.ASSET_CHECK_EVALUATION)
+        if e.asset_check_evaluation_data.asset_key.to_user_string() == "short_fgb"
+    ]
+    assert check.metadata["failed"].value == "row_count_matches"
+    assert check.metadata["row_count_matches"].value == {"passed": False, "in_file": 176}
+    folder = output_path("short_fgb", KEY, suffix=".fgb").parent
+    assert list(folder.iterdir()) == []  # neither published nor left staged
+    with pytest.raises(ValueError, match="unknown check criteria"):
+        geo_asset(
+            "bad",
+            task="tests.user_steps:to_flatgeobuf",
+            upstream="raw_features",
+            output_kind=kind,
+            criteria=("readable_geoparquet",),
+        )
+    with pytest.raises(ValueError, match="cannot be joined"):
+        geo_asset(
+            "bad",
+            task="tests.user_steps:to_flatgeobuf",
+            upstream="raw_features",
+            output_kind=kind,
+            splittable=True,
+        )
 
 
 def test_config_fields_reach_the_function_as_keyword_arguments(instance, countries):

@@ -65,3 +65,48 @@ def plain_to_parquet(source: str, output: str) -> dict:
     frame = geopandas.read_parquet(source)
     frame.to_parquet(output)
     return {"rows": len(frame)}
+
+
+# A second output kind, FlatGeobuf (tests/test_user_steps.py's FlatGeobufOutput): the
+# function that writes it, and the two worker tasks the kind names.
+def to_flatgeobuf(source: str, output: str, drop: int = 0) -> dict:
+    """The source as FlatGeobuf (less its last `drop` rows, reporting all of them)."""
+    import pyogrio
+
+    frame = read(source)
+    pyogrio.write_dataframe(frame.iloc[: len(frame) - drop], output, driver="FlatGeobuf")
+    return {"rows": len(frame)}
+
+
+def inspect_flatgeobuf(path: str, expected_crs_of: str | None = None) -> dict:
+    """The read-back of a staged FlatGeobuf file, trusting nothing its writer said."""
+    import pyogrio
+
+    try:
+        info = pyogrio.read_info(path)
+        frame = pyogrio.read_dataframe(path)
+    except Exception as exc:
+        return {"path": path, "readable": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {
+        "path": path,
+        "readable": True,
+        "driver": info["driver"],
+        "rows": len(frame),
+        "crs": frame.crs.to_string() if frame.crs else "",
+        "valid": int(frame.geometry.is_valid.sum()),
+    }
+
+
+def describe_flatgeobuf(path: str) -> dict:
+    """The standard facts of a FlatGeobuf file a function wrote."""
+    import os
+
+    import pyogrio
+
+    info = pyogrio.read_info(path)
+    return {
+        "path": path,
+        "rows": int(info["features"]),
+        "bytes": os.path.getsize(path),
+        "crs": info["crs"] or "",
+    }

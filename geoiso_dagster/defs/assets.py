@@ -10,6 +10,15 @@ from dagster import Config
 from pydantic import Field
 
 from geoiso_dagster.defs import fanout
+from geoiso_dagster.defs.outputs import (
+    CRS,
+    IN_RANGE,
+    READABLE,
+    ROW_COUNT,
+    SOURCE_COUNTS,
+    UNIQUE_KEYS,
+    VALID,
+)
 from geoiso_dagster.defs.own_steps import Step
 from geoiso_dagster.defs.steps import BATCH_MAX_FILES, GROUP, POOL, geo_asset
 from geoiso_dagster.settings import check_aggregations, check_layer, check_target_crs
@@ -57,6 +66,8 @@ class IngestStep(Step):
     """The source file read (fanned out over feature ranges when large) into GeoParquet."""
 
     library: str = "gdal"
+    criteria: tuple[str, ...] = (READABLE, ROW_COUNT, IN_RANGE, SOURCE_COUNTS)
+    facts: tuple[str, ...] = ("fanned_out_over",)
 
     def produce(self, runner, source: str, staged: Path, inputs: dict, options: dict):
         return fanout.ingest(runner, source, staged, layer=options["layer"])
@@ -64,9 +75,9 @@ class IngestStep(Step):
     def inspect_kwargs(self, source: str, options: dict) -> dict:
         return {"source": source, "layer": options["layer"]}
 
-    def check(self, options: dict) -> None:
-        if options["layer"] is not None:
-            check_layer(options["layer"])
+    def check(self, options: dict, where: str | None = None) -> None:
+        if options.get("layer") is not None:
+            check_layer(options["layer"], where=where or "layer")
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,8 @@ class ReprojectStep(Step):
     """The upstream output in the target CRS (fanned out over row groups when large)."""
 
     library: str = "proj"
+    criteria: tuple[str, ...] = (READABLE, ROW_COUNT, CRS, IN_RANGE)
+    facts: tuple[str, ...] = ("transformed", "dropped_m", "fanned_out_over")
 
     def produce(self, runner, source: str, staged: Path, inputs: dict, options: dict):
         return fanout.reproject(runner, source, staged, options["target_crs"])
@@ -81,8 +94,9 @@ class ReprojectStep(Step):
     def inspect_kwargs(self, source: str, options: dict) -> dict:
         return {"expected_crs": options["target_crs"]}
 
-    def check(self, options: dict) -> None:
-        check_target_crs(options["target_crs"])
+    def check(self, options: dict, where: str | None = None) -> None:
+        if "target_crs" in options:
+            check_target_crs(options["target_crs"], where=where or "target_crs")
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,17 @@ class DissolveStep(Step):
     """One (multi)polygon per key (fanned out over key ranges and giant groups)."""
 
     library: str = "geos"
+    criteria: tuple[str, ...] = (READABLE, ROW_COUNT, CRS, VALID, UNIQUE_KEYS, IN_RANGE)
+    facts: tuple[str, ...] = (
+        "repaired_geometries",
+        "dropped_null_keys",
+        "dropped_non_polygonal",
+        "coverage_union_groups",
+        "unary_union_groups",
+        "fanned_out_over",
+        "giant_groups",
+        "union_tasks",
+    )
 
     def produce(self, runner, source: str, staged: Path, inputs: dict, options: dict):
         return fanout.dissolve(
@@ -108,8 +133,9 @@ class DissolveStep(Step):
             "geometries": "all",
         }
 
-    def check(self, options: dict) -> None:
-        check_aggregations(options["aggfunc"], dict(options["aggregations"]))
+    def check(self, options: dict, where: str | None = None) -> None:
+        aggregations = dict(options.get("aggregations", {}))
+        check_aggregations(options.get("aggfunc", "first"), aggregations, where=where or "config")
 
 
 raw_features = geo_asset(

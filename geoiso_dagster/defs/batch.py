@@ -233,7 +233,7 @@ def _targets(
         if event.asset_key == asset_key:
             found[event.partition] = AssetCheckEvaluationTargetMaterializationData(
                 storage_id=record.storage_id,
-                run_id=context.run_id,
+                run_id=context.run.run_id,
                 timestamp=record.event_log_entry.timestamp,
             )
     return found
@@ -256,16 +256,14 @@ def produce_batch(
         dataroot.root().publish(o.staged, o.work.output)
     if not bad:
         for o in good:
-            _add_partition_metadata(
-                context, asset_key, o.key, metadata(o.judged.result, o.work.output)
-            )
+            _add_partition_metadata(context, asset_key, o.key, metadata(o.judged.result, o.work))
         yield MaterializeResult()
     else:
         for o in good:
             yield AssetMaterialization(
                 asset_key=asset_key,
                 partition=o.key,
-                metadata=metadata(o.judged.result, o.work.output),
+                metadata=metadata(o.judged.result, o.work),
             )
     targets = _targets(context, asset_key)
     for o in outcomes:

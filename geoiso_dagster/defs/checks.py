@@ -12,55 +12,25 @@ import warnings
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetKey, MetadataValue
 from dagster._utils.warnings import PreviewWarning  # not exported; the one to silence here
 
+from geoiso_dagster.defs.outputs import OutputKind
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.records import OutputFacts, ReadBack
 
-READABLE = "readable_geoparquet"
-ROW_COUNT = "row_count_matches"
-CRS = "crs_matches_target"
-VALID = "geometries_valid_nonempty"
-UNIQUE_KEYS = "dissolve_keys_unique"
-IN_RANGE = "coordinates_in_crs_range"
-SOURCE_COUNTS = "counts_match_source"
-
-_DESCRIPTIONS = {
-    READABLE: "The file reads back as GeoParquet 1.1 with a bbox covering column, and its "
-    "geometries decode (the first row group; every row of dissolved_regions).",
-    ROW_COUNT: "Rows in the file equal the row count the step reported.",
-    CRS: "The file's CRS equals the target CRS (compared with pyproj, not as text).",
-    VALID: "Every geometry is present, non-empty and valid.",
-    UNIQUE_KEYS: "Each dissolve key appears exactly once.",
-    IN_RANGE: "The file's bbox (from its bbox column's statistics) lies where its CRS can "
-    "hold coordinates: latitude within +/-90 and longitude within +/-360 degrees, or within "
-    "1e8 m of a projected CRS's origin.",
-    SOURCE_COUNTS: "Rows equal the feature count the source file itself declares, and for a "
-    "shapefile the rows with a geometry equal the shapes its .shx index lists (read again "
-    "from the source, independently of the step).",
-}
 CHECK = "integrity"
-CRITERIA_BY_ASSET = {
-    "raw_features": (READABLE, ROW_COUNT, IN_RANGE, SOURCE_COUNTS),
-    "reprojected_features": (READABLE, ROW_COUNT, CRS, IN_RANGE),
-    "dissolved_regions": (READABLE, ROW_COUNT, CRS, VALID, UNIQUE_KEYS, IN_RANGE),
-}
-# A step of the user's own (geo_asset with a task reference): its file reads back, holds
-# the rows the task reported, keeps its input's CRS and lies where that CRS can.
-STEP_CRITERIA = (READABLE, ROW_COUNT, CRS, IN_RANGE)
-CRITERIA = tuple(_DESCRIPTIONS)
 
 
-def criteria_of(asset: str, criteria: tuple[str, ...] | None = None) -> tuple[str, ...]:
-    """The criteria `asset` is judged by: `criteria` when given (checked against the
-    known ones), else the built-in asset's own."""
-    if criteria is None:
-        return CRITERIA_BY_ASSET[asset]
-    unknown = [name for name in criteria if name not in _DESCRIPTIONS]
+def criteria_of(asset: str, criteria: tuple[str, ...], kind: OutputKind) -> tuple[str, ...]:
+    """`criteria`, checked against what the output kind can judge."""
+    unknown = [name for name in criteria if name not in kind.criteria]
     if unknown or not criteria:
-        raise ValueError(f"{asset}: unknown check criteria {unknown}; known: {CRITERIA}")
+        raise ValueError(
+            f"{asset}: unknown check criteria {unknown}; known for {kind.name}: "
+            f"{tuple(kind.criteria)}"
+        )
     return tuple(criteria)
 
 
-def check_specs(asset: str, criteria: tuple[str, ...] | None = None) -> list[AssetCheckSpec]:
+def check_specs(asset: str, criteria: tuple[str, ...], kind: OutputKind) -> list[AssetCheckSpec]:
     # Partitioned check specs are a Dagster preview feature (pinned: dagster <1.14); they
     # are what makes a check result say which source file it is about.
     with warnings.catch_warnings():
@@ -69,79 +39,34 @@ def check_specs(asset: str, criteria: tuple[str, ...] | None = None) -> list[Ass
             AssetCheckSpec(
                 CHECK,
                 asset=asset,
-                description=description(asset, criteria),
+                description=description(criteria, kind),
                 blocking=True,
                 partitions_def=source_files,  # results per source file, like the asset's
             )
         ]
 
 
-def description(asset: str, criteria: tuple[str, ...] | None = None) -> str:
-    listed = "\n".join(
-        f"- `{name}`: {_DESCRIPTIONS[name]}" for name in criteria_of(asset, criteria)
-    )
+def description(criteria: tuple[str, ...], kind: OutputKind) -> str:
+    listed = "\n".join(f"- `{name}`: {kind.criteria[name]}" for name in criteria)
     return f"The file as written, read back by a worker, meets every criterion:\n{listed}"
 
 
-def _judge(name: str, written: OutputFacts, seen: ReadBack) -> tuple[bool, dict]:
-    if not seen.get("readable"):
-        return False, {"error": seen.get("error", "unreadable")}
-    if name == READABLE:
-        ok = seen["geo_version"] == "1.1.0" and seen["bbox_covering"]
-        return ok, {"geo_version": seen["geo_version"], "bbox_covering": seen["bbox_covering"]}
-    if name == ROW_COUNT:
-        return seen["rows"] == written["rows"], {
-            "in_file": seen["rows"],
-            "reported": written["rows"],
-        }
-    if name == CRS:
-        return bool(seen.get("crs_matches")), {"crs": seen["crs"], "expected": seen["expected_crs"]}
-    if name == VALID:
-        bad = seen["missing_geometries"] + seen["empty_geometries"] + seen["invalid_geometries"]
-        return bad == 0, {
-            "missing": seen["missing_geometries"],
-            "empty": seen["empty_geometries"],
-            "invalid": seen["invalid_geometries"],
-        }
-    if name == UNIQUE_KEYS:
-        duplicates = seen.get("duplicate_keys")
-        return duplicates == 0, {"duplicate_keys": -1 if duplicates is None else duplicates}
-    if name == IN_RANGE:
-        return bool(seen["in_crs_range"]), {
-            "bbox": seen["bbox_seen"] or [],
-            "crs_limits": seen["crs_limits"],
-        }
-    if name == SOURCE_COUNTS:
-        return _judge_source_counts(seen)
-    raise ValueError(f"unknown check {name!r}")
-
-
-def _judge_source_counts(seen: ReadBack) -> tuple[bool, dict]:
-    if "source_error" in seen:
-        return False, {"error": seen["source_error"]}
-    declared, shapes = seen.get("source_features"), seen.get("source_geometries")
-    metadata = {"rows": seen["rows"], "source_declares": -1 if declared is None else declared}
-    ok = declared is None or declared < 0 or declared == seen["rows"]
-    if shapes is not None:
-        present = seen["present_geometries"]
-        metadata.update(with_geometry=-1 if present is None else present, source_shapes=shapes)
-        ok = ok and present == shapes
-    return ok, metadata
-
-
 def verdicts(
-    asset: str, written: OutputFacts, seen: ReadBack, criteria: tuple[str, ...] | None = None
+    written: OutputFacts, seen: ReadBack, criteria: tuple[str, ...], kind: OutputKind
 ) -> dict[str, tuple[bool, dict]]:
-    """Each criterion of `asset`: (passed, what was compared)."""
-    return {name: _judge(name, written, seen) for name in criteria_of(asset, criteria)}
+    """Each criterion: (passed, what was compared); every one fails on an unreadable file."""
+    if not seen.get("readable"):
+        unreadable = {"error": seen.get("error", "unreadable")}
+        return {name: (False, unreadable) for name in criteria}
+    return {name: kind.judge(name, written, seen) for name in criteria}
 
 
 def check_results(
-    asset: str, written: OutputFacts, seen: ReadBack, criteria: tuple[str, ...] | None = None
+    asset: str, written: OutputFacts, seen: ReadBack, criteria: tuple[str, ...], kind: OutputKind
 ) -> list[AssetCheckResult]:
     """The asset's check result, from the step's facts and the worker's read-back: passed
     when every criterion passed; each criterion's verdict and values in the metadata."""
-    judged = verdicts(asset, written, seen, criteria)
+    judged = verdicts(written, seen, criteria, kind)
     failed = [name for name, (passed, _) in judged.items() if not passed]
     metadata = {"failed": ", ".join(failed) or "none"}
     for name, (passed, values) in judged.items():

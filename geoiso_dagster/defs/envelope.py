@@ -7,27 +7,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dagster import AssetCheckResult, MetadataValue, TableColumn, TableSchema
+from dagster import AssetCheckResult, MetadataValue
 
 from geoiso_dagster import dataroot, paths
 from geoiso_dagster.defs.checks import check_results
 from geoiso_dagster.defs.own_steps import OWN_FACTS_KEY, Step
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.pool import TaskResult
-
-# Step-specific facts of the built-in tasks that go to the catalog as they are.
-_BUILT_IN_FACTS = (
-    "transformed",
-    "dropped_m",
-    "repaired_geometries",
-    "dropped_null_keys",
-    "dropped_non_polygonal",
-    "coverage_union_groups",
-    "unary_union_groups",
-    "fanned_out_over",
-    "giant_groups",
-    "union_tasks",
-)
 
 
 @dataclass(frozen=True)
@@ -46,8 +32,8 @@ class FileWork:
     # Other GeoParquet inputs by keyword (another asset's output of the same partition, a
     # reference layer), in the local root or this host's mirror, like `source`.
     inputs: Mapping[str, Path] = field(default_factory=dict)
-    # What the blocking check judges (defs/checks.py); None: the built-in asset's own.
-    criteria: tuple[str, ...] | None = None
+    # What the blocking check judges (criteria of the step's output kind, defs/outputs.py).
+    criteria: tuple[str, ...] = ()
     # An inbox source rather than an upstream GeoParquet output. With an S3 root both are
     # read in place (GDAL's /vsis3/ or Arrow, by range requests), except a zip archive or
     # a name GDAL cannot be given safely (fetched whole with its parts into the mirror),
@@ -92,45 +78,31 @@ def stage_and_judge(runner: TaskRunner, asset_name: str, work: FileWork, staged:
     result = work.step.produce(runner, reading.source, staged, reading.inputs, options)
     times["work"], clock = time.monotonic() - clock, time.monotonic()
     expect = work.step.inspect_kwargs(reading.source, options)
-    seen, moved = root.read_back(runner, staged, **expect)
+    kind = work.step.output
+    seen, moved = root.read_back(runner, staged, kind.read_back, **expect)
     times.update(moved)
     root.check_unchanged(reading)
     times["read_back"] = time.monotonic() - clock - times["upload_s"]
     if line := root.transfers(asset_name, reading, times):
         runner.log(line)
-    return Judged(result, check_results(asset_name, result.facts, seen.facts, work.criteria))
+    return Judged(result, check_results(asset_name, result.facts, seen.facts, work.criteria, kind))
 
 
-def metadata(result: TaskResult, path: Path) -> dict:
-    """The catalog entry of a published file (DESIGN.md, Metadata)."""
+def metadata(result: TaskResult, work: FileWork) -> dict:
+    """The catalog entry of a published file (docs/design.md, Metadata): what its output
+    kind shows of it, where it is, the worker that made it, the step's own facts."""
     facts = result.facts
     root = dataroot.root()
-    uri = root.location(path)
     entry = {
-        "dagster/row_count": MetadataValue.int(facts["rows"]),
-        "dagster/column_schema": TableSchema(
-            columns=[TableColumn(name=c["name"], type=c["type"]) for c in facts["columns"]]
-        ),
-        "dagster/uri": MetadataValue.text(uri),
-        "path": MetadataValue.path(root.where(paths.relative_to_root(path, root.local))),
-        "crs": MetadataValue.text(facts["crs"]),
-        "crs_name": MetadataValue.text(facts["crs_name"]),
-        "bbox": MetadataValue.json({"minx_miny_maxx_maxy": facts["bbox"]}),
-        "geometry_types": MetadataValue.text(", ".join(facts["geometry_types"])),
-        "bytes": MetadataValue.int(facts["bytes"]),
-        "row_groups": MetadataValue.int(facts["row_groups"]),
+        **work.step.output.catalog(facts),
+        "dagster/uri": MetadataValue.text(root.location(work.output)),
+        "path": MetadataValue.path(root.where(paths.relative_to_root(work.output, root.local))),
         "duration_s": MetadataValue.float(result.duration_s),
         "worker_peak_rss_mb": MetadataValue.float(result.peak_rss_mb),
         "worker_pid": MetadataValue.int(result.pid),
         "worker_host": MetadataValue.text(result.host),
     }
-    for library, version in facts["versions"].items():
-        entry[f"{library}_version"] = MetadataValue.text(version)
-    if "thumbnail_png" in facts:
-        entry["map"] = MetadataValue.md(
-            f"![{facts['rows']} regions](data:image/png;base64,{facts['thumbnail_png']})"
-        )
-    for extra in _BUILT_IN_FACTS:
+    for extra in work.step.facts:
         if extra in facts:
             entry[extra] = facts[extra]
     for name, value in facts.get(OWN_FACTS_KEY, {}).items():  # a step of the user's own

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from geoiso_dagster.defs import fanout
-from geoiso_dagster.defs.checks import STEP_CRITERIA
+from geoiso_dagster.defs.outputs import GEOPARQUET, OutputKind
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.pool import TaskResult
 from geoiso_dagster.records import OutputFacts
@@ -30,10 +30,16 @@ class Step:
     from `source` (and the other `inputs`, by keyword), as the workers read them;
     `options` are the config's values. inspect_kwargs(source, options): what the
     read-back is told to expect. check(options): refuse bad settings before any work
-    (BadInputError)."""
+    (BadInputError).
+
+    output: the kind of file it writes (defs/outputs.py). criteria: what the blocking check
+    judges (None: the kind's default criteria). facts: the names of step-specific facts
+    its tasks return that go to the catalog as they are."""
 
     criteria: tuple[str, ...] | None = None
     library: str = "geopandas"
+    output: OutputKind = GEOPARQUET
+    facts: tuple[str, ...] = ()
 
     def produce(
         self, runner: TaskRunner, source: str, staged: Path, inputs: dict, options: dict
@@ -43,8 +49,9 @@ class Step:
     def inspect_kwargs(self, source: str, options: dict) -> dict:
         return {}
 
-    def check(self, options: dict) -> None:
-        """Nothing to refuse by default."""
+    def check(self, options: dict, where: str | None = None) -> None:
+        """Nothing to refuse by default. `options` may hold only some of the config's
+        fields (a sidecar's); `where` names what set them, in the error."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ class TaskStep(Step):
     name: str = ""
     splittable: bool = False
     fixed: dict = field(default_factory=dict)
-    criteria: tuple[str, ...] | None = STEP_CRITERIA
+    facts: tuple[str, ...] = ("fanned_out_over",)
 
     def produce(
         self, runner: TaskRunner, source: str, staged: Path, inputs: dict, options: dict
@@ -67,7 +74,7 @@ class TaskStep(Step):
         plan = fanout.plan_row_groups(source, runner.max_workers) if self.splittable else None
         if plan is None:
             results = [runner.run(self.task, source=source, output=str(staged), **kwargs)]
-            described = runner.run("describe", path=str(staged))
+            described = runner.run(self.output.describe, path=str(staged))
         else:  # join_parts returns the joined file's standard facts: no describe after it
             runner.log(
                 f"{self.name}: fanning {self.task} out over {len(plan)} workers: row groups {plan}"

@@ -33,12 +33,13 @@ from dagster._utils.warnings import BetaWarning  # not exported; the one to sile
 
 from geoiso_dagster import dataroot, paths
 from geoiso_dagster.defs.batch import produce_batch
-from geoiso_dagster.defs.checks import STEP_CRITERIA, check_specs, criteria_of
+from geoiso_dagster.defs.checks import check_specs, criteria_of
 from geoiso_dagster.defs.envelope import (
     FileWork,
     metadata,
     stage_and_judge,
 )
+from geoiso_dagster.defs.outputs import GEOPARQUET, OutputKind
 from geoiso_dagster.defs.own_steps import Step, TaskStep
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
@@ -89,6 +90,7 @@ def geo_asset(
     criteria: Optional[tuple[str, ...]] = None,
     options: Optional[Mapping[str, Any]] = None,
     group_name: str = GROUP,
+    output_kind: OutputKind = GEOPARQUET,
 ) -> AssetsDefinition:
     """An asset with the envelope of the built-in ones (see the module's docstring).
 
@@ -106,9 +108,11 @@ def geo_asset(
     splittable: the function takes `row_groups` (indices of the source's row groups) and
       handles only those rows: a large source then fans out over the workers, one run of
       row groups each, and a last task joins the parts (geoiso_dagster.ops' functions).
-    criteria: what the blocking check judges (defs/checks.py); default: readable, row
-      count, the source's CRS kept, coordinates in range.
+    criteria: what the blocking check judges (the output kind's criteria); default for
+      GeoParquet: readable, row count, the source's CRS kept, coordinates in range.
     options: fixed keyword arguments of the function (config fields override them).
+    output_kind: what the function writes (defs/outputs.py); default GeoParquet. A Step
+      says its own (Step.output).
     """
     paths.check_asset_name(name)
     upstream_name = _asset_name(upstream) if upstream is not None else None
@@ -121,20 +125,25 @@ def geo_asset(
     else:
         if not is_qualified(check_task_ref(task)):
             raise ValueError(f"{name}: task {task!r} must name its module: 'package.module:fn'")
+        if splittable and not output_kind.joins_parts:
+            raise ValueError(f"{name}: parts of {output_kind.name} files cannot be joined")
         step = TaskStep(
             task=task,
             name=name,
             splittable=splittable,
             fixed=dict(options or {}),
-            criteria=criteria or STEP_CRITERIA,
+            criteria=criteria,
+            output=output_kind,
         )
-    criteria = criteria_of(name, step.criteria)
+    kind = step.output
+    criteria = criteria_of(name, criteria or step.criteria or kind.default_criteria, kind)
     if upstream is None and not isinstance(task, Step):
         # Inbox files are untrusted: raw_features brings them in through the source jail
         # (spatial/sources.py), and a step of the user's own reads its checked output.
         raise ValueError(f"{name}: a task step needs an upstream asset (raw_features or later)")
 
     spec = StepSpec(name, step, upstream_name, extra, criteria)
+    _SPECS[name] = spec
 
     def compute(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool, config=None):
         # Dagster calls this; everything it does is run_step's, with the spec as argument.
@@ -152,12 +161,17 @@ def geo_asset(
             group_name=group_name,
             deps=deps or None,
             output_required=False,
-            check_specs=check_specs(name, criteria),
+            check_specs=check_specs(name, criteria, kind),
             automation_condition=_AFTER_CHECKS if deps else None,
-            kinds={"geoparquet", step.library},
+            kinds={kind.name, step.library},
             pool=POOL,
             backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=BATCH_MAX_FILES),
         )(compute)
+
+
+# Every geo asset's spec by name, as geo_asset built them in this process: where a step
+# that reads another asset's output finds it (its output kind's suffix).
+_SPECS: dict[str, "StepSpec"] = {}
 
 
 @dataclass(frozen=True)
@@ -175,11 +189,11 @@ class StepSpec:
     def work(self, key: str, options: Mapping[str, Any]) -> FileWork:
         """The step's work on partition `key`'s file with the config's `options`."""
         if self.upstream:
-            source = paths.output_path(self.upstream, key)
+            source = output_of(self.upstream, key)
         else:
             source = paths.source_path(key)
         return FileWork(
-            output=paths.output_path(self.name, key),
+            output=paths.output_path(self.name, key, suffix=self.step.output.suffix),
             source=source,
             step=self.step,
             options=dict(options),
@@ -221,10 +235,24 @@ def _asset_name(ref: AssetRef) -> str:
     return paths.check_asset_name(ref)
 
 
+def spec_of(asset: AssetRef) -> "StepSpec":
+    """The spec geo_asset built for `asset` (a geo asset, or its name): its step, what it
+    reads, what its check judges; KeyError for any other asset."""
+    return _SPECS[_asset_name(asset)]
+
+
+def output_of(asset: str, key: str) -> Path:
+    """Where `asset` publishes partition `key`: with the suffix of its output kind when
+    it is a geo asset of this process (GeoParquet otherwise)."""
+    spec = _SPECS.get(asset)
+    suffix = spec.step.output.suffix if spec else GEOPARQUET.suffix
+    return paths.output_path(asset, key, suffix=suffix)
+
+
 def _input_path(ref: Union[AssetRef, Reference], key: str) -> Path:
     if isinstance(ref, Reference):
         return paths.reference_path(ref.name)
-    return paths.output_path(_asset_name(ref), key)
+    return output_of(_asset_name(ref), key)
 
 
 def _default_description(task: Union[str, Step]) -> str:
@@ -267,7 +295,7 @@ def _produce(
             if seconds := root.publish(staged, output):
                 context.log.info(f"{asset_name}: published to the bucket in {seconds:.1f} s")
             yield MaterializeResult(
-                metadata=metadata(judged.result, output), check_results=judged.checks
+                metadata=metadata(judged.result, work), check_results=judged.checks
             )
         else:
             context.log.error(
@@ -281,4 +309,4 @@ def _produce(
             root.sweep(output)  # what a killed worker of this step left behind
 
 
-__all__ = ["Reference", "Step", "geo_asset"]
+__all__ = ["Reference", "Step", "geo_asset", "spec_of"]

@@ -15,6 +15,7 @@ from geoiso_dagster.spatial import faults, integrity, io, remote, sources
 from geoiso_dagster.spatial.ingest import gdal_info
 from geoiso_dagster.spatial.tasks.reprojection import target_crs_of
 from geoiso_dagster.spatial.transfer import download_staged
+from geoiso_dagster.task_api import resolve_task
 
 
 def inspect(
@@ -102,13 +103,15 @@ def inspect(
     return facts
 
 
-def inspect_object(relative: str, **kwargs) -> ReadBack:
-    """inspect() of a staged object of an S3 root, read back from the bucket: the bytes
-    checked are the bytes that will be published, not the local file they came from."""
+def inspect_object(relative: str, read_back: str = "inspect", **kwargs) -> ReadBack:
+    """The `read_back` task (an output kind's: inspect() for GeoParquet) on a staged object
+    of an S3 root, downloaded again from the bucket: the bytes checked are the bytes that
+    will be published, not the local file they came from."""
+    judge = resolve_task(read_back, __package__)
     copy = temp_path_for(paths.data_root() / relative)
     try:
         info = download_staged(relative, copy)
-        facts = inspect(str(copy), **kwargs)
+        facts = judge(path=str(copy), **kwargs)
     finally:
         copy.unlink(missing_ok=True)
     facts["path"] = f"s3://{remote.s3_root().bucket}/{info.key}"
