@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from benchmarks.scale import BIN, REPO, TARGET_CRS, materialize, run_facts, source
-from geoiso_dagster.paths import ASSET_NAMES
+from geoiso_dagster.defs.assets import ASSET_NAMES
 from tests.s3 import S3Server
 
 CONFIG = {

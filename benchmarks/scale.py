@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import shapely
 
 from benchmarks.data import CACHE, EXTENT, voronoi_coverage
-from geoiso_dagster.paths import ASSET_NAMES
+from geoiso_dagster.defs.assets import ASSET_NAMES
 from tests.live import materialize_command
 
 BIN = Path(sys.executable).parent

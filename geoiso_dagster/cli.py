@@ -4,6 +4,10 @@ geoiso add FILE...   copy each file (and its sidecars) into the inbox, register 
                      partition in the Dagster instance ($DAGSTER_HOME), print its key
 geoiso show KEY...   rows, CRS and path of each asset's output for those partitions
 geoiso doctor        what a worker sees: environment, GDAL config, library versions
+
+`add` and `show` take -m MODULE, the code location as `dagster dev -m` names it (default
+geoiso_dagster.definitions): its geo assets say what a sidecar may set and which outputs
+there are.
 """
 
 import argparse
@@ -17,8 +21,35 @@ import pyarrow.parquet as pq
 from geoiso_dagster import dataroot, formats, inbox, paths
 from geoiso_dagster.errors import BadInputError, GeoisoError
 
+DEFAULT_MODULE = "geoiso_dagster.definitions"
 
-def add(files: list[str]) -> list[str]:
+
+def location_assets(module: str = DEFAULT_MODULE) -> list:
+    """The geo assets of the code location `module` defines (its Definitions object), in
+    dependency order (steps.spec_of finds each one's spec)."""
+    import importlib
+
+    from dagster import Definitions
+
+    from geoiso_dagster.defs.sensors import in_dependency_order
+    from geoiso_dagster.defs.steps import GROUP, spec_of
+
+    found = [
+        v for v in vars(importlib.import_module(module)).values() if isinstance(v, Definitions)
+    ]
+    if len(found) != 1:
+        raise GeoisoError(f"{module}: defines {len(found)} Definitions objects, not one")
+    assets = list(found[0].assets or ())
+    names = []
+    for name in in_dependency_order(assets, GROUP):
+        try:
+            names.append(spec_of(name).name)
+        except KeyError:  # an asset of the group that geo_asset did not build
+            continue
+    return names
+
+
+def add(files: list[str], module: str = DEFAULT_MODULE) -> list[str]:
     dataroot.check_setting()  # a root this project cannot serve is refused first
     if not os.environ.get("DAGSTER_HOME"):
         raise GeoisoError(
@@ -28,6 +59,9 @@ def add(files: list[str]) -> list[str]:
     from dagster import DagsterInstance
 
     from geoiso_dagster.defs.partitions import source_files
+    from geoiso_dagster.defs.steps import sidecar_rules
+
+    rules = sidecar_rules(location_assets(module))  # what the location's steps let it set
 
     root = dataroot.root()
     root.check()  # a bucket that does not answer is refused here, naming it, not in a run
@@ -40,7 +74,7 @@ def add(files: list[str]) -> list[str]:
         key = source.name
         if why := inbox.pending_wal(source):
             raise BadInputError(str(source), why.replace("waits for", "needs"))
-        inbox.read_sidecar(source)  # a bad sidecar refuses its file here, not in a run
+        inbox.read_sidecar(source, rules)  # a bad sidecar refuses its file here, not in a run
         paths.source_path(key, root.local)  # a safe name inside the inbox
         # SQLite's -wal/-shm stay behind: a GeoPackage with changes in its log was
         # refused above.
@@ -62,12 +96,15 @@ def _crs_label(geo: dict) -> str:
     return str(crs)
 
 
-def show(keys: list[str]) -> list[dict]:
+def show(keys: list[str], module: str = DEFAULT_MODULE) -> list[dict]:
+    from geoiso_dagster.defs.steps import output_of
+
     rows = []
     root = dataroot.root()
+    assets = location_assets(module)
     for key in keys:
-        for asset in paths.ASSET_NAMES:
-            path = paths.output_path(asset, key, root.local)
+        for asset in assets:
+            path = output_of(asset, key)
             shown = root.shown(path)
             if not path.exists():
                 rows.append(
@@ -78,6 +115,11 @@ def show(keys: list[str]) -> list[dict]:
                         "crs": None,
                         "path": f"{shown} (missing)",
                     }
+                )
+                continue
+            if path.suffix != ".parquet":  # another output kind: where it is
+                rows.append(
+                    {"partition": key, "asset": asset, "rows": None, "crs": None, "path": shown}
                 )
                 continue
             parquet = pq.ParquetFile(path)
@@ -109,14 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     p_add.add_argument("files", nargs="+")
     p_show = sub.add_parser("show", help="rows, CRS and path of each output")
     p_show.add_argument("keys", nargs="+")
+    for each in (p_add, p_show):
+        each.add_argument(
+            "-m", "--module", default=DEFAULT_MODULE, help="the code location's module"
+        )
     sub.add_parser("doctor", help="what a worker process sees")
     args = parser.parse_args(argv)
     try:
         if args.command == "add":
-            for key in add(args.files):
+            for key in add(args.files, args.module):
                 sys.stdout.write(f"{key}\n")
         elif args.command == "show":
-            for row in show(args.keys):
+            for row in show(args.keys, args.module):
                 rows = "-" if row["rows"] is None else row["rows"]
                 sys.stdout.write(
                     f"{row['partition']}  {row['asset']:<21} rows={rows:<6} "

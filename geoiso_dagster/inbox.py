@@ -8,26 +8,35 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from geoiso_dagster import dataroot, formats, fsutil
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.paths import check_partition_key
-from geoiso_dagster.settings import check_aggregations, check_layer, check_target_crs
 
 CONFIG_SIDECAR_SUFFIX = ".geoiso.json"
 MAX_SIDECAR_BYTES = 64 * 2**10
 # Names that partial downloads, editors and copy tools use while a file is unfinished.
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
-# Which asset's config each sidecar setting belongs to, and the type its value must have.
-SIDECAR_SETTINGS = {
-    "layer": "raw_features",
-    "target_crs": "reprojected_features",
-    "dissolve_by": "dissolved_regions",
-    "aggfunc": "dissolved_regions",
-    "aggregations": "dissolved_regions",
-}
+
+
+@dataclass(frozen=True)
+class SidecarSetting:
+    """A setting a <file>.geoiso.json may hold, as the asset specs declare it (Step.sidecar,
+    defs/steps.sidecar_rules): the asset whose config it sets, the type of its value (str,
+    or dict: an object of text: text), and that asset's check of its settings, called as
+    check(the sidecar's settings of that asset, where=the sidecar)."""
+
+    asset: str
+    type: type = str
+    check: Callable[..., None] | None = None
+
+
+# Setting name -> SidecarSetting: the allow-list of a sidecar's settings.
+SidecarRules = Mapping[str, SidecarSetting]
 
 
 @dataclass(frozen=True)
@@ -55,20 +64,20 @@ def companions(path: Path) -> list[Path]:
     return [path.parent / n for n in names if os.path.lexists(path.parent / n)]
 
 
-def read_sidecar(path: Path, root: Path | None = None) -> dict:
+def read_sidecar(path: Path, rules: SidecarRules, root: Path | None = None) -> dict:
     """Run config from `<file>.geoiso.json`, e.g. {"target_crs": "EPSG:6933",
-    "dissolve_by": "continent"}. Unknown settings are refused, not ignored; every value's
-    type is checked before the value itself; whatever is wrong raises BadInputError
-    naming the sidecar (never another exception type, never a hang)."""
+    "dissolve_by": "continent"}. Settings the `rules` do not name are refused, not
+    ignored; every value's type is checked before the value itself; whatever is wrong
+    raises BadInputError naming the sidecar (never another exception type, never a hang)."""
     sidecar = config_sidecar(path)
     if not os.path.lexists(sidecar):
         return {}
     return parse_sidecar(
-        fsutil.read_small_regular_file(sidecar, root, MAX_SIDECAR_BYTES), str(sidecar)
+        fsutil.read_small_regular_file(sidecar, root, MAX_SIDECAR_BYTES), str(sidecar), rules
     )
 
 
-def parse_sidecar(data: bytes, where: str) -> dict:
+def parse_sidecar(data: bytes, where: str, rules: SidecarRules) -> dict:
     """read_sidecar's checks on a sidecar's bytes; `where` names it in errors."""
     sidecar = where
     try:
@@ -83,35 +92,28 @@ def parse_sidecar(data: bytes, where: str) -> dict:
         raise BadInputError(str(sidecar), f"is not valid JSON: {exc}") from None
     if not isinstance(settings, dict):
         raise BadInputError(str(sidecar), "must hold a JSON object")
-    unknown = sorted(str(k) for k in set(settings) - set(SIDECAR_SETTINGS))
+    unknown = sorted(str(k) for k in set(settings) - set(rules))
     if unknown:
-        raise BadInputError(
-            str(sidecar), f"unknown settings {unknown}; known: {sorted(SIDECAR_SETTINGS)}"
-        )
+        raise BadInputError(str(sidecar), f"unknown settings {unknown}; known: {sorted(rules)}")
     for name, value in settings.items():
-        valid = (
-            isinstance(value, dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-            if name == "aggregations"
-            else isinstance(value, str)
-        )
-        if not valid:
-            expected = (
-                "an object of column: aggregation names" if name == "aggregations" else "text"
+        if rules[name].type is dict:
+            valid = isinstance(value, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
             )
+            expected = "an object of text: text (column: aggregation name)"
+        else:
+            valid, expected = isinstance(value, str), "text"
+        if not valid:
             raise BadInputError(
                 str(sidecar), f"setting {name!r} must be {expected}, not {str(value)[:80]!r}"
             )
-    if "target_crs" in settings:
-        check_target_crs(settings["target_crs"], where=str(sidecar))
-    if "layer" in settings:
-        check_layer(settings["layer"], where=str(sidecar))
-    check_aggregations(
-        settings.get("aggfunc", "first"), settings.get("aggregations", {}), where=str(sidecar)
-    )
     ops: dict = {}
     for name, value in settings.items():
-        ops.setdefault(SIDECAR_SETTINGS[name], {"config": {}})["config"][name] = value
+        ops.setdefault(rules[name].asset, {"config": {}})["config"][name] = value
+    for asset, entry in ops.items():
+        check = next(r.check for r in rules.values() if r.asset == asset)
+        if check is not None:
+            check(entry["config"], where=str(sidecar))
     return {"ops": ops} if ops else {}
 
 
@@ -172,6 +174,7 @@ def scan(
     since: float | None = None,
     seen: dict[str, str] | None = None,
     root: "dataroot.Root | None" = None,
+    rules: SidecarRules = MappingProxyType({}),
 ) -> Scan:
     """Look at the inbox once (one listing: a folder's, or the bucket's `inbox/`). A file
     is ready when it, its parts and its sidecar have not changed for `settle_s` seconds;
@@ -181,7 +184,8 @@ def scan(
     as unchanged and not looked at again, so that an inbox of ten thousand processed
     files costs one listing. So is one whose fingerprint (its files' names, sizes and
     versions) is its entry in `seen` (name: fingerprint of a file already taken).
-    Only a sidecar is read; sources are read by the workers."""
+    Only a sidecar is read (judged by `rules`: with none, a file with a sidecar is
+    refused); sources are read by the workers."""
     now = time.time() if now is None else now
     root = root or dataroot.root()
     result = Scan()
@@ -204,7 +208,7 @@ def scan(
             result.seen_again[name] = (fingerprint, changed)
             continue
         try:
-            config, waiting = _look_at(root, name, group, settle_s, now)
+            config, waiting = _look_at(root, name, group, settle_s, now, rules)
         except BadInputError as exc:
             result.refused[name] = exc.cause if exc.path == name else str(exc)
             continue
@@ -222,7 +226,9 @@ def scan(
     return result
 
 
-def _look_at(root: "dataroot.Root", name: str, group: dict, settle_s: float, now: float):
+def _look_at(
+    root: "dataroot.Root", name: str, group: dict, settle_s: float, now: float, rules: SidecarRules
+):
     """(run config, None) when source `name` is ready, (None, why) while it waits,
     (None, None) for what is not a file (a folder); BadInputError when it is refused.
     `group` holds its entry and those of its parts and sidecar, by name."""
@@ -247,4 +253,4 @@ def _look_at(root: "dataroot.Root", name: str, group: dict, settle_s: float, now
     if name + CONFIG_SIDECAR_SUFFIX not in group:
         return {}, None
     data, where = root.read_small(f"inbox/{name}{CONFIG_SIDECAR_SUFFIX}", MAX_SIDECAR_BYTES)
-    return parse_sidecar(data, where), None
+    return parse_sidecar(data, where, rules), None

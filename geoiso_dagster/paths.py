@@ -11,7 +11,6 @@ from pathlib import Path
 from geoiso_dagster import dataroot
 from geoiso_dagster.errors import UnsafeNameError
 
-ASSET_NAMES = ("raw_features", "reprojected_features", "dissolved_regions")
 _ASSET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_KEY_LENGTH = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

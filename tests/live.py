@@ -152,7 +152,7 @@ class DagsterDev:
 def materialize_command(key: str, config: dict | None = None, select=None) -> list:
     """The real `dagster asset materialize` of partition `key`: the assets `select` names,
     all three unless it does."""
-    from geoiso_dagster.paths import ASSET_NAMES
+    from geoiso_dagster.defs.assets import ASSET_NAMES
 
     command = [
         BIN / "dagster",
@@ -173,7 +173,7 @@ def materialize_command(key: str, config: dict | None = None, select=None) -> li
 def launch_params(partition: str, run_config: dict | None = None, tags: dict | None = None):
     """ExecutionParams of the webserver's launch mutation (what the UI sends) for the three
     assets of one partition."""
-    from geoiso_dagster.paths import ASSET_NAMES
+    from geoiso_dagster.defs.assets import ASSET_NAMES
 
     return {
         "selector": {

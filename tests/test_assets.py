@@ -15,12 +15,12 @@ from dagster import (
     materialize,
 )
 
-from geoiso_dagster.defs.assets import geo_assets
+from geoiso_dagster.defs.assets import ASSET_NAMES, geo_assets
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import MAX_WAIT_S, MIN_WAIT_S
 from geoiso_dagster.defs.steps import spec_of
-from geoiso_dagster.paths import ASSET_NAMES, output_path
+from geoiso_dagster.paths import output_path
 from tests.runs import run_batch, run_events
 
 # What each built-in asset's blocking check judges, as its spec says.

@@ -11,9 +11,9 @@ import psutil
 import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance
 
-from geoiso_dagster.defs.assets import geo_assets
+from geoiso_dagster.defs.assets import ASSET_NAMES, geo_assets
 from geoiso_dagster.defs.steps import spec_of
-from geoiso_dagster.paths import ASSET_NAMES, output_path
+from geoiso_dagster.paths import output_path
 from tests.live import materialize_command
 
 BIN = Path(sys.executable).parent

@@ -23,7 +23,8 @@ import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance
 from dagster import DagsterRunStatus as Status
 
-from geoiso_dagster.paths import ASSET_NAMES, output_path
+from geoiso_dagster.defs.assets import ASSET_NAMES
+from geoiso_dagster.paths import output_path
 from tests.deploy import DockerEngine, Postgres, Stack, containers, inspect
 from tests.live import FAST_INBOX, launch_params
 

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance, instance_for_test, materialize
 
-from geoiso_dagster.defs.assets import geo_assets
+from geoiso_dagster.defs.assets import ASSET_NAMES, geo_assets
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import TASK_MODULE, SpatialWorkerPool
-from geoiso_dagster.paths import ASSET_NAMES, output_path
+from geoiso_dagster.paths import output_path
 from tests.live import materialize_command
 from tests.runs import run_events
 

@@ -9,6 +9,7 @@ from dagster import DagsterEventType, instance_for_test, materialize
 from geoiso_dagster.defs.assets import geo_assets
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
+from geoiso_dagster.defs.steps import sidecar_rules
 from geoiso_dagster.errors import BadInputError, UnsafeNameError
 from geoiso_dagster.inbox import read_sidecar
 from geoiso_dagster.paths import output_path
@@ -77,10 +78,10 @@ def test_sidecar_settings_are_checked(tmp_path):
     sidecar = tmp_path / "a.gpkg.geoiso.json"
     sidecar.write_text(json.dumps({"target_crs": "+init=/etc/passwd"}))
     with pytest.raises(BadInputError, match="init"):
-        read_sidecar(source)
+        read_sidecar(source, sidecar_rules(geo_assets))
     sidecar.write_text(json.dumps({"aggfunc": "to_pickle"}))
     with pytest.raises(BadInputError, match="not one of"):
-        read_sidecar(source)
+        read_sidecar(source, sidecar_rules(geo_assets))
 
 
 def test_a_symlinked_source_outside_the_root_fails_the_step(data_root, tmp_path):

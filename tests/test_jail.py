@@ -17,8 +17,10 @@ from shapely.geometry import box
 from geoiso_dagster import cli
 from geoiso_dagster.definitions import defs
 from geoiso_dagster.defs import fanout
+from geoiso_dagster.defs.assets import geo_assets
 from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.defs.runner import TaskRunner
+from geoiso_dagster.defs.steps import sidecar_rules
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.formats import ALLOWED_GDAL_DRIVERS
 from geoiso_dagster.fsutil import temp_path_for
@@ -137,9 +139,9 @@ def test_hostile_sidecars_refuse_only_their_own_files(data_root, monkeypatch, ca
     assert request.partition_key == "good.gpkg"
     assert request.run_config == {"ops": {"raw_features": {"config": {"layer": "countries"}}}}
     # The tick logs each refusal; the scan it made says why.
-    refused = inbox_scan(settle_s=0).refused
+    refused = inbox_scan(settle_s=0, rules=sidecar_rules(geo_assets)).refused
     assert sorted(refused) == sorted([*sidecars, "fifo.gpkg"])
-    assert "must be an object of column: aggregation names" in refused["list_agg.gpkg"]
+    assert "must be an object of text: text" in refused["list_agg.gpkg"]
     assert "at most 65536" in refused["deep.gpkg"]
     assert "nested too deeply" in refused["deep_small.gpkg"]
     assert "not a regular file" in refused["fifo.gpkg"]
@@ -194,7 +196,7 @@ def test_geoiso_add_refuses_what_is_not_a_source_and_bad_sidecars(
     (outside / "y.gpkg.geoiso.json").write_text("{}")
     (outside / "z.csv").write_text("a\n1\n")
     cases = {
-        "x.gpkg": "must be an object of column: aggregation names",
+        "x.gpkg": "must be an object of text: text",
         "y.gpkg.geoiso.json": "is a settings sidecar",
         "z.csv": "is not on the allow-list",
     }

@@ -12,7 +12,8 @@ import geopandas
 import pyarrow.parquet as pq
 import pytest
 
-from geoiso_dagster.paths import ASSET_NAMES, output_path
+from geoiso_dagster.defs.assets import ASSET_NAMES
+from geoiso_dagster.paths import output_path
 from tests.deploy import postgres_instance_yaml
 from tests.live import BIN, FAST_INBOX, DagsterDev, launch_params
 

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from geoiso_dagster.paths import ASSET_NAMES, output_path
+from geoiso_dagster.defs.assets import ASSET_NAMES
+from geoiso_dagster.paths import output_path
 from geoiso_dagster.spatial import tasks
 from tests.live import BIN, FAST_INBOX, DagsterDev, covered_partitions, materialize_command
 

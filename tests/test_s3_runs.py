@@ -19,10 +19,9 @@ import pytest
 import shapely
 from dagster import AssetKey, DagsterEventType, DagsterInstance, instance_for_test, materialize
 
-from geoiso_dagster.defs.assets import geo_assets
+from geoiso_dagster.defs.assets import ASSET_NAMES, geo_assets
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
-from geoiso_dagster.paths import ASSET_NAMES
 from tests.live import materialize_command
 from tests.runs import failure_of, run_events
 from tests.s3 import (

@@ -3,6 +3,7 @@ Dagster runs with real worker pools: the envelope of the built-in steps, for the
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import geopandas
 import numpy as np
@@ -15,10 +16,12 @@ from dagster import (
     Config,
     DagsterEventType,
     build_run_status_sensor_context,
+    build_sensor_context,
     instance_for_test,
 )
 
-from geoiso_dagster import Reference, build_definitions, geo_asset
+from geoiso_dagster import Reference, build_definitions, cli, geo_asset
+from geoiso_dagster.defs.assets import ReprojectConfig
 from geoiso_dagster.defs.outputs import OutputKind
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import TASK_MODULE
@@ -423,3 +426,74 @@ def test_a_batch_remainder_makes_a_teams_own_step_too(instance, data_root, natur
         assert len(written) == 177
         assert np.isclose(written["area_km2"].sum(), expected, rtol=1e-9)
     assert not output_path("country_areas", "b.gpkg").exists()
+
+
+def test_a_sidecar_sets_what_the_steps_declare_and_nothing_else(
+    instance, data_root, tmp_path, monkeypatch, capsys
+):
+    """The settings a <file>.geoiso.json may hold come from the assets' specs: a team's
+    own step that declares one gets it from the sensor (and from `geoiso add -m`), the
+    built-in ones keep theirs, and a name no step declares is refused."""
+    monkeypatch.setenv("GEOISO_INBOX_SETTLE_S", "0")
+    areas = geo_asset(
+        "sidecar_areas",
+        task="tests.user_steps:area_km2",
+        upstream="reprojected_features",
+        config=AreaConfig,
+        sidecar=("equal_area_crs",),
+    )
+    defs = build_definitions([areas])
+    sensor = defs.resolve_sensor_def("inbox_sensor")
+    inbox = data_root / "inbox"
+    sample = (Path("data/sample/countries.gpkg")).read_bytes()
+    settings = {"a.gpkg": {"equal_area_crs": "ESRI:54009", "target_crs": "EPSG:3857"}}
+    settings["b.gpkg"] = {"equal_area": "ESRI:54009"}
+    for name, values in settings.items():
+        (inbox / name).write_bytes(sample)
+        (inbox / f"{name}.geoiso.json").write_text(json.dumps(values))
+    result = sensor(build_sensor_context(instance=instance, definitions=defs))
+    (request,) = result.run_requests
+    assert request.partition_key == "a.gpkg"
+    assert request.run_config == {
+        "ops": {
+            "sidecar_areas": {"config": {"equal_area_crs": "ESRI:54009"}},
+            "reprojected_features": {"config": {"target_crs": "EPSG:3857"}},
+        }
+    }
+    # The built-in code location's sensor does not know the team's setting.
+    builtin = build_definitions()
+    refused = builtin.resolve_sensor_def("inbox_sensor")(
+        build_sensor_context(instance=instance, definitions=builtin)
+    )
+    assert "unknown settings ['equal_area_crs']" in refused.skip_reason.skip_message
+    # `geoiso add -m MODULE` judges a sidecar by that code location's steps.
+    location = tmp_path / "team_location"
+    location.mkdir()
+    (location / "team_defs.py").write_text(
+        "from dagster import Config\n"
+        "from geoiso_dagster import build_definitions, geo_asset\n"
+        "class AreaConfig(Config):\n"
+        "    equal_area_crs: str = 'EPSG:6933'\n"
+        "defs = build_definitions([geo_asset('sidecar_areas', task='tests.user_steps:area_km2',"
+        " upstream='reprojected_features', config=AreaConfig, sidecar=('equal_area_crs',))])\n"
+    )
+    monkeypatch.syspath_prepend(str(location))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    delivery = tmp_path / "delivery"
+    delivery.mkdir()
+    (delivery / "c.gpkg").write_bytes(sample)
+    (delivery / "c.gpkg.geoiso.json").write_text(json.dumps({"equal_area_crs": "ESRI:54009"}))
+    assert cli.main(["add", str(delivery / "c.gpkg")]) == 2
+    assert "unknown settings ['equal_area_crs']" in capsys.readouterr().err
+    assert cli.main(["add", "-m", "team_defs", str(delivery / "c.gpkg")]) == 0
+    assert capsys.readouterr().out == "c.gpkg\n"
+    assert (inbox / "c.gpkg.geoiso.json").exists()
+    with pytest.raises(ValueError, match="claimed by both"):
+        clash = geo_asset(
+            "clash",
+            task="tests.user_steps:area_km2",
+            upstream="raw_features",
+            config=ReprojectConfig,
+            sidecar=("target_crs",),
+        )
+        build_definitions([clash])

@@ -20,10 +20,11 @@ from geoiso_dagster.defs.outputs import (
     VALID,
 )
 from geoiso_dagster.defs.own_steps import Step
-from geoiso_dagster.defs.steps import BATCH_MAX_FILES, GROUP, POOL, geo_asset
+from geoiso_dagster.defs.steps import BATCH_MAX_FILES, GROUP, POOL, geo_asset, spec_of
 from geoiso_dagster.settings import check_aggregations, check_layer, check_target_crs
 
 __all__ = [
+    "ASSET_NAMES",
     "BATCH_MAX_FILES",
     "GROUP",
     "POOL",
@@ -68,6 +69,7 @@ class IngestStep(Step):
     library: str = "gdal"
     criteria: tuple[str, ...] = (READABLE, ROW_COUNT, IN_RANGE, SOURCE_COUNTS)
     facts: tuple[str, ...] = ("fanned_out_over",)
+    sidecar: tuple[tuple[str, type], ...] = (("layer", str),)
 
     def produce(self, runner, source: str, staged: Path, inputs: dict, options: dict):
         return fanout.ingest(runner, source, staged, layer=options["layer"])
@@ -87,6 +89,7 @@ class ReprojectStep(Step):
     library: str = "proj"
     criteria: tuple[str, ...] = (READABLE, ROW_COUNT, CRS, IN_RANGE)
     facts: tuple[str, ...] = ("transformed", "dropped_m", "fanned_out_over")
+    sidecar: tuple[tuple[str, type], ...] = (("target_crs", str),)
 
     def produce(self, runner, source: str, staged: Path, inputs: dict, options: dict):
         return fanout.reproject(runner, source, staged, options["target_crs"])
@@ -114,6 +117,11 @@ class DissolveStep(Step):
         "fanned_out_over",
         "giant_groups",
         "union_tasks",
+    )
+    sidecar: tuple[tuple[str, type], ...] = (
+        ("dissolve_by", str),
+        ("aggfunc", str),
+        ("aggregations", dict),
     )
 
     def produce(self, runner, source: str, staged: Path, inputs: dict, options: dict):
@@ -167,3 +175,5 @@ dissolved_regions = geo_asset(
 )
 
 geo_assets = [raw_features, reprojected_features, dissolved_regions]
+# The built-in chain's names, in order, as their specs hold them.
+ASSET_NAMES = tuple(spec_of(definition).name for definition in geo_assets)

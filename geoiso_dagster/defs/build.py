@@ -13,6 +13,7 @@ from geoiso_dagster.defs.sensors import (
     build_remainder_sensor,
     in_dependency_order,
 )
+from geoiso_dagster.defs.steps import sidecar_rules
 
 
 def build_definitions(
@@ -35,10 +36,15 @@ def build_definitions(
     assets = [*geo_assets, *extra_assets]
     # The job's assets (its selection is the group), in the order a remainder makes them.
     in_job = in_dependency_order(assets, GROUP)
+    # What a source's sidecar may set: the settings the job's steps declare.
+    rules = sidecar_rules([a for a in assets if a.group_names_by_key.get(a.key) == GROUP])
     return Definitions(
         assets=assets,
         jobs=[geo_pipeline],
-        sensors=[build_inbox_sensor(geo_pipeline), build_remainder_sensor(geo_pipeline, in_job)],
+        sensors=[
+            build_inbox_sensor(geo_pipeline, rules),
+            build_remainder_sensor(geo_pipeline, in_job),
+        ],
         resources={"spatial_pool": pool or SpatialWorkerPool.from_env()},
         executor=in_process_executor,
     )

@@ -34,12 +34,15 @@ class Step:
 
     output: the kind of file it writes (defs/outputs.py). criteria: what the blocking check
     judges (None: the kind's default criteria). facts: the names of step-specific facts
-    its tasks return that go to the catalog as they are."""
+    its tasks return that go to the catalog as they are. sidecar: the config fields a
+    source's <file>.geoiso.json may set, each with its type (str, or dict: an object of
+    text: text); check(options, where) judges them too, on the sidecar's settings alone."""
 
     criteria: tuple[str, ...] | None = None
     library: str = "geopandas"
     output: OutputKind = GEOPARQUET
     facts: tuple[str, ...] = ()
+    sidecar: tuple[tuple[str, type], ...] = ()
 
     def produce(
         self, runner: TaskRunner, source: str, staged: Path, inputs: dict, options: dict

@@ -35,7 +35,6 @@ from geoiso_dagster import inbox
 from geoiso_dagster.defs.assets import BATCH_MAX_FILES
 from geoiso_dagster.defs.batch import FAILED_FILES, run_materializations
 from geoiso_dagster.defs.partitions import source_files
-from geoiso_dagster.paths import ASSET_NAMES
 
 SETTLE_ENV = "GEOISO_INBOX_SETTLE_S"
 DEFAULT_SETTLE_S = 5.0
@@ -169,8 +168,11 @@ def _parallel_runs() -> int:
 
 
 def build_inbox_sensor(
-    job: JobDefinition, minimum_interval_seconds: int | None = None
+    job: JobDefinition,
+    rules: inbox.SidecarRules,
+    minimum_interval_seconds: int | None = None,
 ) -> SensorDefinition:
+    """`rules`: what a source's sidecar may set (steps.sidecar_rules of the job's assets)."""
     if minimum_interval_seconds is None:
         minimum_interval_seconds = int(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL_S))
 
@@ -187,7 +189,7 @@ def build_inbox_sensor(
         settle_s = float(os.environ.get(SETTLE_ENV, DEFAULT_SETTLE_S))
         since, recent = _read_cursor(context.cursor)
         now = time.time()
-        found = inbox.scan(settle_s=settle_s, now=now, since=since, seen=recent)
+        found = inbox.scan(settle_s=settle_s, now=now, since=since, seen=recent, rules=rules)
         for name, why in found.refused.items():
             context.log.warning(f"inbox: {name} refused: {why}")
         # Everything that last changed before now - settle has been handled by this tick
@@ -260,9 +262,7 @@ def in_dependency_order(assets: Sequence[AssetsDefinition], group: str) -> list[
     return list(order.static_order())
 
 
-def build_remainder_sensor(
-    job: JobDefinition, in_order: Sequence[str] = ASSET_NAMES
-) -> SensorDefinition:
+def build_remainder_sensor(job: JobDefinition, in_order: Sequence[str]) -> SensorDefinition:
     """`in_order`: the job's assets in dependency order (in_dependency_order), the ones a
     remainder run may have to make."""
 

@@ -13,7 +13,7 @@ Orchestration layer: nothing here imports a geo library.
 import contextlib
 import inspect
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -47,6 +47,7 @@ from geoiso_dagster.defs.retries import raise_for
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.errors import BadInputError, GeoisoError, UnsafeNameError
 from geoiso_dagster.fsutil import temp_path_for
+from geoiso_dagster.inbox import SidecarSetting
 from geoiso_dagster.task_api import check_task_ref, is_qualified
 
 GROUP = "geo"
@@ -91,6 +92,7 @@ def geo_asset(
     options: Optional[Mapping[str, Any]] = None,
     group_name: str = GROUP,
     output_kind: OutputKind = GEOPARQUET,
+    sidecar: tuple[str, ...] = (),
 ) -> AssetsDefinition:
     """An asset with the envelope of the built-in ones (see the module's docstring).
 
@@ -113,6 +115,8 @@ def geo_asset(
     options: fixed keyword arguments of the function (config fields override them).
     output_kind: what the function writes (defs/outputs.py); default GeoParquet. A Step
       says its own (Step.output).
+    sidecar: fields of `config` that a source's <file>.geoiso.json may set for this step
+      (text fields, or dict[str, str] ones). A Step says its own (Step.sidecar).
     """
     paths.check_asset_name(name)
     upstream_name = _asset_name(upstream) if upstream is not None else None
@@ -134,6 +138,7 @@ def geo_asset(
             fixed=dict(options or {}),
             criteria=criteria,
             output=output_kind,
+            sidecar=_sidecar_fields(name, config, sidecar),
         )
     kind = step.output
     criteria = criteria_of(name, criteria or step.criteria or kind.default_criteria, kind)
@@ -241,6 +246,25 @@ def spec_of(asset: AssetRef) -> "StepSpec":
     return _SPECS[_asset_name(asset)]
 
 
+def sidecar_rules(assets: Iterable[AssetRef]) -> dict[str, SidecarSetting]:
+    """What a source's <file>.geoiso.json may set for `assets` (the geo assets among
+    them), as their steps declare it (Step.sidecar); ValueError if two claim a name."""
+    rules: dict[str, SidecarSetting] = {}
+    for ref in assets:
+        names = (
+            [k.to_user_string() for k in ref.keys] if isinstance(ref, AssetsDefinition) else [ref]
+        )
+        for spec in (_SPECS[n] for n in names if n in _SPECS):
+            for setting, kind in spec.step.sidecar:
+                if setting in rules:
+                    raise ValueError(
+                        f"sidecar setting {setting!r} is claimed by both "
+                        f"{rules[setting].asset} and {spec.name}"
+                    )
+                rules[setting] = SidecarSetting(spec.name, kind, spec.step.check)
+    return rules
+
+
 def output_of(asset: str, key: str) -> Path:
     """Where `asset` publishes partition `key`: with the suffix of its output kind when
     it is a geo asset of this process (GeoParquet otherwise)."""
@@ -253,6 +277,26 @@ def _input_path(ref: Union[AssetRef, Reference], key: str) -> Path:
     if isinstance(ref, Reference):
         return paths.reference_path(ref.name)
     return output_of(_asset_name(ref), key)
+
+
+def _sidecar_fields(
+    name: str, config: Optional[type[Config]], settings: tuple[str, ...]
+) -> tuple[tuple[str, type], ...]:
+    """Each sidecar setting with its type, from the config class's field of that name."""
+    fields = config.model_fields if isinstance(config, type) and issubclass(config, Config) else {}
+    declared = []
+    for setting in settings:
+        if setting not in fields:
+            raise ValueError(f"{name}: sidecar setting {setting!r} is not a field of its config")
+        annotation = fields[setting].annotation
+        kind = {str: str, dict[str, str]: dict, Optional[str]: str}.get(annotation)
+        if kind is None:
+            raise ValueError(
+                f"{name}: sidecar setting {setting!r} must be a str or dict[str, str] field, "
+                f"not {annotation}"
+            )
+        declared.append((setting, kind))
+    return tuple(declared)
 
 
 def _default_description(task: Union[str, Step]) -> str:
@@ -309,4 +353,4 @@ def _produce(
             root.sweep(output)  # what a killed worker of this step left behind
 
 
-__all__ = ["Reference", "Step", "geo_asset", "spec_of"]
+__all__ = ["Reference", "Step", "geo_asset", "sidecar_rules", "spec_of"]
