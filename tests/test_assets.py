@@ -21,7 +21,7 @@ from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import MAX_WAIT_S, MIN_WAIT_S
 from geoiso_dagster.defs.steps import spec_of
 from geoiso_dagster.paths import output_path
-from tests.runs import run_batch, run_events
+from tests.runs import retries, run_batch, run_events
 
 # What each built-in asset's blocking check judges, as its spec says.
 CRITERIA_BY_ASSET = {spec_of(a).name: spec_of(a).criteria for a in geo_assets}
@@ -120,7 +120,7 @@ def test_bad_input_fails_once_and_keeps_the_good_output(
     _, message = _failure(result)
     assert str(data_root / "inbox" / countries) in message
     assert "is not readable as GPKG data, the format its suffix names" in message
-    assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert retries(instance, result) == []
     assert result.asset_materializations_for_node("reprojected_features") == []
     assert _snapshot(data_root, countries) == good
     assert _leftover_temps(data_root) == []
@@ -144,7 +144,7 @@ def test_missing_dissolve_key_fails_only_the_dissolve(instance, data_root, count
     step, message = _failure(result)
     assert step == "dissolved_regions"
     assert "'region_id' is not in the data" in message
-    assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert retries(instance, result) == []
     assert (
         output_path("dissolved_regions", countries, data_root).read_bytes()
         == good["dissolved_regions"]
@@ -177,10 +177,9 @@ def test_failed_blocking_check_stops_downstream_and_publishes_nothing(
 def test_hung_worker_is_retried_with_backoff_then_fails(instance, data_root, countries):
     result = _run(instance, countries, task_module="tests.tasks_hanging_ingest", task_timeout_s=1.0)
     assert not result.success
-    retries = run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)
-    assert len(retries) == 2
-    for event in retries:
-        wait = event.event_specific_data.seconds_to_wait
+    waits = retries(instance, result)
+    assert len(waits) == 2
+    for wait in waits:
         assert MIN_WAIT_S <= wait <= MAX_WAIT_S
     _, message = _failure(result)
     assert "task_timeout_s=1" in message and "attempt 3 of 3" in message

@@ -24,7 +24,7 @@ from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import TASK_MODULE, SpatialWorkerPool
 from geoiso_dagster.paths import output_path
 from tests.live import materialize_command
-from tests.runs import run_events
+from tests.runs import retries, run_events
 
 KEY = "countries.gpkg"
 CONFIG = {"ops": {"dissolved_regions": {"config": {"dissolve_by": "continent"}}}}
@@ -103,7 +103,7 @@ def test_a_transient_fault_is_retried_once_and_the_run_succeeds(
     result = _run(instance, **pool)
     assert len(list(state.glob("fired-*"))) == 1, "the fault did not fire"
     assert result.success
-    assert len(run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 1
+    assert len(retries(instance, result)) == 1
     _assert_outputs_good(data_root)
     assert _temps(data_root) == []
     assert _descendants() == []
@@ -123,9 +123,9 @@ def test_a_persistent_fault_gives_up_after_three_attempts_and_loses_nothing(
     _inject(monkeypatch, tmp_path, task, at, fault, times=3)
     result = _run(instance)
     assert not result.success
-    retries = run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)
-    assert len(retries) == 2
-    assert all(5 <= r.event_specific_data.seconds_to_wait <= 60 for r in retries)
+    waits = retries(instance, result)
+    assert len(waits) == 2
+    assert all(5 <= wait <= 60 for wait in waits)
     (failure,) = run_events(result, DagsterEventType.STEP_FAILURE)
     description = failure.step_failure_data.user_failure_data.description
     assert message in description and "attempt 3 of 3" in description
@@ -154,7 +154,7 @@ def test_a_memory_stop_fails_once_naming_the_limit(
     _inject(monkeypatch, tmp_path, task, at, fault, times=1)
     result = _run(instance, memory_limit_mb=limit)
     assert not result.success
-    assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert retries(instance, result) == []
     (failure,) = run_events(result, DagsterEventType.STEP_FAILURE)
     description = failure.step_failure_data.user_failure_data.description
     assert "Bad input" not in description
@@ -239,9 +239,10 @@ def test_a_worker_killed_at_any_moment_of_a_fanned_out_step_leaves_no_stray_file
         )
         result = run(instance)
         logged = [e.user_message for e in instance.all_logs(result.run_id)]
+        waits = retries(instance, result)
     assert len(list(state.glob("fired-*"))) == len(faults), "a fault did not fire"
     assert result.success
-    assert len(run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 1
+    assert len(waits) == 1
     assert any("killed by SIGKILL; attempt 1 of 3" in m for m in logged), moment
     (mat,) = result.asset_materializations_for_node("reprojected_features")
     assert mat.metadata["fanned_out_over"].value == 2

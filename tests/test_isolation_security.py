@@ -14,6 +14,7 @@ from geoiso_dagster.errors import BadInputError, UnsafeNameError
 from geoiso_dagster.inbox import read_sidecar
 from geoiso_dagster.paths import output_path
 from geoiso_dagster.settings import check_aggregations, check_target_crs
+from tests.runs import retries
 
 
 def _run(key: str, config=None):
@@ -28,10 +29,7 @@ def _run(key: str, config=None):
             raise_on_error=False,
         )
         failures = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
-        retries = [
-            e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY
-        ]
-        return result, failures, retries
+        return result, failures, retries(instance, result)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from pathlib import Path
 import geopandas
 import numpy as np
 import pytest
-from dagster import DagsterEventType, instance_for_test, materialize
+from dagster import instance_for_test, materialize
 
 from geoiso_dagster import objectstore, paths
 from geoiso_dagster.dataroot import BucketRoot
@@ -18,7 +18,7 @@ from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import TASK_MODULE, SpatialWorkerPool
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.pool import PoolSettings, WorkerPool
-from tests.runs import failure_of, run_events
+from tests.runs import failure_of, retries
 from tests.s3 import ACCESS_KEY, SECRET_KEY, FaultyProxy, assert_secretless
 
 INBOX = "team-a/inbox"
@@ -138,9 +138,9 @@ def test_a_shapefile_in_the_bucket_is_checked_part_by_part(countries, s3_root):
     with instance_for_test() as instance:
         missing = _run(instance, "noindex.shp")
         cut = _run(instance, "cut.shp")
-    for result in (missing, cut):
-        assert not result.success
-        assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+        for result in (missing, cut):
+            assert not result.success
+            assert retries(instance, result) == []
     assert f"s3://geo/{INBOX}/noindex.shp: shapefile is missing its .shx" in failure_of(missing)
     assert f"s3://geo/{INBOX}/cut.shp: its .dbf declares 177 records but holds" in failure_of(cut)
     assert "Contents" not in client.list_objects_v2(Bucket="geo", Prefix=WAREHOUSE)
@@ -268,9 +268,8 @@ def test_a_source_replaced_while_it_was_read_is_read_again(
     monkeypatch.setenv("GEOISO_TEST_REPLACEMENT", str(smaller))
     with instance_for_test() as instance:
         result = _run(instance, name, task_module="tests.tasks_s3_sources")
-    retries = run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)
-    assert result.success and len(retries) == 1
-    logged = "\n".join(str(e) for e in result.all_events)
+        assert result.success and len(retries(instance, result)) == 1
+        logged = "\n".join(e.user_message or "" for e in instance.all_logs(result.run_id))
     assert f"s3://geo/{INBOX}/countries.fgb: changed while it was being read" in logged
     assert len(_published(s3_root.client, name, tmp_path)) == 100
 
@@ -293,19 +292,21 @@ def test_server_errors_while_gdal_reads_are_retried_and_named_without_credential
             monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
             with instance_for_test() as instance:
                 result = _run(instance, name)
+                waits = retries(instance, result)
+                logged = (e.user_message or "" for e in instance.all_logs(result.run_id))
+                text = "\n".join([*(str(e) for e in result.all_events), *logged])
         finally:
             proxy.stop()
         assert proxy.failed > 0
         assert result.success is succeeds
-        retries = run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)
         if succeeds:
-            assert retries == []
+            assert waits == []
         else:
-            assert len(retries) == 2
+            assert len(waits) == 2
             failure = failure_of(result)
             assert f"s3://geo/{INBOX}/countries.fgb" in failure and "attempt 3 of 3" in failure
             assert "S3 read failed (HTTP 500)" in failure or "could not open" in failure
-        assert_secretless("\n".join(str(e) for e in result.all_events))
+        assert_secretless(text)
 
 
 @pytest.mark.timeout(120)

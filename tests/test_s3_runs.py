@@ -17,13 +17,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import shapely
-from dagster import AssetKey, DagsterEventType, DagsterInstance, instance_for_test, materialize
+from dagster import AssetKey, DagsterInstance, instance_for_test, materialize
 
 from geoiso_dagster.defs.assets import ASSET_NAMES, geo_assets
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
 from tests.live import materialize_command
-from tests.runs import failure_of, run_events
+from tests.runs import failure_of, retries
 from tests.s3 import (
     FaultyProxy,
     S3Server,
@@ -147,8 +147,10 @@ def _run(instance, selection=None, **pool):
     )
 
 
-def _all_text(result) -> str:
-    return "\n".join(str(e) for e in result.all_events)
+def _all_text(instance, result) -> str:
+    """Every event of the run and every line of its log."""
+    logged = (entry.user_message or "" for entry in instance.all_logs(result.run_id))
+    return "\n".join([*(str(e) for e in result.all_events), *logged])
 
 
 def _big_source(path: Path, rows: int = 30_000) -> None:
@@ -190,7 +192,7 @@ def test_a_worker_killed_mid_upload_publishes_nothing_partial(
     result = run()
     assert len(list(state.glob("fired-*"))) == 3
     assert not result.success
-    assert len(run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 2
+    assert len(retries(instance, result)) == 2
     assert "attempt 3 of 3" in failure_of(result) and "SIGKILL" in failure_of(result)
     after = s3_root.client.head_object(Bucket="geo", Key=published)
     assert after["ETag"] == before["ETag"], "the previous output was replaced"
@@ -207,14 +209,14 @@ def test_a_deleted_source_and_a_missing_bucket_fail_once_naming_them(
 ):
     result = _run(instance, selection=["raw_features"])  # registered, never uploaded
     assert not result.success
-    assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert retries(instance, result) == []
     assert "s3://geo/team-a/inbox/countries.gpkg: does not exist" in failure_of(result)
 
     monkeypatch.setenv("GEOISO_DATA_ROOT", "s3://missing-bucket/team-a")
     result = _run(instance, selection=["raw_features"])
-    assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert retries(instance, result) == []
     assert "the bucket 'missing-bucket' does not exist" in failure_of(result)
-    assert_secretless(_all_text(result))
+    assert_secretless(_all_text(instance, result))
 
 
 @pytest.mark.timeout(240)
@@ -224,7 +226,7 @@ def test_an_unreachable_endpoint_is_retried_then_fails_and_5xx_heals(
     s3_root.client.upload_file("data/sample/countries.gpkg", "geo", f"team-a/inbox/{KEY}")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     result = _run(instance, selection=["raw_features"])
-    assert len(run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 2
+    assert len(retries(instance, result)) == 2
     assert "S3 endpoint unreachable" in failure_of(result) and "attempt 3 of 3" in failure_of(
         result
     )
@@ -241,9 +243,9 @@ def test_an_unreachable_endpoint_is_retried_then_fails_and_5xx_heals(
         proxy.stop()
     assert proxy.failed == 3
     assert result.success
-    assert len(run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)) == 1
+    assert len(retries(instance, result)) == 1
     assert _staged(s3_root.client) == [] and open_uploads(s3_root.client, "geo") == []
-    assert_secretless(_all_text(result))
+    assert_secretless(_all_text(instance, result))
 
 
 def test_access_denied_is_named_without_credentials_and_not_retried(
@@ -255,9 +257,9 @@ def test_access_denied_is_named_without_credentials_and_not_retried(
         result = _run(instance, selection=["raw_features"])
     finally:
         strict.stop()
-    assert run_events(result, DagsterEventType.STEP_UP_FOR_RETRY) == []
+    assert retries(instance, result) == []
     assert "access denied by the bucket 'geo'" in failure_of(result)
-    assert_secretless(_all_text(result))
+    assert_secretless(_all_text(instance, result))
 
 
 @pytest.mark.timeout(300)

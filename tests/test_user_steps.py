@@ -36,7 +36,7 @@ from geoiso_dagster.paths import output_path, reference_dir
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from geoiso_dagster.spatial import io
 from tests.grids import grid
-from tests.runs import failure_of, run_batch, run_events
+from tests.runs import failure_of, retries, run_batch, run_events
 
 KEY = "countries.gpkg"
 
@@ -256,7 +256,7 @@ def test_bad_input_raised_by_your_function_fails_once_naming_the_file(instance, 
     assert not result.success
     text = failure_of(result)
     assert "raw_features/countries.gpkg.parquet: has 177 features, fewer than 1000" in text
-    assert not run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)
+    assert not retries(instance, result)
     assert not output_path("big_only", KEY).exists()
     assert output_path("dissolved_regions", KEY).exists()  # the others are not its business
 
@@ -281,7 +281,7 @@ def test_a_function_that_returns_no_dict_is_a_task_error(instance, countries):
     result = _run(instance, [odd])
     text = failure_of(result)
     assert "returned list, not a dict of facts" in text
-    assert not run_events(result, DagsterEventType.STEP_UP_FOR_RETRY)
+    assert not retries(instance, result)
 
 
 def test_a_splittable_join_fans_out_and_equals_geopandas_on_the_whole_frames(

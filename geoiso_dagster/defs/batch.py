@@ -1,16 +1,18 @@
-"""A step over a batch of source files (a run over a range of partitions), with the
-semantics of a one-file step kept per file.
+"""The one driver of a step over its files: one file (a run of one partition) is a batch
+of one; a batch is a run over a range of partitions.
 
-Each file goes through the same envelope as alone (defs/envelope.py), side by side on
-the run's workers: its transient faults are retried for it alone (3 attempts, 5-60 s),
-its bad input or failed checks fail it alone. Files that passed are published and get
-their own materialization, metadata and check results (per partition). When every file
-passed, the step ends as one materialization of the range, so the next step runs. When
-some failed, the step records the good files, then fails naming each bad one with its
-cause (not retried); the remainder sensor (defs/sensors.py) carries the good files on
-through the next steps.
+Each file goes through the envelope (defs/envelope.py), side by side on the run's
+workers: its transient faults are retried for it alone, in the step (3 attempts, 5-60 s
+apart: a Dagster retry would run every file of a batch again), its bad input or failed
+checks fail it alone. Files that passed are published and get their own
+materialization, metadata (with the attempts they took) and check results (per
+partition). When every file passed, the step ends as one materialization, so the next
+step runs. When some failed, the step records the good files, then fails naming each bad
+one with its cause (not retried by Dagster); the remainder sensor (defs/sensors.py)
+carries the good files of a batch on through the next steps.
 """
 
+import contextlib
 import functools
 import queue
 import threading
@@ -70,6 +72,9 @@ class Outcome:
     staged: Path | None = None
     judged: Judged | None = None
     error: str | None = None
+    # The failure's metadata (retries.describe_failure: the file and cause, a traceback).
+    details: dict = field(default_factory=dict)
+    attempts: int = 0
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -96,19 +101,20 @@ def _one_file(
     try:
         outcome.work = plan(key, options)
     except BadInputError as exc:
-        outcome.error = describe_failure(exc)[0]
+        outcome.error, outcome.details = describe_failure(exc)
         return outcome
     output = outcome.work.output
     root = dataroot.root()
     for attempt in range(1, MAX_ATTEMPTS + 1):
+        outcome.attempts = attempt
         staged = temp_path_for(output)
         try:
             root.sweep(output)
             outcome.judged = stage_and_judge(runner, asset_name, outcome.work, staged)
         except GeoisoError as exc:
-            root.discard(staged)
+            _discard(root, staged, output)
             if not exc.retryable:
-                outcome.error = describe_failure(exc)[0]
+                outcome.error, outcome.details = describe_failure(exc)
                 return outcome
             if attempt == MAX_ATTEMPTS or stop.is_set():
                 outcome.error = giving_up(exc, attempt)
@@ -118,14 +124,21 @@ def _one_file(
             stop.wait(wait)
             continue
         except BaseException:
-            root.discard(staged)
+            _discard(root, staged, output)
             raise
         if outcome.judged.passed:
             outcome.staged = staged
         else:
-            root.discard(staged)
+            _discard(root, staged, output)
         return outcome
     raise AssertionError("unreachable")
+
+
+def _discard(root: "dataroot.Root", staged: Path, output: Path) -> None:
+    """A failed attempt's staged output, and whatever its killed workers left beside it."""
+    root.discard(staged)
+    with contextlib.suppress(GeoisoError):  # the attempt's own error matters more
+        root.sweep(output)
 
 
 def _run_files(
@@ -137,17 +150,19 @@ def _run_files(
     options: Mapping,
 ) -> list[Outcome]:
     """Every file through the envelope, as many at once as the pool has workers. What
-    each file's tasks say reaches the run log as in a one-file step, named by the file:
-    the files' threads queue it, and this thread, Dagster's, writes it."""
+    each file's tasks say reaches the run log (named by the file in a batch): the files'
+    threads queue it, and this thread, Dagster's, writes it."""
     stop = threading.Event()
     lines: queue.Queue[str] = queue.Queue()
+    # A batch's lines are named by their file; a file alone's need no name.
+    named = functools.partial(_name_if, len(keys) > 1)
     outcomes: dict[str, Outcome] = {}
     threads = ThreadPoolExecutor(max(1, pool.max_workers), thread_name_prefix="geoiso-file")
     try:
         pending = {
             threads.submit(
                 _one_file,
-                TaskRunner(pool.pool, functools.partial(_queue_line, lines, key)),
+                TaskRunner(pool.pool, functools.partial(_queue_line, lines, named(key))),
                 asset_name,
                 key,
                 plan,
@@ -178,8 +193,12 @@ def _run_files(
     return [outcomes[k] for k in keys]
 
 
-def _queue_line(lines: "queue.Queue[str]", key: str, message: str) -> None:
-    lines.put(f"{key}: {message}")
+def _name_if(several: bool, key: str) -> str:
+    return f"{key}: " if several else ""
+
+
+def _queue_line(lines: "queue.Queue[str]", prefix: str, message: str) -> None:
+    lines.put(f"{prefix}{message}")
 
 
 def _write_lines(context: AssetExecutionContext, lines: "queue.Queue[str]") -> None:
@@ -195,8 +214,7 @@ def _add_partition_metadata(
 ) -> None:
     """context.add_asset_metadata(entry, partition_key=key), without its check that `key`
     is in the run's range: that check reads every partition key of the instance, once per
-    call (18 ms at 500 partitions under cProfile, and growing with them). The keys here are
-    the run's own (context.partition_keys)."""
+    call, a cost that grows with the partitions. The keys here are the run's own."""
     step = context.get_step_execution_context()
     accumulator = getattr(step, "_metadata_accumulator", None)
     if accumulator is None:  # a Dagster without it: the public, slower call
@@ -228,7 +246,7 @@ def _targets(
 ) -> dict[str, AssetCheckEvaluationTargetMaterializationData]:
     """The materialization of each partition of `asset_key` this run recorded."""
     found = {}
-    for record in run_materializations(context.instance, context.run_id):
+    for record in run_materializations(context.instance, context.run.run_id):
         event = record.event_log_entry.dagster_event
         if event.asset_key == asset_key:
             found[event.partition] = AssetCheckEvaluationTargetMaterializationData(
@@ -239,7 +257,34 @@ def _targets(
     return found
 
 
-def produce_batch(
+def _publish(context: AssetExecutionContext, asset_name: str, o: Outcome) -> None:
+    """Publish a file that passed, by the same retry policy as its work; a file that
+    cannot be published fails alone, naming why, and keeps its previous output."""
+    root = dataroot.root()
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            seconds = root.publish(o.staged, o.work.output)
+        except GeoisoError as exc:
+            if exc.retryable and attempt < MAX_ATTEMPTS:
+                wait = backoff_seconds(attempt - 1)
+                context.log.warning(f"{o.key}: publishing: {retrying(exc, attempt, wait)}")
+                time.sleep(wait)
+                continue
+            _discard(root, o.staged, o.work.output)
+            o.judged = None  # its checks passed on a file that is not published
+            o.error = giving_up(exc, attempt) if exc.retryable else describe_failure(exc)[0]
+            context.log.error(f"{asset_name} {o.key}: {o.error}")
+            return
+        if seconds:
+            context.log.info(f"{asset_name} {o.key}: published to the bucket in {seconds:.1f} s")
+        return
+
+
+def _catalog(o: Outcome) -> dict:
+    return {**metadata(o.judged.result, o.work), "attempts": MetadataValue.int(o.attempts)}
+
+
+def produce_files(
     context: AssetExecutionContext,
     pool: SpatialWorkerPool,
     asset_name: str,
@@ -247,24 +292,24 @@ def produce_batch(
     plan: Callable[[str, Mapping], FileWork],
     options: Mapping,
 ) -> Iterator:
+    """The step's files (partition `keys`, one or more) through the envelope; each
+    file's work is `plan(key, options)` (StepSpec.work)."""
     started = time.monotonic()
     outcomes = _run_files(context, pool, asset_name, keys, plan, options)
     good = [o for o in outcomes if o.passed]
     bad = [o for o in outcomes if not o.passed]
     asset_key = AssetKey(asset_name)
-    for o in good:
-        dataroot.root().publish(o.staged, o.work.output)
+    for o in good:  # in this thread, together, so that the catalog follows at once
+        _publish(context, asset_name, o)
+    good = [o for o in outcomes if o.passed]
+    bad = [o for o in outcomes if not o.passed]
     if not bad:
         for o in good:
-            _add_partition_metadata(context, asset_key, o.key, metadata(o.judged.result, o.work))
+            _add_partition_metadata(context, asset_key, o.key, _catalog(o))
         yield MaterializeResult()
     else:
         for o in good:
-            yield AssetMaterialization(
-                asset_key=asset_key,
-                partition=o.key,
-                metadata=metadata(o.judged.result, o.work),
-            )
+            yield AssetMaterialization(asset_key=asset_key, partition=o.key, metadata=_catalog(o))
     targets = _targets(context, asset_key)
     for o in outcomes:
         for check in o.judged.checks if o.judged else []:
@@ -286,6 +331,13 @@ def produce_batch(
         f"{asset_name}: {len(good)} of {len(keys)} files published in "
         f"{time.monotonic() - started:.1f} s"
     )
+    if len(keys) == 1 and bad:  # a file alone: its own cause, as it is
+        (o,) = bad
+        raise Failure(
+            description=o.cause,
+            metadata={**o.details, FAILED_FILES: MetadataValue.json({o.key: o.cause})},
+            allow_retries=False,
+        )
     if bad:
         named = "; ".join(f"{o.key}: {o.cause}" for o in bad[:_MESSAGE_FILES])
         more = f"; and {len(bad) - _MESSAGE_FILES} more" if len(bad) > _MESSAGE_FILES else ""

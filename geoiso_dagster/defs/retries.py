@@ -1,10 +1,11 @@
-"""From the project's errors to Dagster: Failure for what is not retried, RetryRequested
-for transient faults, with exponential backoff and jitter kept inside 5-60 s; and the
-wording of both, one for a one-file step and a file of a batch."""
+"""The retry policy of a file's work (defs/batch.py, which retries it in the step): which
+errors are retried (GeoisoError.retryable: transient faults only), 3 attempts, waits
+with exponential backoff and jitter kept inside 5-60 s; and the wording of a retry and
+of a failure that is not retried."""
 
 import random
 
-from dagster import Failure, MetadataValue, OpExecutionContext, RetryRequested
+from dagster import MetadataValue
 
 from geoiso_dagster.errors import BadInputError, GeoisoError, TaskError
 
@@ -17,7 +18,7 @@ def backoff_seconds(retry_number: int, rng: random.Random | None = None) -> floa
     """Wait before attempt `retry_number + 2`: 5 s doubling, +/-25 % jitter, in [5, 60].
 
     Dagster's own Backoff.EXPONENTIAL ((2**n - 1) x delay) has no cap and its jitter can
-    go below the delay, so the wait is computed here and given to RetryRequested.
+    go below the delay, so the wait is computed here.
     """
     rng = rng or random.Random()
     base = MIN_WAIT_S * 2**retry_number
@@ -25,8 +26,7 @@ def backoff_seconds(retry_number: int, rng: random.Random | None = None) -> floa
 
 
 def describe_failure(exc: GeoisoError) -> tuple[str, dict]:
-    """What the user reads about a failure that will not be retried, and its metadata:
-    one wording for a single-file step and for a file of a batch."""
+    """What the user reads about a failure that will not be retried, and its metadata."""
     if isinstance(exc, BadInputError):
         return f"Bad input: {exc}", {"file": MetadataValue.path(exc.path), "cause": exc.cause}
     if isinstance(exc, TaskError):
@@ -35,22 +35,6 @@ def describe_failure(exc: GeoisoError) -> tuple[str, dict]:
             {"traceback": MetadataValue.text(exc.traceback)},
         )
     return str(exc), {}
-
-
-def raise_for(context: OpExecutionContext, exc: BaseException) -> None:
-    """Raise what a step raises for `exc`: Failure for what is not retried, RetryRequested
-    with backoff for transient faults (until the last attempt), other exceptions as they are."""
-    if not isinstance(exc, GeoisoError):
-        raise exc
-    if not exc.retryable:
-        description, metadata = describe_failure(exc)
-        raise Failure(description=description, metadata=metadata, allow_retries=False) from None
-    attempt = context.retry_number + 1
-    if attempt >= MAX_ATTEMPTS:
-        raise Failure(description=giving_up(exc, attempt), allow_retries=False) from None
-    wait = backoff_seconds(context.retry_number)
-    context.log.warning(retrying(exc, attempt, wait))
-    raise RetryRequested(max_retries=MAX_ATTEMPTS - 1, seconds_to_wait=wait) from exc
 
 
 def retrying(exc: GeoisoError, attempt: int, wait: float) -> str:

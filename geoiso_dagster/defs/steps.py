@@ -10,7 +10,6 @@ own: `task` is then "package.module:function", fixed here in code (task_api.py).
 Orchestration layer: nothing here imports a geo library.
 """
 
-import contextlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -19,34 +18,27 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from dagster import (
-    AssetCheckResult,
     AssetExecutionContext,
     AssetsDefinition,
     AutomationCondition,
     BackfillPolicy,
     Config,
     Failure,
-    MaterializeResult,
     asset,
 )
 from dagster._utils.warnings import BetaWarning  # not exported; the one to silence here
 
-from geoiso_dagster import dataroot, paths
-from geoiso_dagster.defs.batch import produce_batch
+from geoiso_dagster import paths
+from geoiso_dagster.defs.batch import produce_files
 from geoiso_dagster.defs.checks import check_specs, criteria_of
 from geoiso_dagster.defs.envelope import (
     FileWork,
-    metadata,
-    stage_and_judge,
 )
 from geoiso_dagster.defs.outputs import GEOPARQUET, OutputKind
 from geoiso_dagster.defs.own_steps import Step, TaskStep
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
-from geoiso_dagster.defs.retries import raise_for
-from geoiso_dagster.defs.runner import TaskRunner
-from geoiso_dagster.errors import BadInputError, GeoisoError, UnsafeNameError
-from geoiso_dagster.fsutil import temp_path_for
+from geoiso_dagster.errors import BadInputError, UnsafeNameError
 from geoiso_dagster.inbox import SidecarSetting
 from geoiso_dagster.task_api import check_task_ref, is_qualified
 
@@ -214,24 +206,15 @@ def run_step(
     spec: StepSpec,
     options: dict,
 ) -> Iterator:
-    """The step for one file (a run of one partition) or for a batch (a run over a range
-    of partitions, defs/batch.py): bad config refused first, then each file's work."""
+    """The step for its files: one (a run of one partition) or a batch (a run over a
+    range of partitions), by one driver (defs/batch.py: a file is a batch of one). Bad
+    config is refused first, before any work."""
     try:
         spec.step.check(options)
     except BadInputError as exc:
         raise Failure(description=f"Bad config: {exc.cause}", allow_retries=False) from None
-    try:
-        if not context.has_partition_key:
-            keys = context.partition_keys
-            yield from produce_batch(context, pool, spec.name, keys, spec.work, options)
-            return
-        try:
-            work = spec.work(context.partition_key, options)
-        except UnsafeNameError as exc:
-            raise Failure(description=f"Bad input: {exc}", allow_retries=False) from None
-        yield from _produce(context, pool, spec.name, work)
-    except GeoisoError as exc:  # raised here, not in a worker: the object store's answers
-        raise_for(context, exc)
+    keys = [context.partition_key] if context.has_partition_key else context.partition_keys
+    yield from produce_files(context, pool, spec.name, keys, spec.work, options)
 
 
 def _asset_name(ref: AssetRef) -> str:
@@ -320,37 +303,6 @@ def _signature(compute: Callable, config: Optional[type[Config]]) -> None:
     ]
     compute.__signature__ = inspect.Signature(parameters)
     compute.__annotations__ = annotations
-
-
-def _produce(
-    context: AssetExecutionContext, pool: SpatialWorkerPool, asset_name: str, work: FileWork
-) -> Iterator[MaterializeResult | AssetCheckResult]:
-    """Run the task into a staged file, read it back in a worker and judge it; publish it
-    under its final name only when every check passed. A failed check leaves the previous
-    good output in place and fails the step (the checks are blocking), so nothing
-    downstream runs on it."""
-    output = work.output
-    root = dataroot.root()
-    root.sweep(output)
-    staged = temp_path_for(output)
-    try:
-        judged = stage_and_judge(TaskRunner(pool.pool, context.log.info), asset_name, work, staged)
-        if judged.passed:
-            if seconds := root.publish(staged, output):
-                context.log.info(f"{asset_name}: published to the bucket in {seconds:.1f} s")
-            yield MaterializeResult(
-                metadata=metadata(judged.result, work), check_results=judged.checks
-            )
-        else:
-            context.log.error(
-                f"{asset_name}: blocking check failed on {', '.join(judged.failed_checks())}; "
-                f"{output.name} keeps its previous version"
-            )
-            yield from judged.checks
-    finally:
-        root.discard(staged)
-        with contextlib.suppress(GeoisoError):  # the step's own error matters more
-            root.sweep(output)  # what a killed worker of this step left behind
 
 
 __all__ = ["Reference", "Step", "geo_asset", "sidecar_rules", "spec_of"]
