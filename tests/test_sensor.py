@@ -221,3 +221,14 @@ def test_a_file_moved_in_with_an_old_time_is_taken(data_root, instance, tmp_path
     outside.rename(data_root / "inbox" / "archive.gpkg")  # moving keeps the file's mtime
     second = tick(instance, first.cursor)
     assert [r.partition_key for r in second.run_requests] == ["archive.gpkg"]
+
+
+def test_a_cursor_of_an_earlier_version_starts_afresh(data_root, instance):
+    """The first cursor format (every name ever seen with its fingerprint) is no longer
+    read: the tick looks at the inbox as if for the first time and writes its own."""
+    (data_root / "inbox" / "parcels.gpkg").write_bytes(b"first version")
+    fresh = tick(instance)
+    old = json.dumps({"parcels.gpkg": fresh.run_requests[0].run_key.split("@")[1]})
+    again = tick(instance, old)
+    assert [r.run_key for r in again.run_requests] == [fresh.run_requests[0].run_key]
+    assert json.loads(again.cursor)["version"] == sensors._CURSOR_VERSION

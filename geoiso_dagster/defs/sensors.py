@@ -70,14 +70,13 @@ def _read_cursor(cursor: str | None) -> tuple[float | None, dict[str, str]]:
     `recent` holds the fingerprints of files that were ready in the window after it.
 
     The cursor's size follows the files of the last few seconds, never every file ever
-    seen. A cursor of the first version (each name ever seen with its fingerprint) is
-    read as `recent` once, then replaced."""
-    if not cursor:
-        return None, {}
-    value = json.loads(cursor)
+    seen. Any other cursor (none, or one of an earlier version) starts afresh: the tick
+    looks at every file once, and Dagster's run keys (name@fingerprint) keep a file that
+    was already run from running again."""
+    value = json.loads(cursor) if cursor else None
     if isinstance(value, dict) and value.get("version") == _CURSOR_VERSION:
         return float(value["mark"]), dict(value["recent"])
-    return None, value if isinstance(value, dict) else {}
+    return None, {}
 
 
 def _write_cursor(mark: float, recent: dict[str, str]) -> str:
