@@ -18,6 +18,7 @@ from pathlib import Path
 import geopandas
 
 from benchmarks.data import dataset
+from benchmarks.results import recorded
 from benchmarks.run import BY, TARGET_CRS, pool
 from geoiso_dagster.errors import MemoryLimitError
 from geoiso_dagster.pool import PoolSettings, WorkerPool
@@ -85,4 +86,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("ceiling"):
+        main()

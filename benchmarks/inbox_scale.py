@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dagster import DagsterInstance, build_sensor_context
 
+from benchmarks.results import recorded
 from geoiso_dagster.definitions import defs
 from geoiso_dagster.defs import sensors
 
@@ -149,4 +150,5 @@ def run(args, root: Path, store) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("inbox_scale"):
+        main()

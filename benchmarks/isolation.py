@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.data import dataset
+from benchmarks.results import recorded
 from geoiso_dagster.defs import fanout
 from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.defs.runner import TaskRunner
@@ -100,4 +101,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("isolation"):
+        main()

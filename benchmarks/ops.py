@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.data import CACHE, voronoi_coverage
+from benchmarks.results import recorded
 from geoiso_dagster.defs.own_steps import TaskStep
 from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.defs.runner import TaskRunner
@@ -139,4 +140,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("ops"):
+        main()

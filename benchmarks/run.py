@@ -14,7 +14,8 @@ For each size, a Voronoi coverage (benchmarks/data.py) as a GeoPackage goes thro
              its exit; the partition is registered before it (`geoiso add`, timed apart)
 Prints medians of --repeats runs, ratios against `plain` and `inproc` from the same run,
 peak worker RSS, and checks every result's areas against the plain one (1e-9 relative).
-Results also go to benchmarks/results/<time>.json (git-ignored).
+Results also go to benchmarks/results/<time>.json (git-ignored), and what it prints to
+benchmarks/results/run.txt (benchmarks/results.py).
 """
 
 import argparse
@@ -34,6 +35,7 @@ import geopandas
 import shapely
 
 from benchmarks.data import CACHE, dataset
+from benchmarks.results import recorded
 from geoiso_dagster.defs import fanout
 from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.defs.runner import TaskRunner
@@ -211,4 +213,5 @@ def _print(n: int, entry: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("run"):
+        main()

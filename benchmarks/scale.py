@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import shapely
 
 from benchmarks.data import CACHE, EXTENT, voronoi_coverage
+from benchmarks.results import recorded
 from geoiso_dagster.defs.assets import ASSET_NAMES
 from tests.live import materialize_command
 
@@ -358,4 +359,5 @@ def _print(entry: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("scale"):
+        main()

@@ -50,6 +50,7 @@ from dagster import (
 )
 from dagster._core.storage.event_log.base import AssetRecordsFilter
 
+from benchmarks.results import recorded
 from tests.live import DagsterDev, report_check_events
 
 NATURAL_EARTH = (
@@ -434,4 +435,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("small_files"):
+        main()

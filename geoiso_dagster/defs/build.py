@@ -32,7 +32,7 @@ def build_definitions(
     dataroot.check_setting()
     pool = SpatialWorkerPool.from_env(worker_env=worker_env) if worker_env else None
     # In-process executor: one worker pool per run, shared by its steps; the pool, not the
-    # executor, supplies the process isolation (and starts ~2.5x faster per run).
+    # executor, supplies the process isolation (and no child process per step to start).
     assets = [*geo_assets, *extra_assets]
     # The job's assets (its selection is the group), in the order a remainder makes them.
     in_job = in_dependency_order(assets, GROUP)

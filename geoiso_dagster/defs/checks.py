@@ -4,8 +4,8 @@ anything downstream runs. A failed check fails the step, so downstream is skippe
 One check per asset, `integrity`, judges every criterion of that asset and shows each
 verdict in its metadata. One check, not one per criterion, because every check result is
 an event the instance writes for every file: with a check per criterion (14 for the three
-assets) the writes cost more than the geo work of a small file (DagsterInstance on
-SQLite: 11.5 ms each, measured by benchmarks/small_files.py)."""
+assets) the writes cost more than the geo work of a small file (benchmarks/small_files.py
+counts the events and their cost)."""
 
 import warnings
 

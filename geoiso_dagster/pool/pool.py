@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 # pebble's pool manager polls every CONSTS.sleep_unit (0.1 s) for workers that exited
 # and starts their replacements then; a task waiting for a fresh worker waited up to
-# that long. At 10 ms, measured on the 10k-polygon chain with a fresh worker per task:
-# 56 ms of overhead per task became 29 ms. Only this process's pools are affected.
+# that long. At 10 ms a fresh worker per task costs about half as much (benchmarks/
+# isolation.py measures it). Only this process's pools are affected.
 pebble.common.CONSTS.sleep_unit = min(pebble.common.CONSTS.sleep_unit, 0.01)
 START_METHODS = ("forkserver", "spawn")
 
@@ -56,7 +56,7 @@ class PoolSettings:
     start_method: str = "forkserver"
     # 0: keep workers for the pool's life (a Dagster run: one source file; a worker that
     # crashed, timed out or hit its ceiling is always replaced); 1: a fresh process for
-    # every task (+29 ms a task, measured); N: recycle after N tasks.
+    # every task (its cost: benchmarks/isolation.py); N: recycle after N tasks.
     max_tasks_per_worker: int = 0
     gdal_cachemax_mb: int = 256
     # Virtual-memory headroom (RLIMIT_AS) above what a fresh worker maps, as a backstop
