@@ -70,7 +70,7 @@ class Bucket:
     def __init__(self, root: Path) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from tests.s3 import S3Server
+        from tests.harness.s3 import S3Server
 
         self.server = S3Server(root / "moto.log")
         os.environ.update(self.server.env("s3://geo/inbox-bench"))
@@ -87,7 +87,7 @@ class Bucket:
         self.server.stop()
 
     def names(self) -> list[str]:
-        from tests.s3 import objects
+        from tests.harness.s3 import objects
 
         return [k.rpartition("/")[2] for k in objects(self.client, "geo", "inbox-bench/inbox/")]
 

@@ -40,7 +40,7 @@ from geoiso_dagster.defs import fanout
 from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.pool import PoolSettings, WorkerPool
-from tests.live import materialize_command
+from tests.harness.live import materialize_command
 
 TARGET_CRS = "EPSG:4326"
 BY = "region_id"

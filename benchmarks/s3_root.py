@@ -40,7 +40,7 @@ from pathlib import Path
 from benchmarks.results import recorded
 from benchmarks.scale import BIN, REPO, TARGET_CRS, materialize, run_facts, source
 from geoiso_dagster.defs.assets import ASSET_NAMES
-from tests.s3 import S3Server
+from tests.harness.s3 import S3Server
 
 CONFIG = {
     "reprojected_features": {"config": {"target_crs": TARGET_CRS}},

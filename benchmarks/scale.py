@@ -41,7 +41,7 @@ import shapely
 from benchmarks.data import CACHE, EXTENT, voronoi_coverage
 from benchmarks.results import recorded
 from geoiso_dagster.defs.assets import ASSET_NAMES
-from tests.live import materialize_command
+from tests.harness.live import materialize_command
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent

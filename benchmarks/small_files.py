@@ -51,7 +51,7 @@ from dagster import (
 from dagster._core.storage.event_log.base import AssetRecordsFilter
 
 from benchmarks.results import recorded
-from tests.live import DagsterDev, report_check_events
+from tests.harness.live import DagsterDev, report_check_events
 
 NATURAL_EARTH = (
     Path(pyogrio.__file__).parent / "tests/fixtures/naturalearth_lowres/naturalearth_lowres.shp"
@@ -206,7 +206,7 @@ def deployment(sources: list[Path], root: Path) -> dict:
     """The drop into the inbox of scripts/stack.sh's stack (a container per run)."""
     import os
 
-    from tests.deploy import DockerEngine, Stack
+    from tests.harness.deploy import DockerEngine, Stack
 
     root.mkdir(parents=True)
     for folder in (root.parent, root):  # the benchmark's temp folder, then this one:

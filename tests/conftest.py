@@ -48,7 +48,10 @@ def copy_shapefile():
 def test_pool():
     """A real pool whose task module adds misbehaving tasks to the real ones."""
     settings = PoolSettings(
-        max_workers=2, task_timeout_s=3, memory_limit_mb=500, task_module="tests.pool_tasks"
+        max_workers=2,
+        task_timeout_s=3,
+        memory_limit_mb=500,
+        task_module="tests.standins.pool_tasks",
     )
     with WorkerPool(settings) as pool:
         yield pool
@@ -63,7 +66,7 @@ def require_osgeo() -> bool:
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory):
     """A PostgreSQL 15 cluster of the tests' own on 127.0.0.1, stopped at the end."""
-    from tests.deploy import Postgres, postgres_installed, unavailable
+    from tests.harness.deploy import Postgres, postgres_installed, unavailable
 
     if not postgres_installed():
         unavailable("PostgreSQL is not installed (apt-get install postgresql)")
@@ -80,7 +83,7 @@ def instance_setup(request):
     queue, pools and run monitoring, on a fresh database, runs as child processes)."""
     if request.param == "sqlite":
         return None, {}
-    from tests.deploy import postgres_instance_yaml
+    from tests.harness.deploy import postgres_instance_yaml
 
     name = "t_" + re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[-40:]
     return postgres_instance_yaml(), request.getfixturevalue("postgres").database(name)
@@ -91,7 +94,7 @@ def s3_server(tmp_path_factory):
     """A real S3 API server (moto) on 127.0.0.1 for a test module, stopped at its end:
     a server left running would be a child process the next module's orphan checks
     (tests/test_faults.py, tests/test_pool.py) rightly count."""
-    from tests.s3 import S3Server
+    from tests.harness.s3 import S3Server
 
     server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
     yield server

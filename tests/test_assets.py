@@ -21,7 +21,7 @@ from geoiso_dagster.defs.resources import SpatialWorkerPool
 from geoiso_dagster.defs.retries import MAX_WAIT_S, MIN_WAIT_S
 from geoiso_dagster.defs.steps import spec_of
 from geoiso_dagster.paths import output_path
-from tests.runs import retries, run_batch, run_events
+from tests.harness.runs import retries, run_batch, run_events
 
 # What each built-in asset's blocking check judges, as its spec says.
 CRITERIA_BY_ASSET = {spec_of(a).name: spec_of(a).criteria for a in geo_assets}
@@ -156,7 +156,7 @@ def test_failed_blocking_check_stops_downstream_and_publishes_nothing(
 ):
     assert _run(instance, countries).success
     good = _snapshot(data_root, countries)
-    result = _run(instance, countries, task_module="tests.tasks_lying_inspect")
+    result = _run(instance, countries, task_module="tests.standins.lying_inspect")
     assert not result.success
     failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
     # The file holds one row fewer than the step said, and than the source declares.
@@ -175,7 +175,9 @@ def test_failed_blocking_check_stops_downstream_and_publishes_nothing(
 
 @pytest.mark.timeout(120)
 def test_hung_worker_is_retried_with_backoff_then_fails(instance, data_root, countries):
-    result = _run(instance, countries, task_module="tests.tasks_hanging_ingest", task_timeout_s=1.0)
+    result = _run(
+        instance, countries, task_module="tests.standins.hanging_ingest", task_timeout_s=1.0
+    )
     assert not result.success
     waits = retries(instance, result)
     assert len(waits) == 2
@@ -203,7 +205,9 @@ def test_an_async_asset_can_fan_tasks_out(instance, data_root, countries):
     result = materialize(
         [two_views],
         instance=instance,
-        resources={"spatial_pool": SpatialWorkerPool.fixed(task_module="tests.pool_tasks")},
+        resources={
+            "spatial_pool": SpatialWorkerPool.fixed(task_module="tests.standins.pool_tasks")
+        },
     )
     assert result.success
 
@@ -220,7 +224,9 @@ def test_progress_reaches_the_run_log_while_the_worker_works(instance):
     result = materialize(
         [slow],
         instance=instance,
-        resources={"spatial_pool": SpatialWorkerPool.fixed(task_module="tests.pool_tasks")},
+        resources={
+            "spatial_pool": SpatialWorkerPool.fixed(task_module="tests.standins.pool_tasks")
+        },
     )
     logs = instance.all_logs(result.run_id)
     (message,) = [e for e in logs if e.user_message == "started the slow part"]
@@ -372,7 +378,9 @@ def test_a_long_step_says_how_far_it_is_at_regular_intervals(instance, monkeypat
     result = materialize(
         [long_step],
         instance=instance,
-        resources={"spatial_pool": SpatialWorkerPool.fixed(task_module="tests.pool_tasks")},
+        resources={
+            "spatial_pool": SpatialWorkerPool.fixed(task_module="tests.standins.pool_tasks")
+        },
     )
     assert result.success
     lines = [
@@ -399,7 +407,7 @@ def test_run_config_cannot_choose_the_workers_module_or_environment(instance):
     job = defs.resolve_job_def("geo_pipeline")  # the code location's own job and resource
     instance.add_dynamic_partitions(source_files.name, ["x.gpkg"])
     for field, value in (
-        ("task_module", "tests.pool_tasks"),
+        ("task_module", "tests.standins.pool_tasks"),
         ("worker_env", {"LD_PRELOAD": "/tmp/evil.so", "GEOISO_DATA_ROOT": "/"}),
     ):
         refused = {"resources": {"spatial_pool": {"config": {field: value}}}}
@@ -410,7 +418,9 @@ def test_run_config_cannot_choose_the_workers_module_or_environment(instance):
     def probe(context, spatial_pool: SpatialWorkerPool) -> None:
         runner = TaskRunner(spatial_pool.pool, context.log.info)
         facts = runner.run("read_env", name="GEOISO_TEST_MARKER").facts
-        context.add_output_metadata({"marker": facts["value"]})  # read_env: tests.pool_tasks
+        context.add_output_metadata(
+            {"marker": facts["value"]}
+        )  # read_env: tests.standins.pool_tasks
         assert spatial_pool.max_workers == 1
 
     result = materialize(
@@ -419,7 +429,7 @@ def test_run_config_cannot_choose_the_workers_module_or_environment(instance):
         run_config={"resources": {"spatial_pool": {"config": {"max_workers": 1}}}},
         resources={
             "spatial_pool": SpatialWorkerPool.fixed(
-                task_module="tests.pool_tasks", worker_env={"GEOISO_TEST_MARKER": "built"}
+                task_module="tests.standins.pool_tasks", worker_env={"GEOISO_TEST_MARKER": "built"}
             )
         },
     )

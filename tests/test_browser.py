@@ -10,7 +10,7 @@ import geopandas
 import pytest
 
 from geoiso_dagster.paths import output_path
-from tests.live import FAST_INBOX, REPO, DagsterDev
+from tests.harness.live import FAST_INBOX, REPO, DagsterDev
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"

@@ -14,7 +14,7 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance
 from geoiso_dagster.defs.assets import ASSET_NAMES, geo_assets
 from geoiso_dagster.defs.steps import spec_of
 from geoiso_dagster.paths import output_path
-from tests.live import materialize_command
+from tests.harness.live import materialize_command
 
 BIN = Path(sys.executable).parent
 SELECT = ",".join(ASSET_NAMES)

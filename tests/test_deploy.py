@@ -25,8 +25,8 @@ from dagster import DagsterRunStatus as Status
 
 from geoiso_dagster.defs.assets import ASSET_NAMES
 from geoiso_dagster.paths import output_path
-from tests.deploy import DockerEngine, Postgres, Stack, containers, inspect
-from tests.live import FAST_INBOX, launch_params
+from tests.harness.deploy import DockerEngine, Postgres, Stack, containers, inspect
+from tests.harness.live import FAST_INBOX, launch_params
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -349,7 +349,7 @@ def test_a_stack_on_a_bucket_reads_and_writes_it(engine, s3_server, naturalearth
     a file uploaded into the bucket's inbox is taken by the daemon's sensor, run in a
     container that reads and writes the bucket, and published there. The container gets
     the credentials as a read-only file, never as variables."""
-    from tests.s3 import ACCESS_KEY, SECRET_KEY, objects
+    from tests.harness.s3 import ACCESS_KEY, SECRET_KEY, objects
 
     s3_server.reset()
     client = s3_server.client()

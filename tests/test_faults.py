@@ -23,8 +23,8 @@ from geoiso_dagster.defs.assets import ASSET_NAMES, geo_assets
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import TASK_MODULE, SpatialWorkerPool
 from geoiso_dagster.paths import output_path
-from tests.live import materialize_command
-from tests.runs import retries, run_events
+from tests.harness.live import materialize_command
+from tests.harness.runs import retries, run_events
 
 KEY = "countries.gpkg"
 CONFIG = {"ops": {"dissolved_regions": {"config": {"dissolve_by": "continent"}}}}

@@ -14,7 +14,7 @@ from geoiso_dagster.errors import BadInputError, UnsafeNameError
 from geoiso_dagster.inbox import read_sidecar
 from geoiso_dagster.paths import output_path
 from geoiso_dagster.settings import check_aggregations, check_target_crs
-from tests.runs import retries
+from tests.harness.runs import retries
 
 
 def _run(key: str, config=None):

@@ -14,8 +14,8 @@ import pytest
 
 from geoiso_dagster.defs.assets import ASSET_NAMES
 from geoiso_dagster.paths import output_path
-from tests.deploy import postgres_instance_yaml
-from tests.live import BIN, FAST_INBOX, DagsterDev, launch_params
+from tests.harness.deploy import postgres_instance_yaml
+from tests.harness.live import BIN, FAST_INBOX, DagsterDev, launch_params
 
 LAUNCH = """
 mutation Launch($params: ExecutionParams!) {

@@ -21,7 +21,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from geoiso_dagster.defs.assets import ASSET_NAMES
 from geoiso_dagster.paths import output_path
 from geoiso_dagster.spatial import tasks
-from tests.live import BIN, FAST_INBOX, DagsterDev, covered_partitions, materialize_command
+from tests.harness.live import BIN, FAST_INBOX, DagsterDev, covered_partitions, materialize_command
 
 FILES = 20
 MAX_WORKERS = 2

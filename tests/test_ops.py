@@ -11,7 +11,7 @@ import shapely
 from geoiso_dagster.defs.resources import TASK_MODULE
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from geoiso_dagster.spatial import io
-from tests.grids import grid
+from tests.harness.grids import grid
 
 ROWS_PER_GROUP = 40  # countries: 177 rows in 5 row groups
 

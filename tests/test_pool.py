@@ -77,7 +77,9 @@ def test_timeout_kills_the_worker_and_the_next_task_runs(test_pool):
 
 
 def test_timed_out_worker_process_is_gone():
-    settings = PoolSettings(max_workers=1, task_timeout_s=1, task_module="tests.pool_tasks")
+    settings = PoolSettings(
+        max_workers=1, task_timeout_s=1, task_module="tests.standins.pool_tasks"
+    )
     with WorkerPool(settings) as pool:
         future = pool.submit("hang_in_c", seconds=60)
         time.sleep(0.5)
@@ -95,7 +97,10 @@ def test_memory_ceiling_stops_the_worker_and_names_the_limit():
     500 MB page by page once took longer than the shared pool's 3 s timeout, which then
     stopped the task before the ceiling could."""
     settings = PoolSettings(
-        max_workers=1, task_timeout_s=120, memory_limit_mb=500, task_module="tests.pool_tasks"
+        max_workers=1,
+        task_timeout_s=120,
+        memory_limit_mb=500,
+        task_module="tests.standins.pool_tasks",
     )
     with WorkerPool(settings) as pool:
         with pytest.raises(MemoryLimitError) as info:
@@ -233,7 +238,7 @@ def children():
         found.append(p.pid)
     return found
 
-pool = WorkerPool(PoolSettings(max_workers=2, task_module="tests.pool_tasks")).start()
+pool = WorkerPool(PoolSettings(max_workers=2, task_module="tests.standins.pool_tasks")).start()
 futures = [pool.submit("hang_in_c", seconds=60) for _ in range(2)]
 time.sleep(2)
 during = children()
@@ -263,7 +268,8 @@ def test_workers_die_when_the_run_process_is_killed(tmp_path):
         """
         import sys, time
         from geoiso_dagster.pool import PoolSettings, WorkerPool
-        pool = WorkerPool(PoolSettings(max_workers=1, task_module="tests.pool_tasks")).start()
+        settings = PoolSettings(max_workers=1, task_module="tests.standins.pool_tasks")
+        pool = WorkerPool(settings).start()
         pool.submit("report_pid")
         future = pool.submit("hang_in_c", seconds=120)
         time.sleep(1.5)
@@ -298,7 +304,8 @@ def test_workers_do_not_rerun_the_parents_main_module(tmp_path):
             from geoiso_dagster.pool import PoolSettings, WorkerPool
 
             if __name__ == "__main__":
-                with WorkerPool(PoolSettings(max_workers=1, task_module="tests.pool_tasks")) as p:
+                stand_ins = "tests.standins.pool_tasks"
+                with WorkerPool(PoolSettings(max_workers=1, task_module=stand_ins)) as p:
                     print(json.dumps(p.run("loaded_modules", names=["dagster"]).facts))
             """
         )
@@ -317,7 +324,9 @@ def test_workers_do_not_rerun_the_parents_main_module(tmp_path):
 def test_what_a_task_changes_in_its_worker_is_undone_before_the_next(tmp_path):
     """Workers are reused across the files of a run: what one file's task left changed
     in the process (environment, GDAL options, folder, umask) never reaches the next."""
-    settings = PoolSettings(max_workers=1, task_module="tests.pool_tasks", gdal_cachemax_mb=64)
+    settings = PoolSettings(
+        max_workers=1, task_module="tests.standins.pool_tasks", gdal_cachemax_mb=64
+    )
     with WorkerPool(settings) as pool:
         before = pool.run("look_at_state")
         careless = pool.run("leave_state_behind", folder=str(tmp_path))

@@ -1,4 +1,4 @@
-"""An s3:// data root against a real S3 API server on 127.0.0.1 (tests/s3.py): root
+"""An s3:// data root against a real S3 API server on 127.0.0.1 (tests/harness/s3.py): root
 parsing, the object store's errors, the bucket inbox, the sweep of staged objects."""
 
 import os
@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 
 from geoiso_dagster import dataroot, fsutil, inbox, objectstore, paths
+from geoiso_dagster.defs.assets import geo_assets
+from geoiso_dagster.defs.steps import sidecar_rules
 from geoiso_dagster.errors import (
     BadInputError,
     StorageAccessError,
     TransientIOError,
     UnsafeNameError,
 )
-from tests.s3 import ACCESS_KEY, SECRET_KEY, FaultyProxy, S3Server, free_port, open_uploads
+from tests.harness.s3 import ACCESS_KEY, SECRET_KEY, FaultyProxy, S3Server, free_port, open_uploads
 
 BIN = Path(sys.executable).parent
 ROOT = objectstore.S3Root("geo", "team-a")
@@ -162,7 +164,8 @@ def test_the_bucket_inbox_lists_every_page_and_applies_the_local_rules(s3_root, 
     _put(client, "other/d.gpkg", b"x")  # outside the inbox
 
     later = time.time() + 60
-    scan = inbox.scan(settle_s=5, now=later)
+    rules = sidecar_rules(geo_assets)  # what the built-in steps let a sidecar set
+    scan = inbox.scan(settle_s=5, now=later, rules=rules)
     ready = {f.key: f for f in scan.ready}
     assert len(ready) == 1031 and "a.gpkg" in ready and "f1029.geojson" in ready
     assert ready["a.gpkg"].run_config == {
@@ -173,12 +176,12 @@ def test_the_bucket_inbox_lists_every_page_and_applies_the_local_rules(s3_root, 
     assert ".hidden.gpkg" not in ready and "c.gpkg" not in ready and "d.gpkg" not in ready
 
     # Settling: a fresh object waits; its fingerprint follows its content (the ETag).
-    assert "changed" in inbox.scan(settle_s=5).waiting["a.gpkg"]
+    assert "changed" in inbox.scan(settle_s=5, rules=rules).waiting["a.gpkg"]
     seen = {"a.gpkg": ready["a.gpkg"].fingerprint}
-    again = inbox.scan(settle_s=5, now=later, seen=seen)
+    again = inbox.scan(settle_s=5, now=later, seen=seen, rules=rules)
     assert "a.gpkg" in again.seen_again and "a.gpkg" not in {f.key for f in again.ready}
     _put(client, "inbox/a.gpkg", b"gpkg, delivered again")
-    changed = inbox.scan(settle_s=0, now=time.time() + 1, seen=seen)
+    changed = inbox.scan(settle_s=0, now=time.time() + 1, seen=seen, rules=rules)
     assert ready["a.gpkg"].fingerprint != {f.key: f for f in changed.ready}["a.gpkg"].fingerprint
     # With a cursor, what did not change since is counted, not looked at.
     assert inbox.scan(settle_s=0, since=time.time() + 5).unchanged == 1033

@@ -18,8 +18,8 @@ from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import TASK_MODULE, SpatialWorkerPool
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.pool import PoolSettings, WorkerPool
-from tests.runs import failure_of, retries
-from tests.s3 import ACCESS_KEY, SECRET_KEY, FaultyProxy, assert_secretless
+from tests.harness.runs import failure_of, retries
+from tests.harness.s3 import ACCESS_KEY, SECRET_KEY, FaultyProxy, assert_secretless
 
 INBOX = "team-a/inbox"
 WAREHOUSE = "team-a/warehouse"
@@ -167,7 +167,7 @@ def test_gdal_opens_only_the_source_objects_and_only_while_reading(countries, s3
     ]
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        settings = PoolSettings(max_workers=1, task_module="tests.tasks_s3_sources")
+        settings = PoolSettings(max_workers=1, task_module="tests.standins.s3_sources")
         with WorkerPool(settings) as pool:
             facts = pool.run("open_while_reading", source=source, others=others).facts
     finally:
@@ -267,7 +267,7 @@ def test_a_source_replaced_while_it_was_read_is_read_again(
     geopandas.read_file(countries["fgb"]).head(100).to_file(smaller)
     monkeypatch.setenv("GEOISO_TEST_REPLACEMENT", str(smaller))
     with instance_for_test() as instance:
-        result = _run(instance, name, task_module="tests.tasks_s3_sources")
+        result = _run(instance, name, task_module="tests.standins.s3_sources")
         assert result.success and len(retries(instance, result)) == 1
         logged = "\n".join(e.user_message or "" for e in instance.all_logs(result.run_id))
     assert f"s3://geo/{INBOX}/countries.fgb: changed while it was being read" in logged

@@ -8,8 +8,8 @@ import time
 import geopandas
 import pytest
 
-from tests.live import FAST_INBOX, DagsterDev
-from tests.s3 import SECRET_KEY, objects
+from tests.harness.live import FAST_INBOX, DagsterDev
+from tests.harness.s3 import SECRET_KEY, objects
 from tests.test_live import RUNS, _wait_run
 
 WAREHOUSE = "team-a/warehouse"

@@ -22,9 +22,9 @@ from dagster import AssetKey, DagsterInstance, instance_for_test, materialize
 from geoiso_dagster.defs.assets import ASSET_NAMES, geo_assets
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import SpatialWorkerPool
-from tests.live import materialize_command
-from tests.runs import failure_of, retries
-from tests.s3 import (
+from tests.harness.live import materialize_command
+from tests.harness.runs import failure_of, retries
+from tests.harness.s3 import (
     FaultyProxy,
     S3Server,
     assert_secretless,

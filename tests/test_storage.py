@@ -9,8 +9,8 @@ import sqlalchemy
 from dagster import DagsterInstance
 
 from geoiso_dagster.postgres_events import PooledPostgresEventLogStorage
-from tests.deploy import postgres_instance_yaml
-from tests.live import report_check_events
+from tests.harness.deploy import postgres_instance_yaml
+from tests.harness.live import report_check_events
 
 
 def test_events_reuse_one_connection_and_survive_a_postgres_restart(postgres, tmp_path):

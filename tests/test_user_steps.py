@@ -35,8 +35,8 @@ from geoiso_dagster.errors import (
 from geoiso_dagster.paths import output_path, reference_dir
 from geoiso_dagster.pool import PoolSettings, WorkerPool
 from geoiso_dagster.spatial import io
-from tests.grids import grid
-from tests.runs import failure_of, retries, run_batch, run_events
+from tests.harness.grids import grid
+from tests.harness.runs import failure_of, retries, run_batch, run_events
 
 KEY = "countries.gpkg"
 
@@ -77,7 +77,7 @@ def _run(instance, extra, key=KEY, run_config=None, selection=None):
 def test_a_step_of_your_own_gets_the_envelope_of_the_built_in_ones(instance, countries):
     areas = geo_asset(
         "country_areas",
-        task="tests.user_steps:area_km2",
+        task="tests.standins.user_steps:area_km2",
         upstream="reprojected_features",
         config=AreaConfig,
     )
@@ -119,7 +119,7 @@ def test_a_plain_to_parquet_step_works_on_a_fresh_data_root(instance, countries,
     on a root whose warehouse has no folder for the new asset yet: the envelope prepares
     the output's folder, as it does for the built-in writers."""
     plain = geo_asset(
-        "plain_copy", task="tests.user_steps:plain_to_parquet", upstream="raw_features"
+        "plain_copy", task="tests.standins.user_steps:plain_to_parquet", upstream="raw_features"
     )
     assert not (data_root / "warehouse" / "plain_copy").exists()
     result = _run(instance, [plain], selection=["raw_features", "plain_copy"])
@@ -143,8 +143,8 @@ class FlatGeobufOutput(OutputKind):
 
     name: str = "flatgeobuf"
     suffix: str = ".fgb"
-    read_back: str = "tests.user_steps:inspect_flatgeobuf"
-    describe: str = "tests.user_steps:describe_flatgeobuf"
+    read_back: str = "tests.standins.user_steps:inspect_flatgeobuf"
+    describe: str = "tests.standins.user_steps:describe_flatgeobuf"
     criteria: dict = field(
         default_factory=lambda: {
             "readable_flatgeobuf": "The file opens with GDAL's FlatGeobuf driver.",
@@ -174,7 +174,7 @@ def test_a_second_output_kind_goes_through_the_same_envelope(instance, countries
     kind = FlatGeobufOutput()
     as_fgb = geo_asset(
         "as_fgb",
-        task="tests.user_steps:to_flatgeobuf",
+        task="tests.standins.user_steps:to_flatgeobuf",
         upstream="reprojected_features",
         output_kind=kind,
         criteria=("readable_flatgeobuf", "row_count_matches", "geometries_valid"),
@@ -202,7 +202,7 @@ def test_a_second_output_kind_goes_through_the_same_envelope(instance, countries
 
     short = geo_asset(
         "short_fgb",
-        task="tests.user_steps:to_flatgeobuf",
+        task="tests.standins.user_steps:to_flatgeobuf",
         upstream="reprojected_features",
         output_kind=kind,
         options={"drop": 1},
@@ -221,7 +221,7 @@ def test_a_second_output_kind_goes_through_the_same_envelope(instance, countries
     with pytest.raises(ValueError, match="unknown check criteria"):
         geo_asset(
             "bad",
-            task="tests.user_steps:to_flatgeobuf",
+            task="tests.standins.user_steps:to_flatgeobuf",
             upstream="raw_features",
             output_kind=kind,
             criteria=("readable_geoparquet",),
@@ -229,7 +229,7 @@ def test_a_second_output_kind_goes_through_the_same_envelope(instance, countries
     with pytest.raises(ValueError, match="cannot be joined"):
         geo_asset(
             "bad",
-            task="tests.user_steps:to_flatgeobuf",
+            task="tests.standins.user_steps:to_flatgeobuf",
             upstream="raw_features",
             output_kind=kind,
             splittable=True,
@@ -239,7 +239,7 @@ def test_a_second_output_kind_goes_through_the_same_envelope(instance, countries
 def test_config_fields_reach_the_function_as_keyword_arguments(instance, countries):
     areas = geo_asset(
         "country_areas",
-        task="tests.user_steps:area_km2",
+        task="tests.standins.user_steps:area_km2",
         upstream="raw_features",
         config=AreaConfig,
     )
@@ -251,7 +251,9 @@ def test_config_fields_reach_the_function_as_keyword_arguments(instance, countri
 
 
 def test_bad_input_raised_by_your_function_fails_once_naming_the_file(instance, countries):
-    refusing = geo_asset("big_only", task="tests.user_steps:refuse_small", upstream="raw_features")
+    refusing = geo_asset(
+        "big_only", task="tests.standins.user_steps:refuse_small", upstream="raw_features"
+    )
     result = _run(instance, [refusing])
     assert not result.success
     text = failure_of(result)
@@ -262,7 +264,9 @@ def test_bad_input_raised_by_your_function_fails_once_naming_the_file(instance, 
 
 
 def test_a_function_that_misreports_its_rows_is_stopped_by_the_blocking_check(instance, countries):
-    lying = geo_asset("lying", task="tests.user_steps:overstate_rows", upstream="raw_features")
+    lying = geo_asset(
+        "lying", task="tests.standins.user_steps:overstate_rows", upstream="raw_features"
+    )
     result = _run(instance, [lying])
     assert not result.success
     (check,) = [
@@ -277,7 +281,7 @@ def test_a_function_that_misreports_its_rows_is_stopped_by_the_blocking_check(in
 
 
 def test_a_function_that_returns_no_dict_is_a_task_error(instance, countries):
-    odd = geo_asset("odd", task="tests.user_steps:not_a_dict", upstream="raw_features")
+    odd = geo_asset("odd", task="tests.standins.user_steps:not_a_dict", upstream="raw_features")
     result = _run(instance, [odd])
     text = failure_of(result)
     assert "returned list, not a dict of facts" in text
@@ -331,13 +335,19 @@ def test_a_splittable_join_fans_out_and_equals_geopandas_on_the_whole_frames(
 
 
 def test_task_references_and_definitions_are_checked_when_built():
-    for task in ("tests.user_steps", "tests.user_steps:_private", "a b:c", "x:y.z", "ingest"):
+    for task in (
+        "tests.standins.user_steps",
+        "tests.standins.user_steps:_private",
+        "a b:c",
+        "x:y.z",
+        "ingest",
+    ):
         with pytest.raises(ValueError, match="task"):
             geo_asset("bad", task=task, upstream="raw_features")
     with pytest.raises(ValueError, match="needs an upstream asset"):
-        geo_asset("bad", task="tests.user_steps:area_km2")
+        geo_asset("bad", task="tests.standins.user_steps:area_km2")
     with pytest.raises(ValueError, match="bad asset name"):
-        geo_asset("../escape", task="tests.user_steps:area_km2", upstream="raw_features")
+        geo_asset("../escape", task="tests.standins.user_steps:area_km2", upstream="raw_features")
     with pytest.raises(ValueError, match="contains a path separator"):
         Reference("../zones.parquet")
     with pytest.raises(ValueError, match="not a GeoParquet file name"):
@@ -355,24 +365,24 @@ def test_the_pool_runs_a_function_of_your_own_with_its_guarantees(tmp_path, natu
     with WorkerPool(settings) as pool:
         seen = []
         facts = pool.run(
-            "tests.user_steps:area_km2",
+            "tests.standins.user_steps:area_km2",
             source=str(source),
             output=str(tmp_path / "a.parquet"),
             on_progress=seen.append,
         ).facts
         assert facts["rows"] == 177 and seen[0]["message"] == "measuring 177 features"
         with pytest.raises(BadInputError, match="fewer than 1000"):
-            pool.run("tests.user_steps:refuse_small", source=str(source), output="x")
+            pool.run("tests.standins.user_steps:refuse_small", source=str(source), output="x")
         with pytest.raises(WorkerTimeoutError, match="its worker was killed"):
-            pool.run("tests.user_steps:sleep", source=str(source), output="x", seconds=30)
+            pool.run("tests.standins.user_steps:sleep", source=str(source), output="x", seconds=30)
         with pytest.raises(MemoryLimitError, match="over its ceiling memory_limit_mb=300"):
-            pool.run("tests.user_steps:hoard", source=str(source), output="x")
+            pool.run("tests.standins.user_steps:hoard", source=str(source), output="x")
         with pytest.raises(WorkerCrashedError, match="killed by SIGSEGV"):
-            pool.run("tests.user_steps:crash", source=str(source), output="x")
+            pool.run("tests.standins.user_steps:crash", source=str(source), output="x")
         with pytest.raises(TaskError, match="No module named 'tests.nowhere'"):
             pool.run("tests.nowhere:step", source=str(source), output="x")
         with pytest.raises(ValueError, match="bad task reference"):
-            pool.run("tests.user_steps:area_km2; import os", source=str(source))
+            pool.run("tests.standins.user_steps:area_km2; import os", source=str(source))
 
 
 def test_a_batch_remainder_makes_a_teams_own_step_too(instance, data_root, naturalearth_shp):
@@ -386,7 +396,7 @@ def test_a_batch_remainder_makes_a_teams_own_step_too(instance, data_root, natur
     (data_root / "inbox" / "b.gpkg").write_bytes(b"not a GeoPackage" * 64)
     instance.add_dynamic_partitions(source_files.name, keys)
     areas = geo_asset(
-        "country_areas", task="tests.user_steps:area_km2", upstream="reprojected_features"
+        "country_areas", task="tests.standins.user_steps:area_km2", upstream="reprojected_features"
     )
     defs = build_definitions([areas])
     job = defs.resolve_job_def("geo_pipeline")
@@ -437,7 +447,7 @@ def test_a_sidecar_sets_what_the_steps_declare_and_nothing_else(
     monkeypatch.setenv("GEOISO_INBOX_SETTLE_S", "0")
     areas = geo_asset(
         "sidecar_areas",
-        task="tests.user_steps:area_km2",
+        task="tests.standins.user_steps:area_km2",
         upstream="reprojected_features",
         config=AreaConfig,
         sidecar=("equal_area_crs",),
@@ -474,8 +484,9 @@ def test_a_sidecar_sets_what_the_steps_declare_and_nothing_else(
         "from geoiso_dagster import build_definitions, geo_asset\n"
         "class AreaConfig(Config):\n"
         "    equal_area_crs: str = 'EPSG:6933'\n"
-        "defs = build_definitions([geo_asset('sidecar_areas', task='tests.user_steps:area_km2',"
-        " upstream='reprojected_features', config=AreaConfig, sidecar=('equal_area_crs',))])\n"
+        "defs = build_definitions([geo_asset('sidecar_areas',"
+        " task='tests.standins.user_steps:area_km2', upstream='reprojected_features',"
+        " config=AreaConfig, sidecar=('equal_area_crs',))])\n"
     )
     monkeypatch.syspath_prepend(str(location))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
@@ -491,7 +502,7 @@ def test_a_sidecar_sets_what_the_steps_declare_and_nothing_else(
     with pytest.raises(ValueError, match="claimed by both"):
         clash = geo_asset(
             "clash",
-            task="tests.user_steps:area_km2",
+            task="tests.standins.user_steps:area_km2",
             upstream="raw_features",
             config=ReprojectConfig,
             sidecar=("target_crs",),

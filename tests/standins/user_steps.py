@@ -1,5 +1,5 @@
 """A team's own worker functions, as a user would write them (worker layer: imports
-geopandas), for tests/test_user_steps.py. Named as "tests.user_steps:function"."""
+geopandas), for tests/test_user_steps.py. Named as "tests.standins.user_steps:function"."""
 
 import time
 

@@ -20,7 +20,7 @@ import psutil
 BIN = Path(sys.executable).parent
 # A sensor that reacts within seconds, for tests and benchmarks (defaults: 5 s, 15 s).
 FAST_INBOX = {"GEOISO_INBOX_SETTLE_S": "1", "GEOISO_INBOX_INTERVAL_S": "5"}
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 _READY = """{

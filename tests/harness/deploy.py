@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.live import REPO, free_port
+from tests.harness.live import REPO, free_port
 
 SCRIPTS = REPO / "scripts"
 REQUIRED = os.environ.get("GEOISO_REQUIRE_DEPLOY") == "1"
