@@ -120,6 +120,26 @@ def test_worker_code_calls_into_the_task_api_not_the_pool():
     assert {m: t for m, t in reaching.items() if t} == {}
 
 
+def test_the_pool_names_no_module_of_the_worker_layer():
+    """The pool is given its task module by its caller (PoolSettings.task_module): none
+    of its modules imports spatial/ or ops/, or names one in a string (a preload list,
+    a default)."""
+    package = Path(geoiso_dagster.__file__).parent
+    graph = _import_graph(package)
+    pool = [m for m in graph if m.startswith("geoiso_dagster.pool")]
+    assert "geoiso_dagster.pool._forkserver" in pool
+    worker_layer = ("geoiso_dagster.spatial", "geoiso_dagster.ops")
+    assert {m: sorted(t for t in graph[m] if t.startswith(worker_layer)) for m in pool} == {
+        m: [] for m in pool
+    }
+    named = [
+        path.name
+        for path in (package / "pool").glob("*.py")
+        if re.search(r"geoiso_dagster\.(spatial|ops)\b", path.read_text())
+    ]
+    assert named == []
+
+
 # What asks "a folder or a bucket?": the predicates and type tests that tell the two
 # kinds of data root (or a path from an object URI) apart.
 _STORAGE_BRANCH = re.compile(

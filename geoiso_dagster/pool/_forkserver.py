@@ -40,8 +40,11 @@ def _environ(env: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def acquire(env: dict[str, str]) -> multiprocessing.context.BaseContext:
-    """A forkserver context whose server runs with `env`; pair with `release()`."""
+def acquire(
+    env: dict[str, str], modules: tuple[str, ...] = ()
+) -> multiprocessing.context.BaseContext:
+    """A forkserver context whose server runs with `env` and has imported the geo stack
+    and `modules` (the pool's task module: its caller's); pair with `release()`."""
     global _users, _env_started_with
     ctx = multiprocessing.get_context("forkserver")
     with _lock:
@@ -52,7 +55,7 @@ def acquire(env: dict[str, str]) -> multiprocessing.context.BaseContext:
             # still apply their own environment in their initializer.
             log.warning("forkserver already running with another worker environment")
         if _users == 0 or _env_started_with is None:
-            ctx.set_forkserver_preload(_PRELOAD)
+            ctx.set_forkserver_preload([*_PRELOAD, *modules])
             with _environ(env | _parent_main()):
                 multiprocessing.forkserver.ensure_running()
             _env_started_with = dict(env)

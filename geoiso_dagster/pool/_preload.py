@@ -35,8 +35,6 @@ import pyogrio  # noqa: E402, F401
 import pyproj  # noqa: E402, F401
 import shapely  # noqa: E402, F401
 
-import geoiso_dagster.spatial.tasks  # noqa: E402, F401
-
 try:  # the optional GDAL bindings: load them before the fork too, when installed
     from osgeo import gdal  # noqa: F401
 except ImportError:

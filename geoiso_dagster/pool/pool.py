@@ -166,7 +166,7 @@ class WorkerPool:
             reused=s.max_tasks_per_worker != 1,
         )
         if s.start_method == "forkserver":
-            context = _forkserver.acquire(s.env)
+            context = _forkserver.acquire(s.env, (s.task_module,) if s.task_module else ())
             self._uses_forkserver = True
         else:
             import multiprocessing
