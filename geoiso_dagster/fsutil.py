@@ -158,7 +158,7 @@ def remove_attempt(staged: Path, keep_staged: bool = False) -> list[Path]:
     of this writer with its own token) and every temp made from it (fan-out parts, the
     workers' temps of those), whoever their writers were and whether or not they live.
     Call it once nothing of the attempt runs any more (WorkerPool.cancel); `keep_staged`
-    leaves the staged file itself (to be removed with its object, envelope.discard)."""
+    leaves the staged file itself (removed with its object by the data root's discard)."""
     removed: list[Path] = []
     if not staged.parent.is_dir():
         return removed

@@ -218,22 +218,19 @@ def test_a_second_output_kind_goes_through_the_same_envelope(instance, countries
     assert check.metadata["row_count_matches"].value == {"passed": False, "in_file": 176}
     folder = output_path("short_fgb", KEY, suffix=".fgb").parent
     assert list(folder.iterdir()) == []  # neither published nor left staged
-    with pytest.raises(ValueError, match="unknown check criteria"):
-        geo_asset(
-            "bad",
-            task="tests.standins.user_steps:to_flatgeobuf",
-            upstream="raw_features",
-            output_kind=kind,
-            criteria=("readable_geoparquet",),
-        )
-    with pytest.raises(ValueError, match="cannot be joined"):
-        geo_asset(
-            "bad",
-            task="tests.standins.user_steps:to_flatgeobuf",
-            upstream="raw_features",
-            output_kind=kind,
-            splittable=True,
-        )
+    refused = (
+        ({"criteria": ("readable_geoparquet",)}, "unknown check criteria"),
+        ({"splittable": True}, "cannot be joined"),
+    )
+    for wrong, why in refused:
+        with pytest.raises(ValueError, match=why):
+            geo_asset(
+                "bad",
+                task="tests.standins.user_steps:to_flatgeobuf",
+                upstream="raw_features",
+                output_kind=kind,
+                **wrong,
+            )
 
 
 def test_config_fields_reach_the_function_as_keyword_arguments(instance, countries):

@@ -139,7 +139,7 @@ def geo_asset(
         # (spatial/sources.py), and a step of the user's own reads its checked output.
         raise ValueError(f"{name}: a task step needs an upstream asset (raw_features or later)")
 
-    spec = StepSpec(name, step, upstream_name, extra, criteria)
+    spec = StepSpec(name, step, upstream_name, extra, criteria, config)
     _SPECS[name] = spec
 
     def compute(context: AssetExecutionContext, spatial_pool: SpatialWorkerPool, config=None):
@@ -173,15 +173,17 @@ _SPECS: dict[str, "StepSpec"] = {}
 
 @dataclass(frozen=True)
 class StepSpec:
-    """What geo_asset knows of an asset's step: its name, its Step, what it reads (the
-    upstream asset's output, or with none an inbox source; more inputs by keyword) and
-    what its blocking check judges."""
+    """An asset as geo_asset declared it, in one place: its name, its Step (how it makes
+    its file, the kind of file, the catalog facts and sidecar settings it has), what it
+    reads (the upstream asset's output, or with none an inbox source; more inputs by
+    keyword), what its blocking check judges, and its config class (None: no config)."""
 
     name: str
     step: Step
     upstream: str | None
     inputs: Mapping[str, Union[AssetRef, "Reference"]]
     criteria: tuple[str, ...]
+    config: Optional[type[Config]] = None
 
     def work(self, key: str, options: Mapping[str, Any]) -> FileWork:
         """The step's work on partition `key`'s file with the config's `options`."""
