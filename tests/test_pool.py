@@ -21,6 +21,7 @@ from geoiso_dagster.errors import (
     WorkerTimeoutError,
 )
 from geoiso_dagster.pool import PoolSettings, WorkerPool
+from geoiso_dagster.pool.worker import owner_alive, start_ticks
 from tests.conftest import require_osgeo
 
 
@@ -139,6 +140,22 @@ def test_bad_input_comes_back_as_bad_input(test_pool, tmp_path):
     with pytest.raises(BadInputError) as info:
         test_pool.run("ingest", source=str(tmp_path / "nope.gpkg"), output=str(tmp_path / "o"))
     assert info.value.path == str(tmp_path / "nope.gpkg")
+
+
+def test_workers_know_their_owner_across_a_step_of_the_wall_clock(monkeypatch):
+    """A step of the wall clock (NTP, a virtual machine restored or forked) moves the boot
+    time psutil adds to every create_time read afterwards: an owner identified by its
+    create_time looked dead to every worker started after the step, and they all left
+    with their tasks unrun. The owner check counts clock ticks since boot instead."""
+    import psutil._pslinux
+
+    me = os.getpid()
+    ticks, created = start_ticks(me), psutil.Process(me).create_time()
+    booted = psutil._pslinux.boot_time()
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: booted + 3600.0)
+    assert psutil.Process(me).create_time() != created  # what the old check compared
+    assert owner_alive(me, ticks)
+    assert not owner_alive(me, ticks + 1) and start_ticks(2**22 + 1) is None
 
 
 def test_a_pool_is_told_its_task_module_by_its_caller():

@@ -35,7 +35,13 @@ from geoiso_dagster.formats import ALLOWED_GDAL_DRIVERS
 from geoiso_dagster.pool import _forkserver, cgroup
 from geoiso_dagster.pool._events import EventListener
 from geoiso_dagster.pool.env import worker_env
-from geoiso_dagster.pool.worker import MEMORY_EXIT_CODE, WorkerSettings, initialize, run_task
+from geoiso_dagster.pool.worker import (
+    MEMORY_EXIT_CODE,
+    WorkerSettings,
+    initialize,
+    run_task,
+    start_ticks,
+)
 from geoiso_dagster.task_api import check_task_ref, is_qualified
 
 log = logging.getLogger(__name__)
@@ -158,7 +164,7 @@ class WorkerPool:
             memory_limit_bytes=s.memory_limit_mb * 2**20,
             address_space_limit_bytes=headroom * 2**20 if headroom else None,
             owner_pid=me.pid,
-            owner_create_time=me.create_time(),
+            owner_start_ticks=start_ticks(me.pid),
             events_address=self._events.address,
             task_module=s.task_module,
             allowed_gdal_drivers=s.allowed_gdal_drivers,
@@ -393,11 +399,12 @@ class WorkerPool:
 
     def _on_event(self, event: dict) -> None:
         if event.get("type") == "worker_started":
+            pid = int(event["pid"])
             try:
-                process = psutil.Process(int(event["pid"]))
+                process = psutil.Process(pid)
             except psutil.Error:
                 return
-            if process.create_time() == event["create_time"]:
+            if start_ticks(pid) == event["start_ticks"]:  # that worker, not a reused pid
                 self._workers = {pid: p for pid, p in self._workers.items() if p.is_running()} | {
                     process.pid: process
                 }

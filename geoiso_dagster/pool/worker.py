@@ -14,6 +14,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -40,7 +41,8 @@ class WorkerSettings:
     memory_limit_bytes: int
     address_space_limit_bytes: int | None
     owner_pid: int
-    owner_create_time: float
+    # When the owner started (start_ticks): with its pid, who it is.
+    owner_start_ticks: int
     events_address: str
     task_module: str | None
     allowed_gdal_drivers: frozenset[str] | None = None
@@ -138,7 +140,7 @@ def initialize(settings: WorkerSettings) -> None:
     task_api.connect(_report)
     # Tell the pool who we are, so its teardown can kill us even if pebble lost track.
     _state.events.send(
-        {"type": "worker_started", "pid": os.getpid(), "create_time": _state.process.create_time()}
+        {"type": "worker_started", "pid": os.getpid(), "start_ticks": start_ticks(os.getpid())}
     )
     threading.Thread(target=_watchdog, args=(_state,), name="geoiso-watchdog", daemon=True).start()
     # Everything alive now (the preloaded geo stack) lives as long as the worker: keep it
@@ -181,11 +183,23 @@ def _apply_geo_config(env: dict[str, str]) -> None:
         gdal.SetConfigOption(key, value)
 
 
-def _owner_alive(settings: WorkerSettings) -> bool:
+def start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (field 22 of /proc/<pid>/stat),
+    or None when there is no such process. With the pid, it names one process: a reused
+    pid has another start. psutil's create_time() is not used for this: it adds the boot
+    time as the wall clock gives it, which one process caches and another reads afresh,
+    so a step of the wall clock (NTP, a virtual machine restored or forked) between the
+    two makes a live owner look dead, and every worker left at once."""
     try:
-        return psutil.Process(settings.owner_pid).create_time() == settings.owner_create_time
-    except psutil.Error:
-        return False
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def owner_alive(pid: int, ticks: int) -> bool:
+    """Whether the process that started at `ticks` as `pid` still runs."""
+    return start_ticks(pid) == ticks
 
 
 def _watchdog(state: _WorkerState) -> None:
@@ -209,7 +223,8 @@ def _watchdog(state: _WorkerState) -> None:
             )
             os._exit(MEMORY_EXIT_CODE)
         tick += 1
-        if tick % _OWNER_CHECK_EVERY == 0 and not _owner_alive(state.settings):
+        owner = (state.settings.owner_pid, state.settings.owner_start_ticks)
+        if tick % _OWNER_CHECK_EVERY == 0 and not owner_alive(*owner):
             # The run process is gone (killed, crashed): nobody will read our result.
             os._exit(0)
         time.sleep(_WATCH_INTERVAL_S)
