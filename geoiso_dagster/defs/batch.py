@@ -276,7 +276,7 @@ def _publish(context: AssetExecutionContext, asset_name: str, o: Outcome) -> Non
             context.log.error(f"{asset_name} {o.key}: {o.error}")
             return
         if seconds:
-            context.log.info(f"{asset_name} {o.key}: published to the bucket in {seconds:.1f} s")
+            context.log.info(f"{asset_name}: published to the bucket in {seconds:.1f} s: {o.key}")
         return
 
 
