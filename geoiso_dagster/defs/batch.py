@@ -109,7 +109,8 @@ def _one_file(
         outcome.attempts = attempt
         staged = temp_path_for(output)
         try:
-            root.sweep(output)
+            if attempt == 1:  # a failed attempt sweeps after itself (_discard)
+                root.sweep(output)
             outcome.judged = stage_and_judge(runner, asset_name, outcome.work, staged)
         except GeoisoError as exc:
             _discard(root, staged, output)
@@ -154,15 +155,14 @@ def _run_files(
     threads queue it, and this thread, Dagster's, writes it."""
     stop = threading.Event()
     lines: queue.Queue[str] = queue.Queue()
-    # A batch's lines are named by their file; a file alone's need no name.
-    named = functools.partial(_name_if, len(keys) > 1)
     outcomes: dict[str, Outcome] = {}
     threads = ThreadPoolExecutor(max(1, pool.max_workers), thread_name_prefix="geoiso-file")
     try:
         pending = {
             threads.submit(
                 _one_file,
-                TaskRunner(pool.pool, functools.partial(_queue_line, lines, named(key))),
+                # A batch's lines are named by their file; a file alone's need no name.
+                TaskRunner(pool.pool, functools.partial(_queue_line, lines, _prefix(key, keys))),
                 asset_name,
                 key,
                 plan,
@@ -193,8 +193,8 @@ def _run_files(
     return [outcomes[k] for k in keys]
 
 
-def _name_if(several: bool, key: str) -> str:
-    return f"{key}: " if several else ""
+def _prefix(key: str, keys: Sequence[str]) -> str:
+    return f"{key}: " if len(keys) > 1 else ""
 
 
 def _queue_line(lines: "queue.Queue[str]", prefix: str, message: str) -> None:
