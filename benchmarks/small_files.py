@@ -28,6 +28,7 @@ the run processes. Results also go to benchmarks/results/small-files-<time>.json
 """
 
 import argparse
+import collections
 import json
 import shutil
 import statistics
@@ -301,6 +302,12 @@ def _split(instance: DagsterInstance, dropped: float, sources: list[Path]) -> di
                 "ended": stats.end_time,
                 "steps_s": sum((s.end_time or 0) - (s.start_time or 0) for s in steps),
                 "events": len(events),
+                "events_by_type": collections.Counter(
+                    r.event_log_entry.dagster_event.event_type_value
+                    if r.event_log_entry.is_dagster_event
+                    else "log message"
+                    for r in events
+                ),
             }
         )
     work_s = 0.0
@@ -329,6 +336,7 @@ def _split(instance: DagsterInstance, dropped: float, sources: list[Path]) -> di
         "steps_s_total": sum(r["steps_s"] for r in rows),
         "worker_task_s_total": work_s,
         "events_total": sum(r["events"] for r in rows),
+        "events_by_type": dict(sum((r["events_by_type"] for r in rows), collections.Counter())),
         "event_write_ms": event_ms,
         "runs_s_total": sum(r["ended"] - r["launched"] for r in rows),
     }
@@ -392,6 +400,8 @@ def main() -> None:
         f"{r['events_total']} events written ({r['events_total'] / n:.1f} a file; one asset "
         f"event costs {r['event_write_ms']:.1f} ms on this instance, measured after the run)"
     )
+    kinds = sorted(r["events_by_type"].items(), key=lambda kv: -kv[1])
+    print("events by type: " + ", ".join(f"{kind} {count}" for kind, count in kinds[:6]))
     print(
         f"memory: run process peak {r['run_process_peak_mb']:.0f} MB ({r['run_processes']} run "
         f"processes), pool process (forkserver, worker) peak {r['pool_process_peak_mb']:.0f} MB, "

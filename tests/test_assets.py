@@ -251,13 +251,17 @@ def test_the_real_steps_say_what_they_do(instance, data_root, countries):
 def test_a_batch_run_logs_what_each_files_tasks_say(instance, data_root, monkeypatch):
     """A run over a range of partitions (a sensor's batch, a backfill) says for every
     file what a one-file run says (its tasks' messages, its fan-out notes), each line
-    named by its file, in the run's own log."""
+    named by its file, in the run's own log: a step's lines together, in one message
+    every few seconds (here, with the interval longer than the run, one a step), not one
+    database write a line."""
     import geopandas
     import numpy as np
     import shapely
 
     from geoiso_dagster.definitions import defs
-    from geoiso_dagster.defs import fanout
+    from geoiso_dagster.defs import batch, fanout
+
+    monkeypatch.setattr(batch, "_BATCH_LOG_EVERY_S", 3600.0)
 
     keys = ["a.gpkg", "b.gpkg", "c.parquet"]
     for key in keys[:2]:
@@ -272,7 +276,11 @@ def test_a_batch_run_logs_what_each_files_tasks_say(instance, data_root, monkeyp
     instance.add_dynamic_partitions(source_files.name, keys)
     result = run_batch(defs.resolve_job_def("geo_pipeline"), instance, keys, CONFIG)
     assert result.success
-    messages = [e.user_message for e in instance.all_logs(result.run_id)]
+    said = [e for e in instance.all_logs(result.run_id) if e.step_key and not e.dagster_event]
+    by_step = {step: [e.user_message for e in said if e.step_key == step] for step in ASSET_NAMES}
+    for step, logged in by_step.items():  # the lines, then the step's own summary
+        assert len(logged) == 2 and logged[1].startswith(f"{step}: 3 of 3 files published"), logged
+    messages = [line for e in said for line in e.user_message.splitlines()]
     for key in keys[:2]:
         for said in (
             f"{key}: read and wrote 177 features from {key}",

@@ -57,12 +57,17 @@ from geoiso_dagster.defs.retries import (
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.errors import BadInputError, GeoisoError
 from geoiso_dagster.fsutil import temp_path_for
+from geoiso_dagster.pool import WorkerPool
 
 # Metadata key of a batch step's failure: {partition key: cause}, read by the sensor
 # that carries the other files of the batch on.
 FAILED_FILES = "failed_files"
 _MESSAGE_FILES = 20  # files named in the failure's text (all of them are in its metadata)
-_LOG_EVERY_S = 0.25  # how often the files' messages are written to the run log
+_LOG_EVERY_S = 0.25  # how often a file alone's messages are written to the run log
+# A batch's messages go out together, one log event this often: each event is a write to
+# the instance's database (about 30 ms on SQLite), which a batch of small files would
+# otherwise pay three or more times a file (benchmarks/small_files.py counts them).
+_BATCH_LOG_EVERY_S = 5.0
 
 
 @dataclass
@@ -75,7 +80,6 @@ class Outcome:
     # The failure's metadata (retries.describe_failure: the file and cause, a traceback).
     details: dict = field(default_factory=dict)
     attempts: int = 0
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -89,14 +93,62 @@ class Outcome:
         return f"blocking checks failed: {', '.join(failed)}"
 
 
+class _Lines:
+    """What the files' threads say, queued for Dagster's thread to write: info lines (a
+    batch's go out together, one message every few seconds) and warnings (each its own,
+    at once)."""
+
+    def __init__(self, together: bool):
+        self.together = together
+        self.every = _BATCH_LOG_EVERY_S if together else _LOG_EVERY_S
+        self._queue: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._written = time.monotonic()
+        self._warned = threading.Event()
+
+    def info(self, prefix: str, message: str) -> None:
+        self._queue.put(("info", f"{prefix}{message}"))
+
+    def warning(self, prefix: str, message: str) -> None:
+        self._queue.put(("warning", f"{prefix}{message}"))
+        self._warned.set()
+
+    def write(self, context: AssetExecutionContext, *, now: bool = False) -> None:
+        """Everything queued, if it is time (or `now`, or a warning waits)."""
+        if not (now or self._warned.is_set() or time.monotonic() - self._written >= self.every):
+            return
+        self._warned.clear()
+        self._written = time.monotonic()
+        infos: list[str] = []
+        while True:
+            try:
+                level, message = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if level == "info":
+                infos.append(message)
+                continue
+            self._infos(context, infos)
+            infos = []
+            context.log.warning(message)
+        self._infos(context, infos)
+
+    def _infos(self, context: AssetExecutionContext, infos: list[str]) -> None:
+        for message in ["\n".join(infos)] if self.together and infos else infos:
+            context.log.info(message)
+
+
 def _one_file(
-    runner: TaskRunner,
+    lines: _Lines,
+    pool: WorkerPool,
     asset_name: str,
     key: str,
     plan: Callable[[str, Mapping], FileWork],
     options: Mapping,
     stop: threading.Event,
+    prefix: str,
 ) -> Outcome:
+    # A batch's lines are named by their file; a file alone's need no name.
+    runner = TaskRunner(pool, functools.partial(lines.info, prefix))
     outcome = Outcome(key)
     try:
         outcome.work = plan(key, options)
@@ -121,7 +173,7 @@ def _one_file(
                 outcome.error = giving_up(exc, attempt)
                 return outcome
             wait = backoff_seconds(attempt - 1)
-            outcome.warnings.append(retrying(exc, attempt, wait))
+            lines.warning(prefix, retrying(exc, attempt, wait))
             stop.wait(wait)
             continue
         except BaseException:
@@ -152,33 +204,34 @@ def _run_files(
 ) -> list[Outcome]:
     """Every file through the envelope, as many at once as the pool has workers. What
     each file's tasks say reaches the run log (named by the file in a batch): the files'
-    threads queue it, and this thread, Dagster's, writes it."""
+    threads queue it, and this thread, Dagster's, writes it: a file alone's lines as they
+    come, a batch's every few seconds as one message of their lines."""
     stop = threading.Event()
-    lines: queue.Queue[str] = queue.Queue()
+    lines = _Lines(together=len(keys) > 1)
     outcomes: dict[str, Outcome] = {}
     threads = ThreadPoolExecutor(max(1, pool.max_workers), thread_name_prefix="geoiso-file")
     try:
         pending = {
             threads.submit(
                 _one_file,
-                # A batch's lines are named by their file; a file alone's need no name.
-                TaskRunner(pool.pool, functools.partial(_queue_line, lines, _prefix(key, keys))),
+                lines,
+                pool.pool,
                 asset_name,
                 key,
                 plan,
                 options,
                 stop,
+                _prefix(key, keys),
             )
             for key in keys
         }
         while pending:
             done, pending = wait(pending, timeout=_LOG_EVERY_S, return_when=FIRST_COMPLETED)
-            _write_lines(context, lines)
-            for future in done:
-                outcome = future.result()
+            finished = [future.result() for future in done]
+            # A failed file's lines go out before its error, which follows them at once.
+            lines.write(context, now=any(not o.passed for o in finished))
+            for outcome in finished:
                 outcomes[outcome.key] = outcome
-                for line in outcome.warnings:
-                    context.log.warning(f"{outcome.key}: {line}")
                 if not outcome.passed:
                     context.log.error(f"{asset_name} {outcome.key}: {outcome.cause}")
     except BaseException:
@@ -189,24 +242,12 @@ def _run_files(
                 dataroot.root().discard(outcome.staged)
         raise
     threads.shutdown()
-    _write_lines(context, lines)
+    lines.write(context, now=True)
     return [outcomes[k] for k in keys]
 
 
 def _prefix(key: str, keys: Sequence[str]) -> str:
     return f"{key}: " if len(keys) > 1 else ""
-
-
-def _queue_line(lines: "queue.Queue[str]", prefix: str, message: str) -> None:
-    lines.put(f"{prefix}{message}")
-
-
-def _write_lines(context: AssetExecutionContext, lines: "queue.Queue[str]") -> None:
-    while True:
-        try:
-            context.log.info(lines.get_nowait())
-        except queue.Empty:
-            return
 
 
 def _add_partition_metadata(
@@ -257,9 +298,10 @@ def _targets(
     return found
 
 
-def _publish(context: AssetExecutionContext, asset_name: str, o: Outcome) -> None:
+def _publish(context: AssetExecutionContext, asset_name: str, o: Outcome) -> str | None:
     """Publish a file that passed, by the same retry policy as its work; a file that
-    cannot be published fails alone, naming why, and keeps its previous output."""
+    cannot be published fails alone, naming why, and keeps its previous output. Returns
+    the line that says how long a bucket took, if it did."""
     root = dataroot.root()
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
@@ -274,10 +316,13 @@ def _publish(context: AssetExecutionContext, asset_name: str, o: Outcome) -> Non
             o.judged = None  # its checks passed on a file that is not published
             o.error = giving_up(exc, attempt) if exc.retryable else describe_failure(exc)[0]
             context.log.error(f"{asset_name} {o.key}: {o.error}")
-            return
-        if seconds:
-            context.log.info(f"{asset_name}: published to the bucket in {seconds:.1f} s: {o.key}")
-        return
+            return None
+        return (
+            f"{asset_name}: published to the bucket in {seconds:.1f} s: {o.key}"
+            if seconds
+            else None
+        )
+    raise AssertionError("unreachable")
 
 
 def _catalog(o: Outcome) -> dict:
@@ -299,8 +344,11 @@ def produce_files(
     good = [o for o in outcomes if o.passed]
     bad = [o for o in outcomes if not o.passed]
     asset_key = AssetKey(asset_name)
-    for o in good:  # in this thread, together, so that the catalog follows at once
-        _publish(context, asset_name, o)
+    # In this thread, together, so that the catalog follows at once; a batch's bucket
+    # timings in one message, like its other lines.
+    if said := [line for o in good if (line := _publish(context, asset_name, o))]:
+        for message in ["\n".join(said)] if len(keys) > 1 else said:
+            context.log.info(message)
     good = [o for o in outcomes if o.passed]
     bad = [o for o in outcomes if not o.passed]
     if not bad:
