@@ -6,7 +6,9 @@ shapefile, GeoJSON (and GeoJSON sequences), FlatGeobuf, GeoParquet (read by Arro
 a `.zip` holding one of them (unpacked by the worker, never by GDAL's /vsizip/).
 """
 
+import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 # suffix -> the GDAL driver that must read it
 GDAL_FORMATS = {
@@ -67,6 +69,13 @@ def pending_wal(name: str, sizes: Mapping[str, int]) -> int:
     if not name.lower().endswith(".gpkg"):
         return 0
     return sizes.get(name + "-wal", 0)
+
+
+def pending_wal_beside(path: Path) -> int:
+    """pending_wal of a GeoPackage on a local disk: its -wal's size, read beside it (a
+    link there counts by its own size: whether it may be opened is the jail's question)."""
+    wal = path.with_name(path.name + "-wal")
+    return pending_wal(path.name, {wal.name: wal.lstat().st_size if os.path.lexists(wal) else 0})
 
 
 def wal_waits(name: str) -> str:

@@ -146,11 +146,7 @@ def check_source_name(path: Path) -> None:
 
 def pending_wal(path: Path) -> str | None:
     """Why a GeoPackage file outside the inbox (`geoiso add`) is not ready, or None."""
-    wal = path.with_name(path.name + "-wal")
-    size = wal.stat().st_size if os.path.lexists(wal) else 0
-    return (
-        formats.wal_waits(path.name) if formats.pending_wal(path.name, {wal.name: size}) else None
-    )
+    return formats.wal_waits(path.name) if formats.pending_wal_beside(path) else None
 
 
 def _digest(entries: dict[str, dataroot.Entry]) -> str:

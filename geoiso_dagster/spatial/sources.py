@@ -104,9 +104,7 @@ def check_source_files(source: "Path | str") -> None:
 def _check_no_pending_wal(gpkg: Path) -> None:
     """A GeoPackage whose SQLite log holds changes is refused, with the fix
     (formats.pending_wal)."""
-    wal = gpkg.with_name(gpkg.name + "-wal")
-    size = wal.stat().st_size if os.path.lexists(wal) else 0
-    if formats.pending_wal(gpkg.name, {wal.name: size}):
+    if size := formats.pending_wal_beside(gpkg):
         raise BadInputError(str(gpkg), formats.wal_refusal(gpkg.name, size))
 
 
