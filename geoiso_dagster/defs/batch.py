@@ -137,6 +137,39 @@ class _Lines:
             context.log.info(message)
 
 
+@dataclass
+class Tried:
+    """How `_retried` ended: the value of the attempt that succeeded, or the failure."""
+
+    value: object = None
+    attempts: int = 0
+    error: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+def _retried(
+    attempt_once: Callable[[int], object],
+    warn: Callable[[str], None],
+    stop: threading.Event,
+) -> Tried:
+    """`attempt_once(n)` until it returns, by the project's one retry policy
+    (defs/retries.py): a transient GeoisoError is tried again after a backoff (announced
+    by `warn`), at most MAX_ATTEMPTS times, never once `stop` is set; anything else ends
+    it at once. Each attempt cleans up after itself."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            return Tried(attempt_once(attempt), attempt)
+        except GeoisoError as exc:
+            if not exc.retryable:
+                return Tried(None, attempt, *describe_failure(exc))
+            if attempt == MAX_ATTEMPTS or stop.is_set():
+                return Tried(None, attempt, giving_up(exc, attempt))
+            wait = backoff_seconds(attempt - 1)
+            warn(retrying(exc, attempt, wait))
+            stop.wait(wait)
+    raise AssertionError("unreachable")
+
+
 def _one_file(
     lines: _Lines,
     pool: WorkerPool,
@@ -155,36 +188,27 @@ def _one_file(
     except BadInputError as exc:
         outcome.error, outcome.details = describe_failure(exc)
         return outcome
-    output = outcome.work.output
-    root = dataroot.root()
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        outcome.attempts = attempt
-        staged = temp_path_for(output)
+    work, root = outcome.work, dataroot.root()
+
+    def attempt_once(attempt: int) -> tuple[Path, Judged]:
+        staged = temp_path_for(work.output)
         try:
             if attempt == 1:  # a failed attempt sweeps after itself (_discard)
-                root.sweep(output)
-            outcome.judged = stage_and_judge(runner, asset_name, outcome.work, staged)
-        except GeoisoError as exc:
-            _discard(root, staged, output)
-            if not exc.retryable:
-                outcome.error, outcome.details = describe_failure(exc)
-                return outcome
-            if attempt == MAX_ATTEMPTS or stop.is_set():
-                outcome.error = giving_up(exc, attempt)
-                return outcome
-            wait = backoff_seconds(attempt - 1)
-            lines.warning(prefix, retrying(exc, attempt, wait))
-            stop.wait(wait)
-            continue
+                root.sweep(work.output)
+            judged = stage_and_judge(runner, asset_name, work, staged)
         except BaseException:
-            _discard(root, staged, output)
+            _discard(root, staged, work.output)
             raise
-        if outcome.judged.passed:
-            outcome.staged = staged
-        else:
-            _discard(root, staged, output)
-        return outcome
-    raise AssertionError("unreachable")
+        if not judged.passed:
+            _discard(root, staged, work.output)
+        return staged, judged
+
+    tried = _retried(attempt_once, functools.partial(lines.warning, prefix), stop)
+    outcome.attempts, outcome.error, outcome.details = tried.attempts, tried.error, tried.details
+    if tried.value is not None:
+        staged, outcome.judged = tried.value
+        outcome.staged = staged if outcome.judged.passed else None
+    return outcome
 
 
 def _discard(root: "dataroot.Root", staged: Path, output: Path) -> None:
@@ -303,26 +327,19 @@ def _publish(context: AssetExecutionContext, asset_name: str, o: Outcome) -> str
     cannot be published fails alone, naming why, and keeps its previous output. Returns
     the line that says how long a bucket took, if it did."""
     root = dataroot.root()
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        try:
-            seconds = root.publish(o.staged, o.work.output)
-        except GeoisoError as exc:
-            if exc.retryable and attempt < MAX_ATTEMPTS:
-                wait = backoff_seconds(attempt - 1)
-                context.log.warning(f"{o.key}: publishing: {retrying(exc, attempt, wait)}")
-                time.sleep(wait)
-                continue
-            _discard(root, o.staged, o.work.output)
-            o.judged = None  # its checks passed on a file that is not published
-            o.error = giving_up(exc, attempt) if exc.retryable else describe_failure(exc)[0]
-            context.log.error(f"{asset_name} {o.key}: {o.error}")
-            return None
-        return (
-            f"{asset_name}: published to the bucket in {seconds:.1f} s: {o.key}"
-            if seconds
-            else None
-        )
-    raise AssertionError("unreachable")
+    tried = _retried(
+        lambda _attempt: root.publish(o.staged, o.work.output),
+        lambda line: context.log.warning(f"{o.key}: publishing: {line}"),
+        threading.Event(),
+    )
+    if tried.error is not None:
+        _discard(root, o.staged, o.work.output)
+        o.judged = None  # its checks passed on a file that is not published
+        o.error, o.details = tried.error, tried.details
+        context.log.error(f"{asset_name} {o.key}: {o.error}")
+        return None
+    seconds = tried.value
+    return f"{asset_name}: published to the bucket in {seconds:.1f} s: {o.key}" if seconds else None
 
 
 def _catalog(o: Outcome) -> dict:
