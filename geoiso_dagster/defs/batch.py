@@ -188,27 +188,33 @@ def _one_file(
     except BadInputError as exc:
         outcome.error, outcome.details = describe_failure(exc)
         return outcome
-    work, root = outcome.work, dataroot.root()
-
-    def attempt_once(attempt: int) -> tuple[Path, Judged]:
-        staged = temp_path_for(work.output)
-        try:
-            if attempt == 1:  # a failed attempt sweeps after itself (_discard)
-                root.sweep(work.output)
-            judged = stage_and_judge(runner, asset_name, work, staged)
-        except BaseException:
-            _discard(root, staged, work.output)
-            raise
-        if not judged.passed:
-            _discard(root, staged, work.output)
-        return staged, judged
-
+    attempt_once = functools.partial(
+        _attempt, runner=runner, asset_name=asset_name, work=outcome.work
+    )
     tried = _retried(attempt_once, functools.partial(lines.warning, prefix), stop)
     outcome.attempts, outcome.error, outcome.details = tried.attempts, tried.error, tried.details
     if tried.value is not None:
         staged, outcome.judged = tried.value
         outcome.staged = staged if outcome.judged.passed else None
     return outcome
+
+
+def _attempt(
+    attempt: int, *, runner: TaskRunner, asset_name: str, work: FileWork
+) -> tuple[Path, Judged]:
+    """One attempt at a file: staged and judged; a failed one leaves nothing staged."""
+    root = dataroot.root()
+    staged = temp_path_for(work.output)
+    try:
+        if attempt == 1:  # a failed attempt sweeps after itself (_discard)
+            root.sweep(work.output)
+        judged = stage_and_judge(runner, asset_name, work, staged)
+    except BaseException:
+        _discard(root, staged, work.output)
+        raise
+    if not judged.passed:
+        _discard(root, staged, work.output)
+    return staged, judged
 
 
 def _discard(root: "dataroot.Root", staged: Path, output: Path) -> None:
@@ -328,8 +334,8 @@ def _publish(context: AssetExecutionContext, asset_name: str, o: Outcome) -> str
     the line that says how long a bucket took, if it did."""
     root = dataroot.root()
     tried = _retried(
-        lambda _attempt: root.publish(o.staged, o.work.output),
-        lambda line: context.log.warning(f"{o.key}: publishing: {line}"),
+        functools.partial(_publish_once, root=root, o=o),
+        functools.partial(_warn_publishing, context, o.key),
         threading.Event(),
     )
     if tried.error is not None:
@@ -340,6 +346,14 @@ def _publish(context: AssetExecutionContext, asset_name: str, o: Outcome) -> str
         return None
     seconds = tried.value
     return f"{asset_name}: published to the bucket in {seconds:.1f} s: {o.key}" if seconds else None
+
+
+def _publish_once(attempt: int, *, root: "dataroot.Root", o: Outcome) -> float:
+    return root.publish(o.staged, o.work.output)
+
+
+def _warn_publishing(context: AssetExecutionContext, key: str, line: str) -> None:
+    context.log.warning(f"{key}: publishing: {line}")
 
 
 def _catalog(o: Outcome) -> dict:
