@@ -5,6 +5,7 @@ A setting is data, never a way to reach a file: PROJ strings can name files to r
 so both are checked before any worker sees them.
 """
 
+import functools
 import json
 import re
 
@@ -49,7 +50,7 @@ _PROJ_FILE_KEYS = {
 # 4./5. WKT and PROJJSON: their file references (PARAMETERFILE, parameter_file, a
 #    PROJ4_GRIDS or PROJ4 extension) are refused, and so is any path-like text in them.
 _WKT_START = re.compile(
-    r"^\s*(?:GEOGCS|PROJCS|GEOCCS|COMPD_CS|VERT_CS|LOCAL_CS|GEOGCRS|GEODCRS|PROJCRS|"
+    r"^\s*(?:GEOGCS|PROJCS|GEOCCS|COMPD_CS|VERT_CS|VERTCS|LOCAL_CS|GEOGCRS|GEODCRS|PROJCRS|"
     r"BOUNDCRS|COMPOUNDCRS|VERTCRS|ENGCRS|DERIVEDPROJCRS|GEOGRAPHICCRS|GEODETICCRS|"
     r"PROJECTEDCRS|BASEGEOGCRS)\s*\[",
     re.IGNORECASE,
@@ -57,20 +58,35 @@ _WKT_START = re.compile(
 _WKT_FILE = re.compile(r"PARAMETERFILE|PROJ4_GRIDS|\bINIT\s*=", re.IGNORECASE)
 _WKT_QUOTED = re.compile(r'"((?:[^"]|"")*)"')
 _PATHLIKE = re.compile(r"[/\\~]|^\s*\.")
+# In a name (of a CRS, or any text inside WKT or PROJJSON, which PROJ never opens: files
+# are named only by the keys refused above): what starts like a path or climbs out of
+# one. EPSG's own names hold slashes ("Schwarzeck / Lo22/25").
+_NAME_PATHLIKE = re.compile(r"^\s*[/~.]|\\|(?:^|/)\.\.(?:/|$)|//")
 
 
 def check_target_crs(value: str, where: str = "target_crs") -> str:
     """Refuse a CRS setting that is not one of the allowed forms, or that could make PROJ
     open a file of the setter's choosing (init files, grids by path, in PROJ strings,
     WKT1/WKT2 and PROJJSON alike). Parsing happens later, in a worker."""
-    why = _why_not_crs(value) if isinstance(value, str) else "is not text"
+    return check_crs(value, where, "target_crs")
+
+
+def check_crs(value: str, where: str, what: str) -> str:
+    """`value` as a CRS definition PROJ may be given: a setting (`what` names it) or what
+    a source declares (a .prj, a header, a GeoPackage's table, `geo` metadata, a GeoJSON
+    crs member): one grammar for all, since PROJ cannot tell them apart. BadInputError
+    naming `where` (the setting or the file) otherwise."""
+    why = why_not_crs(value) if isinstance(value, str) else "is not text"
     if why:
         shown = value[:80] if isinstance(value, str) else value
-        raise BadInputError(where, f"target_crs {shown!r} {why}")
+        raise BadInputError(where, f"{what} {shown!r} {why}")
     return value
 
 
-def _why_not_crs(value: str) -> str | None:
+@functools.lru_cache(maxsize=256)
+def why_not_crs(value: str) -> str | None:
+    """Why `value` may not be given to PROJ, or None (remembered: a step checks the same
+    definition in every file it reads)."""
     text = value.strip()
     if not text:
         return "is empty"
@@ -86,7 +102,7 @@ def _why_not_crs(value: str) -> str | None:
         return _why_not_proj_string(text)
     if _AUTHORITY_CODE.match(text):
         return None
-    if _CRS_NAME.match(text) and not _PATHLIKE.search(text.replace(" / ", " ")):
+    if _CRS_NAME.match(text) and not _NAME_PATHLIKE.search(text):
         return None
     return "is not an authority code (EPSG:6933), a CRS name, a PROJ string, WKT or PROJJSON"
 
@@ -121,7 +137,7 @@ def _why_not_value(value: str) -> str | None:
     "+proj=..."]) obeys the PROJ-string rules; anything else may not look like a path."""
     if "+" in value and "=" in value:
         return _why_not_proj_string(value)
-    if _PATHLIKE.search(value.replace(" / ", " ")):
+    if _NAME_PATHLIKE.search(value):
         return f"holds a path-like value {value[:40]!r}; files are never referenced"
     return None
 

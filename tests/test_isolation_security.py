@@ -1,5 +1,6 @@
 """The data root is a jail: no key, setting or symlink reads or writes outside it."""
 
+import contextlib
 import json
 import shutil
 
@@ -59,6 +60,34 @@ def test_crs_settings_that_name_files_are_refused(value):
 )
 def test_ordinary_crs_settings_pass(value):
     assert check_target_crs(value) == value
+
+
+def test_every_form_pyproj_writes_of_epsg_crs_passes_the_crs_rules():
+    """Sources are held to the target_crs rules (spatial/declared.py), so the rules must
+    not refuse what writers put in files: every 20th CRS of PROJ's EPSG database, as WKT2,
+    WKT1 (GDAL and ESRI flavours), PROJJSON and, where one exists, a PROJ string."""
+    import warnings
+
+    import pyproj
+    from pyproj.database import query_crs_info
+
+    refused, checked = [], 0
+    for info in query_crs_info(auth_name="EPSG")[::20]:
+        crs = pyproj.CRS.from_epsg(int(info.code))
+        forms = [crs.to_json(), crs.to_wkt()]
+        for version in ("WKT1_GDAL", "WKT1_ESRI"):
+            with contextlib.suppress(pyproj.exceptions.CRSError):
+                forms.append(crs.to_wkt(version))
+        with warnings.catch_warnings(), contextlib.suppress(pyproj.exceptions.CRSError):
+            warnings.simplefilter("ignore")
+            forms.append(crs.to_proj4())
+        for text in filter(None, forms):
+            checked += 1
+            with contextlib.suppress(BadInputError):
+                check_target_crs(text)
+                continue
+            refused.append((info.code, text[:60]))
+    assert checked > 1000 and refused == []
 
 
 def test_aggregations_are_an_allow_list():
