@@ -290,11 +290,13 @@ class BucketRoot:
     def in_place(uri: str) -> bool:
         """Whether the workers read inbox object `uri` where it is, rather than a fetched
         copy: sources are read in place (GEOISO_S3_SOURCES), it is not a zip (unpacked
-        from a local file), and its name can be given to GDAL safely."""
+        from a local file) or a GeoPackage (whose CRS table SQLite reads from a file before
+        GDAL opens it, spatial/declared.py; SQLite over range requests also pays a request
+        a page), and its name can be given to GDAL safely."""
         how = os.environ.get(SOURCES_ENV) or "in-place"
         if how not in ("in-place", "fetch"):
             raise BadInputError(f"{SOURCES_ENV}={how!r}", "must be 'in-place' or 'fetch'")
-        if how == "fetch" or uri.lower().endswith(formats.ARCHIVE_SUFFIXES):
+        if how == "fetch" or uri.lower().endswith((*formats.ARCHIVE_SUFFIXES, ".gpkg")):
             return False
         return objectstore.gdal_readable(uri)
 

@@ -119,7 +119,7 @@ def test_bad_input_fails_once_and_keeps_the_good_output(
     assert not result.success
     _, message = _failure(result)
     assert str(data_root / "inbox" / countries) in message
-    assert "is not readable as GPKG data, the format its suffix names" in message
+    assert "cannot be read as a GeoPackage (SQLite: file is not a database)" in message
     assert retries(instance, result) == []
     assert result.asset_materializations_for_node("reprojected_features") == []
     assert _snapshot(data_root, countries) == good

@@ -85,18 +85,25 @@ def test_a_vrt_to_a_url_sends_no_request_and_the_test_can_tell(data_root, http_s
     source = _vrt(data_root / "inbox" / "remote.gpkg", url)
     output = data_root / "warehouse" / "raw.parquet"
     allow_url = {"CPL_VSIL_CURL_ALLOWED_FILENAME": url}
+    # The first layer: the content is not the suffix's format, so GDAL never sees it.
+    with WorkerPool(PoolSettings(task_module=TASK_MODULE, max_workers=1)) as pool:
+        with pytest.raises(BadInputError, match="its content is not GPKG data"):
+            pool.run("ingest", source=str(source), output=str(output))
+    assert http_server.hits == [] and not output.exists()
+    # The layers under it, each alone: GDAL itself opens the file in the worker.
+    probe = "tests.standins.pool_tasks:gdal_read_info"
     layers = [
-        ({}, "is not readable as GPKG"),  # both: the VRT driver is gone
+        ({}, "not recognized"),  # both: the VRT driver is gone
         ({"allowed_gdal_drivers": None}, "Failed to open datasource"),  # the network switch
-        ({"env_overrides": allow_url}, "is not readable as GPKG"),  # the driver allow-list
+        ({"env_overrides": allow_url}, "not recognized"),  # the driver allow-list
     ]
     for settings, cause in layers:
         with WorkerPool(PoolSettings(task_module=TASK_MODULE, max_workers=1, **settings)) as pool:
             with pytest.raises(BadInputError, match=cause):
-                pool.run("ingest", source=str(source), output=str(output))
-        assert http_server.hits == [] and not output.exists(), settings
-    # With both layers lifted (the URL explicitly allowed), GDAL fetches it: this test
-    # would see a request.
+                pool.run(probe, path=str(source))
+        assert http_server.hits == [], settings
+    # With both lifted (the URL explicitly allowed), GDAL fetches it: this test would see
+    # a request.
     with WorkerPool(
         PoolSettings(
             task_module=TASK_MODULE,
@@ -105,8 +112,8 @@ def test_a_vrt_to_a_url_sends_no_request_and_the_test_can_tell(data_root, http_s
             env_overrides=allow_url,
         )
     ) as pool:
-        with pytest.raises(BadInputError):
-            pool.run("ingest", source=str(source), output=str(output))
+        with pytest.raises(BadInputError):  # the server's answer is no layer
+            pool.run(probe, path=str(source))
     assert http_server.hits, "the unjailed worker should have reached the server"
 
 

@@ -26,7 +26,8 @@ import pyproj
 import shapely
 
 from geoiso_dagster.errors import BadInputError
-from geoiso_dagster.spatial import integrity, io, sources
+from geoiso_dagster.settings import check_crs
+from geoiso_dagster.spatial import declared, integrity, io, sources
 from geoiso_dagster.spatial.io import BBOX_FIELDS, bbox_column
 from geoiso_dagster.spatial.stream import TableSink
 
@@ -134,8 +135,8 @@ def _ingest(source, tmp, features, batch_rows, group_rows, on_batch, part, layer
     elif suffix == ".shp":
         integrity.check_shapefile(source)
     with _open(source, features, batch_rows, layer) as src:
-        if suffix in (".geojson", ".json"):  # before any row: the cause, not its symptom
-            integrity.check_geojson_crs(source, src.crs)
+        if suffix in declared.GEOJSON_SUFFIXES:  # before any row: the cause, not its symptom
+            integrity.check_geojson_crs(source, sources.geojson_crs_names(source), src.crs)
         rows, geo, runs = _write(source, tmp, src, group_rows, on_batch, part)
     if src.expected is not None and rows != src.expected:
         raise BadInputError(
@@ -246,6 +247,7 @@ def _crs(source: Path, declared: str | None) -> pyproj.CRS:
             "has no coordinate reference system (for a shapefile: its .prj file is missing); "
             "set the CRS at the source, this pipeline never guesses one",
         )
+    check_crs(declared, str(source), "the CRS GDAL read")  # as declared, checked before
     try:
         return pyproj.CRS.from_user_input(declared)
     except pyproj.exceptions.CRSError as exc:

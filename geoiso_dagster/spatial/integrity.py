@@ -3,10 +3,8 @@
 Each raises BadInputError naming the file and what is wrong with it.
 """
 
-import re
 import struct
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +15,6 @@ from geoiso_dagster.errors import BadInputError, GeoisoError
 from geoiso_dagster.spatial import io
 
 _SHP_HEADER = 100
-# A GeoJSON 'crs' member (GeoJSON 2008; RFC 7946 dropped it) and, within its object, its type
-# and the name of a named CRS. Any position in the file: a writer may put it after features.
-_GEOJSON_CRS_MEMBER = re.compile(rb'"crs"\s*:\s*\{')
-_GEOJSON_CRS_TYPE = re.compile(rb'^\s*"type"\s*:\s*"([^"]*)"|[,{]\s*"type"\s*:\s*"([^"]*)"')
-_GEOJSON_CRS_NAME = re.compile(rb'"name"\s*:\s*"([^"]+)"')
-_LOOKAHEAD = 4096
 
 
 def check_shapefile(shp: "Path | str") -> None:
@@ -86,40 +78,13 @@ def shapes_with_geometry(shp: "Path | str") -> int:
     return sum(length > 2 for _, length in struct.iter_unpack(">ii", index[_SHP_HEADER:]))
 
 
-def _geojson_crs_members(path: "Path | str") -> Iterator[bytes]:
-    """The text after each '"crs": {' in the file (up to 4 kB each), read in 1 MiB chunks
-    that overlap by 4 kB, so that a member across a chunk boundary is still seen whole."""
-    buffer = b""
-    for chunk in io.chunks(path):
-        buffer += chunk
-        limit = len(buffer) if not chunk else max(0, len(buffer) - _LOOKAHEAD)
-        for match in _GEOJSON_CRS_MEMBER.finditer(buffer):
-            if match.start() < limit:
-                yield buffer[match.end() : match.end() + _LOOKAHEAD]
-        if not chunk:
-            return
-        buffer = buffer[limit:]
-
-
-def check_geojson_crs(path: Path, crs: pyproj.CRS) -> None:
+def check_geojson_crs(path: Path, names: list[str], crs: pyproj.CRS) -> None:
     """GDAL reads a GeoJSON 'crs' member it does not understand as WGS 84 (an unknown
-    name, a 'link' to a file or URL, an 'EPSG' type): refuse that silent guess. Only a
-    named CRS that PROJ knows and GDAL read as such is accepted."""
-    for member in _geojson_crs_members(path):
-        found = _GEOJSON_CRS_TYPE.search(member)
-        kind = next((g for g in found.groups() if g is not None), b"") if found else b""
-        if kind != b"name":
-            raise BadInputError(
-                str(path),
-                f"declares its CRS with a 'crs' member of type {kind.decode(errors='replace')!r}"
-                ", which is not read here (only a named CRS, e.g. "
-                '{"type": "name", "properties": {"name": "EPSG:3857"}}); GDAL would label '
-                "its coordinates WGS 84 whatever they are",
-            )
-        name = _GEOJSON_CRS_NAME.search(member)
-        if name is None:
-            raise BadInputError(str(path), "declares a named CRS without a name")
-        _check_named_crs(path, name.group(1).decode("utf-8", "replace"), crs)
+    name): refuse that silent guess. `names` are what the members declare, judged on the
+    parsed JSON before GDAL opened the file (spatial/declared.py, which refuses any other
+    kind of member); each must be a CRS PROJ knows and the one GDAL read."""
+    for name in dict.fromkeys(names):
+        _check_named_crs(path, name, crs)
 
 
 def _check_named_crs(path: Path, declared: str, crs: pyproj.CRS) -> None:

@@ -26,6 +26,7 @@ from geoiso_dagster.errors import BadInputError, StorageAccessError, TransientIO
 from geoiso_dagster.formats import PARQUET_SUFFIXES  # noqa: F401 - one definition
 from geoiso_dagster.fsutil import atomic_path
 from geoiso_dagster.records import OutputFacts
+from geoiso_dagster.settings import check_crs
 from geoiso_dagster.spatial import faults, hilbert, remote
 
 # Tens of thousands of rows per row group: small enough that a bbox filter skips most
@@ -354,8 +355,11 @@ def geoparquet_crs(path: Path, geo: dict | None = None) -> pyproj.CRS:
     if "crs" in column and column["crs"] is None:
         raise BadInputError(str(path), "has an undefined CRS (crs: null)")
     crs = column.get("crs", "OGC:CRS84")  # GeoParquet: absent means OGC:CRS84
+    text = crs if isinstance(crs, str) else json.dumps(crs, sort_keys=True)
+    # Before PROJ reads it: the target_crs rules (no init file, no grid by path).
+    check_crs(text, str(path), "the CRS its geo metadata declares")
     try:
-        return parse_crs(crs if isinstance(crs, str) else json.dumps(crs, sort_keys=True))
+        return parse_crs(text)
     except pyproj.exceptions.CRSError as exc:
         raise BadInputError(str(path), f"declares a CRS PROJ does not know: {exc}") from exc
 

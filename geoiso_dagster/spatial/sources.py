@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from geoiso_dagster import formats, paths
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.fsutil import temp_path_for
-from geoiso_dagster.spatial import io, remote
+from geoiso_dagster.spatial import declared, io, remote
 
 FORMATS = formats.GDAL_FORMATS
 PARQUET_SUFFIXES = formats.PARQUET_SUFFIXES
@@ -86,19 +86,35 @@ def jail_root() -> Path:
     return paths.data_root().resolve()
 
 
-def check_source_files(source: "Path | str") -> None:
-    """Rules 1 and 2 for `source` and each file its format may open."""
+def check_source_files(source: "Path | str") -> list[str]:
+    """Rules 1 to 3 for `source` and each file its format may open; returns the CRS
+    names a GeoJSON declares (declared.check)."""
     what = str(source)
-    check_format(source, what)
+    suffix = check_format(source, what)
     if io.is_uri(source):
         remote.inspect(source)
-        return
-    root = jail_root()
-    check_inside(source, root, what)
-    for part in companions(source):
-        check_inside(part, root, what)
-    if suffix_of(source) == ".gpkg":
-        _check_no_pending_wal(source)
+    else:
+        root = jail_root()
+        check_inside(source, root, what)
+        for part in companions(source):
+            check_inside(part, root, what)
+        if suffix == ".gpkg":
+            _check_no_pending_wal(source)
+    if suffix in ARCHIVE_SUFFIXES:
+        return []  # its dataset is checked once unpacked
+    return declared.check(declared_bytes(source), suffix)
+
+
+def declared_bytes(source: "Path | str") -> "declared.FileBytes | declared.ObjectBytes":
+    """How spatial/declared.py reads what `source` declares: a file, or an object."""
+    return (
+        declared.ObjectBytes(str(source)) if io.is_uri(source) else declared.FileBytes(Path(source))
+    )
+
+
+def geojson_crs_names(source: "Path | str") -> list[str]:
+    """The CRS names GeoJSON `source` declares, as the jail found them (declared.py)."""
+    return declared.geojson_names(declared_bytes(source))
 
 
 def _check_no_pending_wal(gpkg: Path) -> None:
@@ -148,6 +164,10 @@ def opened(source: "Path | str", scratch_beside: Path) -> Iterator[tuple["Path |
                     out.write(chunk)
         try:
             inner = unpack(archive, folder, str(source))
+            try:
+                declared.check(declared.FileBytes(inner), suffix_of(inner))
+            except BadInputError as exc:
+                raise BadInputError(str(source), f"(member {inner.name}) {exc.cause}") from None
         finally:
             if archive is not source:
                 Path(archive).unlink(missing_ok=True)

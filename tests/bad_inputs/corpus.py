@@ -355,6 +355,62 @@ def _list_and_struct(folder: Path) -> Path:
     return path
 
 
+GRID_BY_PATH_WKT = (
+    'GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
+    'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433],'
+    'EXTENSION["PROJ4","+proj=longlat +ellps=WGS84 +nadgrids=/etc/passwd +no_defs"]]'
+)
+
+
+def _prj_grid_by_path(shp: Path) -> None:
+    shp.with_suffix(".prj").write_text(GRID_BY_PATH_WKT)
+
+
+def _gpkg_srs_grid(folder: Path) -> Path:
+    path = folder / "srs_grid.gpkg"
+    _frame([box(0, 0, 1, 1)]).to_file(path)
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "UPDATE gpkg_spatial_ref_sys SET definition = ? WHERE srs_id = 4326",
+            (GRID_BY_PATH_WKT,),
+        )
+    return path
+
+
+def _geoparquet_crs(name: str, crs: object):
+    def build(folder: Path) -> Path:
+        path = folder / name
+        _frame([box(0, 0, 1, 1)]).to_parquet(path)
+        table = pq.read_table(path)
+        geo = json.loads(table.schema.metadata[b"geo"])
+        geo["columns"]["geometry"]["crs"] = crs
+        pq.write_table(table.replace_schema_metadata({b"geo": json.dumps(geo)}), path)
+        return path
+
+    return build
+
+
+def _fgb_same_column_twice(folder: Path) -> Path:
+    path = folder / "twice.fgb"
+    _frame([box(0, 0, 1, 1)], region_id=[1], region_ix=[2]).to_file(path, SPATIAL_INDEX="NO")
+    data = path.read_bytes()
+    size = 12 + int.from_bytes(data[8:12], "little")
+    path.write_bytes(data[:size].replace(b"region_ix", b"region_id") + data[size:])
+    return path
+
+
+def _geojson_with_crs(crs: dict, geometry_crs: dict | None = None, escape: bool = False) -> str:
+    geometry = dict(SQUARE, **({"crs": geometry_crs} if geometry_crs else {}))
+    doc = json.loads(_geojson([_feature(geometry, region_id=1)]))
+    doc["crs"] = crs
+    text = json.dumps(doc)
+    return text.replace('"crs"', '"cr\\u0073"') if escape else text
+
+
+NAMED_4326 = {"type": "name", "properties": {"name": "urn:ogc:def:crs:OGC:1.3:CRS84"}}
+URL_LINK = {"type": "link", "properties": {"href": "http://127.0.0.1:9/crs.wkt", "type": "wkt"}}
+
+
 BOUND_CRS_WITH_FILE = (
     'BOUNDCRS[SOURCECRS[GEOGCRS["x",DATUM["d",ELLIPSOID["e",6378137,298.257223563]],'
     'CS[ellipsoidal,2],AXIS["lat",north],AXIS["lon",east],ANGLEUNIT["degree",0.0174532925]]],'
@@ -477,14 +533,14 @@ CASES: list[Case] = [
         "GeoJSON content with a .gpkg extension: the suffix decides the format's checks",
         _text("actually_geojson.gpkg", _geojson([_feature(SQUARE, region_id=1)])),
         "ingest",
-        "its content is GeoJSON",
+        "is named .gpkg but its content is not GPKG data",
     ),
     Case(
         "random_bytes",
         "5 kB of noise named .geojson",
         _text("noise.geojson", bytes(range(256)) * 20),
         "ingest",
-        "is not readable as GeoJSON",
+        "its content is not GeoJSON data",
     ),
     Case(
         "non_utf8_geojson",
@@ -668,7 +724,7 @@ CASES: list[Case] = [
         "an OGR VRT named .gpkg reading a GeoPackage outside the data root",
         _vrt("outside.gpkg", str(OUTSIDE_GPKG)),
         "ingest",
-        "is not readable as GPKG",
+        "its content is not GPKG data",
     ),
     Case(
         "vrt_to_url",
@@ -828,5 +884,78 @@ CASES: list[Case] = [
         target_crs="EPSG:6933",
         dissolve_by="continent",
         verify=_rows(8),
+    ),
+    Case(
+        "prj_grid_by_path",
+        "a shapefile whose .prj WKT carries a PROJ4 extension naming a grid by absolute path",
+        _shapefile("grid_prj", mutate=_prj_grid_by_path),
+        "ingest",
+        "names a file path",
+    ),
+    Case(
+        "gpkg_srs_grid_by_path",
+        "a GeoPackage whose gpkg_spatial_ref_sys definition names a grid by absolute path",
+        _gpkg_srs_grid,
+        "ingest",
+        "the CRS its gpkg_spatial_ref_sys declares (srs_id 4326)",
+    ),
+    Case(
+        "geoparquet_crs_init_file",
+        "a GeoParquet whose geo CRS is the string +init=<outside file>:1",
+        _geoparquet_crs("init.parquet", "+init=/etc/passwd:1"),
+        "ingest",
+        "the CRS its geo metadata declares",
+    ),
+    Case(
+        "geoparquet_projjson_grid_file",
+        "a GeoParquet whose PROJJSON BoundCRS names its NTv2 file outside the root",
+        _geoparquet_crs(
+            "bound.parquet",
+            {"type": "BoundCRS", "transformation": {"parameters": [{"parameter_file": "/x.gsb"}]}},
+        ),
+        "ingest",
+        "references a file ('parameter_file')",
+    ),
+    Case(
+        "fgb_same_column_twice",
+        "a FlatGeobuf whose header declares two columns of the same name",
+        _fgb_same_column_twice,
+        "ingest",
+        "declares the column 'region_id' twice",
+    ),
+    Case(
+        "geojson_escaped_crs_link",
+        'GeoJSON whose crs key is written "cr\\u0073", a link to a URL',
+        _text("escaped.geojson", _geojson_with_crs(URL_LINK, escape=True)),
+        "ingest",
+        "of type 'link'",
+    ),
+    Case(
+        "geojson_link_with_decoy",
+        "GeoJSON whose link crs member holds a named EPSG:4326 crs inside it",
+        _text("decoy.geojson", _geojson_with_crs(dict(URL_LINK, crs=NAMED_4326))),
+        "ingest",
+        "of type 'link'",
+    ),
+    Case(
+        "geojson_geometry_crs_link",
+        "GeoJSON named CRS84 at the root, a link in one geometry's own crs member",
+        _text("geometry_link.geojson", _geojson_with_crs(NAMED_4326, URL_LINK)),
+        "ingest",
+        "of type 'link'",
+    ),
+    Case(
+        "geojson_named_fgb",
+        "a GeoJSON with a link crs, renamed .fgb (GDAL would open it as GeoJSON)",
+        _text("renamed.fgb", _geojson_with_crs(URL_LINK)),
+        "ingest",
+        "is named .fgb but its content is not FlatGeobuf data",
+    ),
+    Case(
+        "geojson_same_crs_twice",
+        "GeoJSON naming CRS84 at the root and again in a geometry: one CRS, read",
+        _text("twice.geojson", _geojson_with_crs(NAMED_4326, NAMED_4326)),
+        target_crs="EPSG:6933",
+        verify=_rows(1),
     ),
 ]
