@@ -1,6 +1,6 @@
 """The source jail: what a source file may make a worker open, checked before GDAL sees it.
 
-A source is untrusted. Three rules, each an allow-list:
+A source is untrusted. Four rules, each an allow-list:
 
 1. Formats. The file's suffix names its format, and the driver GDAL detects must be that
    format's (`FORMATS`); every other GDAL driver is unregistered in the workers (see
@@ -15,6 +15,9 @@ A source is untrusted. Three rules, each an allow-list:
 3. Archives. A `.zip` is never opened by GDAL (its `/vsizip/` would skip the checks
    made on real files): it is unpacked here, member by member, into a private folder
    beside the output, with limits, and the one dataset inside is checked like any other.
+4. Declarations. The content is the format its suffix names (its first bytes), and every
+   CRS it declares obeys the target_crs grammar, read from the source's own bytes before
+   GDAL or PROJ parses any of it (spatial/declared.py).
 """
 
 import contextlib
