@@ -61,7 +61,8 @@ def check(data: "FileBytes | ObjectBytes", suffix: str) -> list[str]:
     returns the CRS names a GeoJSON's members declare ([] for other formats), for the
     check after GDAL read it."""
     what = data.what
-    check_content(what, suffix, data.read(0, 64))
+    head = data.read(0, 64)
+    check_content(what, suffix, head)
     if suffix == ".shp":
         for name, raw in data.parts(".prj"):
             check_prj(what, name, raw)
@@ -69,7 +70,7 @@ def check(data: "FileBytes | ObjectBytes", suffix: str) -> list[str]:
         with data.as_file() as path:
             check_gpkg(what, path)
     elif suffix == ".fgb":
-        size = int.from_bytes(data.read(8, 4), "little")
+        size = int.from_bytes(head[8:12], "little")  # after the magic check_content judged
         check_fgb_header(what, data.read(0, 12 + min(size, MAX_FGB_HEADER)))
     elif suffix in GEOJSON_SUFFIXES:
         names = geojson_crs_names(what, data.stream)
