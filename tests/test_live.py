@@ -235,7 +235,7 @@ def test_a_batch_with_a_bad_file_fails_it_alone_and_carries_the_others_on(
     assert failure["stepKey"] == "raw_features"
     text = failure["error"]["message"]
     assert "1 of 3 files failed in raw_features" in text
-    assert "batch_2.gpkg: Bad input:" in text and "not readable as GPKG" in text
+    assert "batch_2.gpkg: Bad input:" in text and "its content is not GPKG data" in text
     remainders = [r for r in runs if "geoiso/remainder_of" in _tags(r)]
     assert [_tags(r)["geoiso/remainder_of"] for r in remainders] == [failed[0]["runId"]]
     assert remainders[0]["status"] == "SUCCESS"
