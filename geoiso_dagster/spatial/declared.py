@@ -217,12 +217,8 @@ def check_gpkg(what: str, path: Path) -> None:
     """Every definition in a GeoPackage's gpkg_spatial_ref_sys (both WKT columns of the
     crs_wkt extension) and its organization, read by SQLite read-only and immutable (the
     jail refused a pending -wal), within GPKG_DEADLINE_S."""
-    uri = f"file:{urllib.parse.quote(str(path))}?mode=ro&immutable=1"
     deadline = time.monotonic() + GPKG_DEADLINE_S
-    try:
-        connection = sqlite3.connect(uri, uri=True, timeout=0)
-    except sqlite3.Error as exc:
-        raise BadInputError(what, f"cannot be read as a GeoPackage (SQLite: {exc})") from None
+    connection = _open_gpkg(what, path)
     try:
         connection.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
         connection.execute("PRAGMA trusted_schema = OFF")
@@ -242,6 +238,72 @@ def check_gpkg(what: str, path: Path) -> None:
         raise BadInputError(what, f"cannot be read as a GeoPackage (SQLite: {exc})") from None
     finally:
         connection.close()
+
+
+def check_gpkg_layer(what: str, path: Path, layer: str | None) -> None:
+    """The feature table to read is a table (not a view, which may never end, nor a
+    virtual table), and each geometry blob's srs_id is its layer's: GDAL reads every
+    blob in the layer's CRS whatever the blob says, so a blob of another would be
+    published in the wrong place, green. One scan of the geometry column, by SQLite,
+    read-only; run once per file (the survey, or the one task that reads it whole)."""
+    connection = _open_gpkg(what, path)
+    try:
+        connection.execute("PRAGMA trusted_schema = OFF")
+        layers = connection.execute(
+            "SELECT c.table_name, g.column_name, g.srs_id, m.type, m.sql "
+            "FROM gpkg_contents c JOIN gpkg_geometry_columns g "
+            "ON lower(g.table_name) = lower(c.table_name) "
+            "LEFT JOIN sqlite_master m ON lower(m.name) = lower(c.table_name) "
+            "WHERE c.data_type = 'features'"
+        ).fetchall()
+        for table, column, srs_id, kind, sql in layers:
+            if layer is not None and str(table) != layer:
+                continue
+            if kind != "table" or str(sql or "").lstrip().upper().startswith("CREATE VIRTUAL"):
+                found = "virtual table" if kind == "table" else kind or "missing table"
+                raise BadInputError(
+                    what,
+                    f"its layer {table!r} is a {found}, not a table; geoiso reads only tables "
+                    "(a view may compute without end)",
+                )
+            _check_blob_srs(what, connection, str(table), str(column), int(srs_id))
+    except sqlite3.Error as exc:
+        if "no such table" in str(exc):
+            return  # not a GeoPackage's layout: GDAL refuses it, naming why
+        raise BadInputError(what, f"cannot be read as a GeoPackage (SQLite: {exc})") from None
+    finally:
+        connection.close()
+
+
+def _check_blob_srs(what: str, connection, table: str, column: str, srs_id: int) -> None:
+    table_q, column_q = (f'"{n.replace(chr(34), chr(34) * 2)}"' for n in (table, column))
+    little, big = (srs_id.to_bytes(4, order, signed=True).hex() for order in ("little", "big"))
+    # a blob is 'GP', version, flags (bit 0: little-endian), then the srs_id
+    differs = (
+        f"{column_q} IS NOT NULL AND length({column_q}) >= 8 AND substr({column_q}, 5, 4) != "
+        f"CASE WHEN instr('13579BDF', substr(hex(substr({column_q}, 4, 1)), 2, 1)) > 0 "
+        f"THEN X'{little}' ELSE X'{big}' END"
+    )
+    (count,) = connection.execute(f"SELECT count(*) FROM {table_q} WHERE {differs}").fetchone()
+    if count:
+        (blob,) = connection.execute(
+            f"SELECT substr({column_q}, 1, 8) FROM {table_q} WHERE {differs} LIMIT 1"
+        ).fetchone()
+        order = "little" if blob[3] & 1 else "big"
+        found = int.from_bytes(blob[4:8], order, signed=True)
+        raise BadInputError(
+            what,
+            f"{count} geometries of layer {table!r} declare srs_id {found} while the layer "
+            f"declares {srs_id}; GDAL would read them in the layer's CRS; refused",
+        )
+
+
+def _open_gpkg(what: str, path: Path) -> sqlite3.Connection:
+    uri = f"file:{urllib.parse.quote(str(path))}?mode=ro&immutable=1"
+    try:
+        return sqlite3.connect(uri, uri=True, timeout=0)
+    except sqlite3.Error as exc:
+        raise BadInputError(what, f"cannot be read as a GeoPackage (SQLite: {exc})") from None
 
 
 def _check_srs_row(what: str, row: dict) -> None:
@@ -273,7 +335,11 @@ def check_fgb_header(what: str, data: bytes) -> dict:
     buf = bytearray(data[12 : 12 + size])
     try:
         header = _root(buf)
-        facts = {"features": _scalar(header, 8, flatbuffers.number_types.Uint64Flags, 0)}
+        facts = {
+            "features": _scalar(header, 8, flatbuffers.number_types.Uint64Flags, 0),
+            "index_node_size": _scalar(header, 9, flatbuffers.number_types.Uint16Flags, 16),
+            "header_bytes": 12 + size,
+        }
         count = _length(header, 7)
         if count > size // 4:
             raise ValueError(f"{count} columns in a header of {size} bytes")
@@ -300,6 +366,74 @@ def check_fgb_header(what: str, data: bytes) -> dict:
         if organization and code:
             check_crs(f"{organization}:{code}", what, label)
     return facts
+
+
+def check_fgb_features(data: "FileBytes | ObjectBytes") -> int:
+    """The features a FlatGeobuf stores are the ones its header declares. GDAL reads as
+    many as the header says and stops: a header declaring 5 of 177 would publish 5, green.
+    So its features are walked (each is a uint32 length and that many bytes, after the
+    header and the spatial index the declared count sizes) to the file's last byte, in
+    one sequential read; returns the count (0 in the header: not declared, GDAL reads to
+    the end). Run once per file (the survey, or the one task that reads it whole)."""
+    what = data.what
+    head = data.read(0, 12)
+    size = int.from_bytes(head[8:12], "little") if len(head) == 12 else 0
+    facts = check_fgb_header(what, data.read(0, 12 + min(size, MAX_FGB_HEADER)))
+    declared, node_size = facts["features"], facts["index_node_size"]
+    start = facts["header_bytes"] + (_rtree_bytes(declared, node_size) if node_size else 0)
+    with data.stream() as stream:
+        stored, end, total = _walk_features(stream, start)
+    if end != total:
+        where = (
+            f"runs past its end ({total} bytes)"
+            if end > total
+            else f"leaves {total - end} bytes at its end that are not a whole feature"
+        )
+        declares = f" (its header declares {declared})" if declared else ""
+        raise BadInputError(
+            what,
+            f"is not whole FlatGeobuf: after {stored} features{declares} the data {where}; "
+            "it is truncated or its header lies; refused",
+        )
+    if declared and stored != declared:
+        raise BadInputError(
+            what,
+            f"its FlatGeobuf header declares {declared} features but {stored} are stored "
+            "(GDAL would read only the declared ones); refused, write the file again",
+        )
+    return stored
+
+
+def _rtree_bytes(features: int, node_size: int) -> int:
+    """The size of a FlatGeobuf's packed Hilbert R-tree over `features` items (40-byte
+    nodes, every level down to one root), as the format's own calcTreeSize."""
+    if features == 0:
+        return 0
+    node_size = min(max(node_size, 2), 65535)
+    n = nodes = features
+    while n != 1:
+        n = -(-n // node_size)
+        nodes += n
+    return nodes * 40
+
+
+def _walk_features(stream: BinaryIO, start: int) -> tuple[int, int, int]:
+    """Walk length-prefixed records from byte `start` of `stream` to its end: (records
+    whole, where the walk ended, the stream's size)."""
+    length = struct.Struct("<I").unpack_from
+    stored, pos, base, pending = 0, start, 0, b""
+    while chunk := stream.read(_SCAN_CHUNK):
+        pending += chunk
+        limit = base + len(pending) - 4
+        while pos <= limit:
+            pos += 4 + length(pending, pos - base)[0]
+            stored += 1
+        drop = min(pos - base, len(pending))
+        pending, base = pending[drop:], base + drop
+    total = base + len(pending)
+    if pos > total and stored:  # the last one runs past the end
+        stored -= 1
+    return stored, pos, total
 
 
 def _root(buf: bytearray) -> Table:

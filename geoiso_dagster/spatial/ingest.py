@@ -63,6 +63,10 @@ def survey(source: str | Path, layer: str | None = None) -> dict:
         groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
         return {"features": metadata.num_rows, "row_groups": groups, "splittable": len(groups) > 1}
     with sources.source_access(path):
+        if suffix == ".fgb":  # before the count is trusted to plan the parts
+            sources.fgb_features(path)
+        elif suffix == ".gpkg":
+            sources.check_gpkg_layer(path, layer)
         info = gdal_info(path, str(path), layer)
     return {
         "features": int(info["features"]),
@@ -134,6 +138,10 @@ def _ingest(source, tmp, features, batch_rows, group_rows, on_batch, part, layer
         integrity.check_parquet(source)
     elif suffix == ".shp":
         integrity.check_shapefile(source)
+    elif suffix == ".fgb" and features is None:  # a part's file was walked by the survey
+        sources.fgb_features(source)
+    elif suffix == ".gpkg" and features is None:
+        sources.check_gpkg_layer(source, layer)
     with _open(source, features, batch_rows, layer) as src:
         if suffix in declared.GEOJSON_SUFFIXES:  # before any row: the cause, not its symptom
             integrity.check_geojson_crs(source, sources.geojson_crs_names(source), src.crs)
@@ -358,8 +366,10 @@ def _check_names(source: Path, attributes: list[str]) -> None:
 
 
 def _check_text(source: Path, name: str, column: pa.ChunkedArray) -> None:
-    """GeoParquet must hold UTF-8; GDAL passes the bytes of a mis-declared encoding on."""
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    """GeoParquet must hold UTF-8; GDAL passes the bytes of a mis-declared encoding on,
+    and Arrow's Parquet reader does not check a dictionary's values (nor text nested in
+    a list or struct): every column but fixed-width ones is validated in full."""
+    if pa.types.is_primitive(column.type):
         return
     try:
         column.validate(full=True)

@@ -29,16 +29,16 @@ def check_shapefile(shp: "Path | str") -> None:
     if len(index) < _SHP_HEADER or (len(index) - _SHP_HEADER) % 8:
         raise BadInputError(str(shp), "its index (.shx) is truncated or corrupt")
     records = (len(index) - _SHP_HEADER) // 8
-    ends = [
-        2 * (offset + length) + 8
-        for offset, length in struct.iter_unpack(">ii", index[_SHP_HEADER:])
-    ]
-    past_end = sum(end > shp_size for end in ends)
+    entries = np.frombuffer(index, dtype=">i4", offset=_SHP_HEADER).reshape(-1, 2)
+    starts = 2 * entries[:, 0].astype(np.int64)  # in 16-bit words, as the format counts
+    ends = starts + 2 * entries[:, 1].astype(np.int64) + 8  # its 8-byte record header
+    past_end = int((ends > shp_size).sum())
     if past_end:
         raise BadInputError(
             str(shp),
             f"is truncated: {past_end} of {records} records lie past its end ({shp_size} bytes)",
         )
+    _check_index_order(shp, starts, ends)
     header = io.read_head(dbf, 12)
     if len(header) < 12:
         raise BadInputError(str(shp), "its attribute table (.dbf) is truncated")
@@ -51,6 +51,28 @@ def check_shapefile(shp: "Path | str") -> None:
     if count != records:
         raise BadInputError(
             str(shp), f"its .shx indexes {records} shapes but its .dbf has {count} records"
+        )
+
+
+def _check_index_order(shp: "Path | str", starts: np.ndarray, ends: np.ndarray) -> None:
+    """The .shx entries point at one record each, in order, none inside another: GDAL
+    reads each shape where its entry points, so an index pointing every entry at the
+    first shape would publish that shape once per record."""
+    if not len(starts):
+        return
+    if starts[0] < _SHP_HEADER or (ends < starts + 8).any():
+        raise BadInputError(
+            str(shp), "its index (.shx) has an entry before the first record or of negative length"
+        )
+    overlapping = np.flatnonzero(starts[1:] < ends[:-1]) + 1
+    if len(overlapping):
+        first = int(overlapping[0])
+        raise BadInputError(
+            str(shp),
+            f"its index (.shx) is not in the order of the .shp's records: {len(overlapping)} "
+            f"entries point into or before the record of the entry before them (first: "
+            f"record {first + 1}, at byte {int(starts[first])}); refused, as GDAL would read "
+            "the same bytes as several records",
         )
 
 

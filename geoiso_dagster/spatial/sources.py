@@ -115,6 +115,17 @@ def declared_bytes(source: "Path | str") -> "declared.FileBytes | declared.Objec
     )
 
 
+def fgb_features(source: "Path | str") -> int:
+    """The features a FlatGeobuf stores, checked against its header (declared.py)."""
+    return declared.check_fgb_features(declared_bytes(source))
+
+
+def check_gpkg_layer(source: "Path | str", layer: str | None) -> None:
+    """The GeoPackage layer to read is a table whose blobs are in its CRS (declared.py)."""
+    with declared_bytes(source).as_file() as path:
+        declared.check_gpkg_layer(str(source), path, layer)
+
+
 def geojson_crs_names(source: "Path | str") -> list[str]:
     """The CRS names GeoJSON `source` declares, as the jail found them (declared.py)."""
     return declared.geojson_names(declared_bytes(source))

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import flatbuffers
+import flatbuffers.table
 import geopandas
 import numpy as np
 import pyarrow as pa
@@ -396,6 +398,83 @@ def _fgb_same_column_twice(folder: Path) -> Path:
     data = path.read_bytes()
     size = 12 + int.from_bytes(data[8:12], "little")
     path.write_bytes(data[:size].replace(b"region_ix", b"region_id") + data[size:])
+    return path
+
+
+def _fgb_field(data: bytes, field: int) -> int:
+    """Where a FlatGeobuf header's scalar `field` lies in the file (FlatBuffers layout,
+    read here with the format's own runtime, independently of the package's reader)."""
+    buf = bytearray(data[12:])
+    root = flatbuffers.table.Table(buf, flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, 0))
+    return 12 + root.Pos + root.Offset(4 + 2 * field)
+
+
+def _fgb_count_lies(folder: Path) -> Path:
+    path = folder / "lies.fgb"
+    geopandas.read_file(NATURAL_EARTH).to_file(path, SPATIAL_INDEX="NO")
+    data = bytearray(path.read_bytes())
+    at = _fgb_field(data, 8)  # features_count, a uint64
+    assert int.from_bytes(data[at : at + 8], "little") == 177
+    data[at : at + 8] = (5).to_bytes(8, "little")
+    path.write_bytes(data)
+    return path
+
+
+def _fgb_truncated(folder: Path) -> Path:
+    path = folder / "cut.fgb"
+    geopandas.read_file(NATURAL_EARTH).to_file(path)  # with its spatial index
+    path.write_bytes(path.read_bytes()[:-100])
+    return path
+
+
+def _shx_all_first(shp: Path) -> None:
+    """Every .shx entry points at the first record (its offset and length)."""
+    shx = shp.with_suffix(".shx")
+    data = shx.read_bytes()
+    shx.write_bytes(data[:100] + data[100:108] * ((len(data) - 100) // 8))
+
+
+def _gpkg_blob_srs(folder: Path) -> Path:
+    """The layer declares EPSG:4326; its blobs say 3857 (the header's srs_id, bytes 4-8,
+    in the byte order flag bit 0 gives)."""
+    path = folder / "blob_srs.gpkg"
+    frame = _frame([box(0, 0, 1, 1), box(1, 0, 2, 1)], region_id=[1, 2])
+    frame.to_file(path, layer="parcels", SPATIAL_INDEX="NO")  # no triggers calling ST_*
+    with sqlite3.connect(path) as db:
+        for fid, blob in db.execute("SELECT fid, geom FROM parcels").fetchall():
+            order = "little" if blob[3] & 1 else "big"
+            assert int.from_bytes(blob[4:8], order) == 4326
+            srs = (3857).to_bytes(4, order)
+            db.execute(
+                "UPDATE parcels SET geom = ? WHERE fid = ?", (blob[:4] + srs + blob[8:], fid)
+            )
+    return path
+
+
+def _gpkg_endless_view(folder: Path) -> Path:
+    """The only feature layer is a view over a recursive CTE that never ends."""
+    path = folder / "endless.gpkg"
+    _frame([box(0, 0, 1, 1)]).to_file(path, layer="parcels")
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE VIEW forever AS WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 "
+            "FROM n) SELECT n.i AS fid, p.geom AS geom, p.region_id AS region_id "
+            "FROM n, parcels p"
+        )
+        db.execute("UPDATE gpkg_contents SET table_name = 'forever'")
+        db.execute("UPDATE gpkg_geometry_columns SET table_name = 'forever'")
+    return path
+
+
+def _parquet_dictionary_bad_utf8(folder: Path) -> Path:
+    """A dictionary-encoded string column whose dictionary holds invalid UTF-8 (written
+    as binary and relabelled, as a hostile writer would)."""
+    path = folder / "dictionary.parquet"
+    _frame([box(0, 0, 1, 1), box(1, 0, 2, 1)], region_id=[1, 1]).to_parquet(path)
+    table = pq.read_table(path)
+    values = pa.array([b"ok", b"\xff\xfe bad"], pa.binary()).view(pa.string())
+    names = pa.DictionaryArray.from_arrays(pa.array([0, 1], pa.int32()), values)
+    pq.write_table(table.append_column("name", names), path)
     return path
 
 
@@ -957,5 +1036,47 @@ CASES: list[Case] = [
         _text("twice.geojson", _geojson_with_crs(NAMED_4326, NAMED_4326)),
         target_crs="EPSG:6933",
         verify=_rows(1),
+    ),
+    Case(
+        "fgb_header_count_lies",
+        "a FlatGeobuf (no index) whose header declares 5 features while 177 are stored",
+        _fgb_count_lies,
+        "ingest",
+        "its FlatGeobuf header declares 5 features but 177 are stored",
+    ),
+    Case(
+        "fgb_truncated",
+        "a FlatGeobuf with its spatial index whose last 100 bytes are cut off",
+        _fgb_truncated,
+        "ingest",
+        "is not whole FlatGeobuf: after 176 features (its header declares 177)",
+    ),
+    Case(
+        "shx_all_first_record",
+        "a shapefile whose .shx points every record at the first shape",
+        _shapefile("echo", mutate=_shx_all_first),
+        "ingest",
+        "its index (.shx) is not in the order of the .shp's records: 176 entries",
+    ),
+    Case(
+        "gpkg_blob_srs_differs",
+        "a GeoPackage layer in EPSG:4326 whose geometry blobs declare srs_id 3857",
+        _gpkg_blob_srs,
+        "ingest",
+        "2 geometries of layer 'parcels' declare srs_id 3857 while the layer declares 4326",
+    ),
+    Case(
+        "gpkg_endless_view",
+        "a GeoPackage whose only layer is a view over an endless recursive CTE",
+        _gpkg_endless_view,
+        "ingest",
+        "its layer 'forever' is a view, not a table",
+    ),
+    Case(
+        "parquet_dictionary_bad_utf8",
+        "a GeoParquet whose dictionary-encoded string column holds invalid UTF-8",
+        _parquet_dictionary_bad_utf8,
+        "ingest",
+        "column 'name' holds text that is not valid UTF-8",
     ),
 ]
