@@ -67,6 +67,46 @@ def test_countries_to_equal_area_then_dissolved_by_continent(naturalearth_shp, t
         assert got[continent] == pytest.approx(area, rel=1e-9), continent
 
 
+def _overlapping_parts(tmp_path: Path) -> Path:
+    """One MultiPolygon of two 2x2 squares overlapping on a 1x1 square, and one of a
+    square with a hole plus a part filling that hole: unions of 7 and 16 by hand."""
+    from shapely.geometry import MultiPolygon, box
+
+    holed = Polygon([(0, 0), (4, 0), (4, 4), (0, 4)], [[(1, 1), (2, 1), (2, 2), (1, 2)]])
+    frame = geopandas.GeoDataFrame(
+        {"region_id": ["a", "b"]},
+        geometry=[
+            MultiPolygon([box(0, 0, 2, 2), box(1, 1, 3, 3)]),
+            MultiPolygon([holed, box(1, 1, 2, 2)]),
+        ],
+        crs="EPSG:3857",
+    )
+    assert not frame.geometry.is_valid.any()
+    frame.to_parquet(tmp_path / "multi.parquet")
+    return tmp_path / "multi.parquet"
+
+
+def test_a_multipolygon_of_overlapping_parts_dissolves_to_their_union(tmp_path):
+    """make_valid's default (linework) keeps only what an odd number of parts cover: the
+    overlap's area was lost, green. The union of the parts is the intent."""
+    dis = tasks.dissolve(
+        str(_overlapping_parts(tmp_path)), str(tmp_path / "d.parquet"), "region_id"
+    )
+    out = geopandas.read_parquet(dis["path"]).set_index("region_id")
+    assert dis["repaired_geometries"] == 2
+    assert out.geometry.area.to_dict() == {"a": pytest.approx(7.0), "b": pytest.approx(16.0)}
+
+
+def test_a_repair_that_loses_area_is_refused(tmp_path, monkeypatch):
+    """The area check after the repair can fail: with make_valid's linework method put
+    back, the overlap is lost and the file is refused, naming the row and both areas."""
+    linework = shapely.make_valid
+    monkeypatch.setattr(shapely, "make_valid", lambda g, **kw: linework(g))
+    with pytest.raises(BadInputError, match=r"row 0: .* gave area 6, not the 7 of its parts"):
+        tasks.dissolve(str(_overlapping_parts(tmp_path)), str(tmp_path / "d.parquet"), "region_id")
+    assert not (tmp_path / "d.parquet").exists()
+
+
 def test_bowtie_keeps_both_lobes(tmp_path):
     """buffer(0) keeps one lobe of a self-intersecting bowtie; make_valid keeps both."""
     bowtie = Polygon([(0, 0), (2, 2), (2, 0), (0, 2), (0, 0)])

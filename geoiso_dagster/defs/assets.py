@@ -170,8 +170,8 @@ dissolved_regions = geo_asset(
     upstream=reprojected_features,
     config=DissolveConfig,
     description="One valid (multi)polygon per value of config dissolve_by: invalid geometries "
-    "repaired with make_valid, only polygonal parts kept, other columns aggregated, plus a "
-    "feature_count column.",
+    "repaired with make_valid (a MultiPolygon becomes its parts' union), only polygonal parts "
+    "kept, other columns aggregated, plus a feature_count column.",
 )
 
 geo_assets = [raw_features, reprojected_features, dissolved_regions]

@@ -80,7 +80,9 @@ def _repair(frame: geopandas.GeoDataFrame) -> int:
     """Make the frame's invalid geometries valid in place; how many there were."""
     invalid = ~frame.geometry.is_valid & frame.geometry.notna()
     if invalid.any():
-        frame.loc[invalid, frame.geometry.name] = frame.geometry[invalid].make_valid()
+        frame.loc[invalid, frame.geometry.name] = frame.geometry[invalid].make_valid(
+            method="structure", keep_collapsed=False
+        )  # as the dissolve repairs (spatial/union.py): a MultiPolygon is its parts' union
     return int(invalid.sum())
 
 

@@ -1079,4 +1079,15 @@ CASES: list[Case] = [
         "ingest",
         "column 'name' holds text that is not valid UTF-8",
     ),
+    Case(
+        "multipolygon_overlapping_parts",
+        "a MultiPolygon of two 2x2 squares overlapping on 1x1 (make_valid's default loses it)",
+        _parquet(
+            "overlap.parquet",
+            lambda: _frame(
+                [shapely.MultiPolygon([box(0, 0, 2, 2), box(1, 1, 3, 3)])], crs="EPSG:3857"
+            ),
+        ),
+        verify=_valid_area(7.0),
+    ),
 ]

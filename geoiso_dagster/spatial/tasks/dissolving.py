@@ -78,7 +78,7 @@ def dissolve(
     last_report = time.monotonic()
     for n, (key, rows) in enumerate(groups.items(), start=1):
         geometries = shapely.from_wkb(wkb.take(rows).to_numpy(zero_copy_only=False))
-        repaired, count = repair(geometries)
+        repaired, count = repair(geometries, source)
         repaired_count += count
         polygonal = polygonal_parts(repaired)
         ok = ~shapely.is_missing(polygonal) & ~shapely.is_empty(polygonal)
