@@ -20,6 +20,7 @@ parsed in bounded memory; the FlatBuffers runtime to read a FlatGeobuf header; P
 sqlite3, read-only and immutable, with a deadline, for a GeoPackage's table.
 """
 
+import codecs
 import contextlib
 import io as _io
 import re
@@ -66,6 +67,8 @@ def check(data: "FileBytes | ObjectBytes", suffix: str) -> list[str]:
     if suffix == ".shp":
         for name, raw in data.parts(".prj"):
             check_prj(what, name, raw)
+        for name, raw in data.parts(".cpg"):
+            check_cpg(what, name, raw)
     elif suffix == ".gpkg":
         with data.as_file() as path:
             check_gpkg(what, path)
@@ -204,6 +207,48 @@ def check_prj(what: str, name: str, raw: bytes) -> None:
     text = _decode(raw).strip()
     if text:
         check_crs(text, what, f"the CRS its {name} declares")
+
+
+def check_cpg(what: str, name: str, raw: bytes) -> str:
+    """A shapefile's .cpg names an ASCII-compatible encoding (UTF-8, ISO-8859-n, a code
+    page, Big5, ...), read as GDAL reads it; returns Python's name for it. UTF-16 and
+    UTF-32 (or UTF-7) would turn every attribute byte into other text; an encoding no one
+    knows is not guessed."""
+    value = _decode(raw).strip()
+    upper = value.upper()
+    if re.fullmatch(r"LDID/\d{1,3}", upper):
+        return "ldid"  # a dBASE language driver: GDAL maps it to one of its code pages
+    codec = _CPG_NAMES.get(upper.replace("-", "").replace("_", ""))
+    if codec is None:
+        if upper.startswith("8859"):
+            codec = "iso8859-" + upper[4:].lstrip("-_")
+        elif upper.startswith("ANSI "):
+            codec = "cp" + upper[5:].strip()
+        elif upper.isdigit():
+            codec = "cp" + upper
+        else:
+            codec = value
+    try:
+        known = codecs.lookup(codec).name if len(value) <= 40 else None
+    except LookupError:
+        known = None
+    ascii_bytes = _ASCII_PROBE.encode("ascii")
+    if (
+        known is None
+        or ascii_bytes.decode(known, "replace") != _ASCII_PROBE
+        or _ASCII_PROBE.encode(known) != ascii_bytes
+    ):
+        raise BadInputError(
+            what,
+            f"its {name} names the encoding {value[:40]!r}, which is not an ASCII-compatible "
+            "one Python's codecs know (UTF-8, ISO-8859-1, CP1252, Big5, ...); write the "
+            ".cpg for the .dbf's real encoding",
+        )
+    return known
+
+
+_CPG_NAMES = {"UTF8": "utf-8", "65001": "utf-8"}
+_ASCII_PROBE = "region_id +-/.,:0123456789 AZaz"
 
 
 def _decode(raw: bytes) -> str:

@@ -3,6 +3,7 @@
 Each raises BadInputError naming the file and what is wrong with it.
 """
 
+import json
 import struct
 from collections import Counter
 from pathlib import Path
@@ -15,6 +16,9 @@ from geoiso_dagster.errors import BadInputError, GeoisoError
 from geoiso_dagster.spatial import io
 
 _SHP_HEADER = 100
+# Rows a Parquet file may declare per byte of file: a real feature takes several bytes
+# even compressed; 20,000,000 rows declared in 150 KB (133 a byte) is a bomb.
+MAX_PARQUET_ROWS_PER_BYTE = 4
 
 
 def check_shapefile(shp: "Path | str") -> None:
@@ -91,6 +95,33 @@ def check_parquet(path: "Path | str") -> None:
     duplicates = sorted(name for name, n in Counter(schema.names).items() if n > 1)
     if duplicates:
         raise BadInputError(str(path), f"has duplicate column names: {duplicates}")
+    _check_edges(path, schema.metadata[b"geo"])
+    rows, size = io.open_parquet(path).metadata.num_rows, io.size(path)
+    if rows > MAX_PARQUET_ROWS_PER_BYTE * max(size, 1):
+        raise BadInputError(
+            str(path),
+            f"declares {rows:,} rows in {size:,} bytes (more than {MAX_PARQUET_ROWS_PER_BYTE} "
+            "a byte: a Parquet bomb, as a zip's ratio limit refuses); refused",
+        )
+
+
+def _check_edges(path: "Path | str", raw: bytes) -> None:
+    """Every step here is planar (GEOS): geodesic edges would be published as straight
+    lines under a `geo` that no longer says so. GeoParquet's `edges` may be absent or
+    "planar"; anything else is refused."""
+    try:
+        columns = json.loads(raw).get("columns") or {}
+    except (ValueError, AttributeError):
+        return  # io.geo_metadata names what is wrong with it
+    for name, column in columns.items() if isinstance(columns, dict) else ():
+        edges = column.get("edges", "planar") if isinstance(column, dict) else "planar"
+        if edges != "planar":
+            raise BadInputError(
+                str(path),
+                f"its geometry column {name!r} declares edges {str(edges)[:40]!r}; geoiso's "
+                "steps are planar (GEOS) and would publish them as straight lines; refused "
+                "(segmentize the edges at the source, or write them planar)",
+            )
 
 
 def shapes_with_geometry(shp: "Path | str") -> int:

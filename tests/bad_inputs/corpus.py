@@ -478,6 +478,42 @@ def _parquet_dictionary_bad_utf8(folder: Path) -> Path:
     return path
 
 
+def _parquet_row_bomb(folder: Path) -> Path:
+    """20,000,000 rows of one dictionary-encoded point: a file of a few hundred KB."""
+    path = folder / "bomb.parquet"
+    rows = 20_000_000
+    point = shapely.to_wkb(shapely.Point(1, 1))
+    geometry = pa.DictionaryArray.from_arrays(
+        pa.array(np.zeros(rows, dtype=np.int32)), pa.array([point], pa.binary())
+    )
+    geo = {
+        "version": "1.1.0",
+        "primary_column": "geometry",
+        "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Point"]}},
+    }
+    table = pa.table({"region_id": pa.array(np.zeros(rows, dtype=np.int8)), "geometry": geometry})
+    pq.write_table(table.replace_schema_metadata({"geo": json.dumps(geo)}), path)
+    assert path.stat().st_size < 1_000_000
+    return path
+
+
+def _spherical_edges(folder: Path) -> Path:
+    path = folder / "spherical.parquet"
+    _frame([box(0, 0, 1, 1)]).to_parquet(path)
+    table = pq.read_table(path)
+    geo = json.loads(table.schema.metadata[b"geo"])
+    geo["columns"]["geometry"]["edges"] = "spherical"
+    pq.write_table(table.replace_schema_metadata({b"geo": json.dumps(geo).encode()}), path)
+    return path
+
+
+def _cpg(value: bytes):
+    def mutate(shp: Path) -> None:
+        shp.with_suffix(".cpg").write_bytes(value)
+
+    return mutate
+
+
 def _geojson_with_crs(crs: dict, geometry_crs: dict | None = None, escape: bool = False) -> str:
     geometry = dict(SQUARE, **({"crs": geometry_crs} if geometry_crs else {}))
     doc = json.loads(_geojson([_feature(geometry, region_id=1)]))
@@ -1089,5 +1125,34 @@ CASES: list[Case] = [
             ),
         ),
         verify=_valid_area(7.0),
+    ),
+    Case(
+        "parquet_row_bomb",
+        "a GeoParquet of a few hundred KB declaring 20,000,000 rows (one dictionary point)",
+        _parquet_row_bomb,
+        "ingest",
+        "declares 20,000,000 rows in",
+    ),
+    Case(
+        "parquet_spherical_edges",
+        "a GeoParquet whose geometry column declares edges: spherical",
+        _spherical_edges,
+        "ingest",
+        "declares edges 'spherical'; geoiso's steps are planar",
+    ),
+    Case(
+        "cpg_utf16",
+        "a shapefile whose .cpg names UTF-16 (every attribute byte would become other text)",
+        _shapefile("wide", mutate=_cpg(b"UTF-16")),
+        "ingest",
+        "its wide.cpg names the encoding 'UTF-16', which is not an ASCII-compatible",
+    ),
+    Case(
+        "cpg_code_page",
+        "a shapefile whose .cpg gives a code page by number (1252), as ArcGIS writes it",
+        _shapefile("code_page", mutate=_cpg(b"1252\r\n")),
+        target_crs="EPSG:6933",
+        dissolve_by="continent",
+        verify=_rows(8),
     ),
 ]
