@@ -79,6 +79,7 @@ def add(files: list[str], module: str = DEFAULT_MODULE) -> list[str]:
         # SQLite's -wal/-shm stay behind: a GeoPackage with changes in its log was
         # refused above.
         parts = [p for p in inbox.companions(source) if not p.name.endswith(formats.SQLITE_PARTS)]
+        inbox.check_delivered_parts(source, parts)
         root.add(source, parts, key)
         keys.append(key)
     with DagsterInstance.get() as instance:

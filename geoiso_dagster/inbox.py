@@ -7,6 +7,7 @@ No geo imports.
 import hashlib
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -142,6 +143,29 @@ def check_source_name(path: Path) -> None:
     if why:
         raise BadInputError(path.name, f"is not a source file: {why}")
     check_partition_key(path.name)
+
+
+def check_delivered_parts(source: Path, parts: list[Path]) -> None:
+    """Each file that travels with `source` (`geoiso add`) is a regular file of the
+    delivery: not a directory, FIFO or device (a copy would fail or block), not a
+    dangling link, and not a link out of the source's own folder (it would be followed
+    and another file copied in under the delivery's name)."""
+    folder = source.resolve().parent
+    for part in parts:
+        try:
+            resolved = part.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise BadInputError(str(source), f"its {part.name} is a dangling link") from None
+        if part.is_symlink() and resolved.parent != folder:
+            raise BadInputError(
+                str(source),
+                f"its {part.name} is a link out of the delivery's folder (to {resolved}); "
+                "copy the file itself beside the source",
+            )
+        mode = resolved.stat().st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (FIFO, device)"
+            raise BadInputError(str(source), f"its {part.name} is {kind}")
 
 
 def pending_wal(path: Path) -> str | None:

@@ -108,6 +108,47 @@ def test_add_refuses_an_unsafe_name_and_needs_dagster_home(cli_env, tmp_path):
     assert result.returncode == 2 and "DAGSTER_HOME is not set" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("part", "make", "cause"),
+    [
+        (".prj", lambda p, outside: p.mkdir(), "its parcel.prj is a directory"),
+        (".cpg", lambda p, outside: os.mkfifo(p), "its parcel.cpg is not a regular file (FIFO"),
+        (".cpg", lambda p, outside: p.symlink_to(p.with_suffix(".gone")), "is a dangling link"),
+        (
+            ".shp.xml",
+            lambda p, outside: p.symlink_to(outside),
+            "its parcel.shp.xml is a link out of the delivery's folder",
+        ),
+    ],
+    ids=["directory", "fifo", "dangling", "link-out"],
+)
+def test_add_refuses_a_part_that_is_no_file_of_the_delivery(
+    cli_env, data_root, tmp_path, naturalearth_shp, part, make, cause
+):
+    """A companion that is a directory or FIFO (the copy would fail or block), a dangling
+    link, or a link out of the delivery (it was followed, and the outside file copied in):
+    refused in one line naming the source; nothing reaches the inbox."""
+    delivery = tmp_path / "delivery"
+    delivery.mkdir()
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not the delivery's")
+    for each in naturalearth_shp.parent.glob("naturalearth_lowres.*"):
+        if each.suffix not in (".cpg", part):
+            shutil.copy(each, delivery / f"parcel{each.suffix}")
+    make(delivery / f"parcel{part}", outside)
+    result = subprocess.run(
+        [BIN / "geoiso", "add", str(delivery / "parcel.shp")],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert cause in result.stderr and str(delivery / "parcel.shp") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (data_root / "inbox").exists() or not list((data_root / "inbox").iterdir())
+
+
 def test_add_brings_a_shapefile_with_its_parts(cli_env, data_root, naturalearth_shp):
     result = _geoiso(cli_env, "add", str(naturalearth_shp))
     assert result.returncode == 0, result.stderr

@@ -240,3 +240,22 @@ def test_geojson_crs_members_are_judged_on_the_parsed_json(tmp_path):
     for cause, document in refusals.items():
         with pytest.raises(BadInputError, match=cause.replace("(", r"\(")):
             names(json.dumps(document))
+
+
+@pytest.mark.parametrize("pam", ["NO", "YES"])
+def test_aux_files_beside_a_geopackage_are_never_opened(data_root, fifo, pam):
+    """GDAL's PAM opens <name>.aux (and <stem>.aux) beside a GeoPackage, a link out of the
+    root alike: the workers turn PAM off. With it on again (pam=YES) the FIFO behind the
+    link is opened, so the test can tell."""
+    gpkg = data_root / "inbox" / "aux.gpkg"
+    FRAME.to_file(gpkg)
+    for name in ("aux.gpkg.aux", "aux.aux", "aux.gpkg.aux.xml"):
+        (gpkg.parent / name).symlink_to(fifo.path)
+    settings = PoolSettings(
+        task_module=TASK_MODULE, max_workers=1, env_overrides={"GDAL_PAM_ENABLED": pam}
+    )
+    output = data_root / "warehouse" / "aux.parquet"
+    with WorkerPool(settings) as pool:
+        result = pool.run("ingest", source=str(gpkg), output=str(output))
+    assert result.facts["rows"] == 2
+    assert (fifo.opens > 0) == (pam == "YES"), fifo.opens

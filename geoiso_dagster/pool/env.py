@@ -39,6 +39,10 @@ DEFAULT_WORKER_ENV: dict[str, str] = {
     "GDAL_DRIVER_PATH": "disable",
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": "/geoiso/network-access-is-off",
     "OGR_SQLITE_ALLOW_EXTERNAL_ACCESS": "NO",
+    # GDAL's persistent auxiliary metadata: opening a GeoPackage (a raster-capable driver)
+    # looks for <name>.aux.xml and <name>.aux / <stem>.aux beside it and opens them, a
+    # link out of the root or a FIFO alike. Nothing here reads or writes them.
+    "GDAL_PAM_ENABLED": "NO",
 }
 
 # Variables GDAL reads through CPLGetConfigOption: applied with
