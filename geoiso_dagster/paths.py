@@ -8,7 +8,7 @@ itself (a folder, or an S3 prefix with this host's mirror of it) is dataroot.py'
 import re
 from pathlib import Path
 
-from geoiso_dagster import dataroot
+from geoiso_dagster import dataroot, fsutil
 from geoiso_dagster.errors import UnsafeNameError
 
 _ASSET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -53,6 +53,9 @@ def check_partition_key(key: str) -> str:
         why = "it contains '..'"
     elif key.startswith("."):
         why = "it starts with '.' (hidden and temporary files are never partitions)"
+    elif fsutil.TEMP_MARKER in key.lower():
+        # another key's sweep would take this key's temps for its own (fsutil.temp_path_for)
+        why = f"it contains {fsutil.TEMP_MARKER!r}, the mark of this project's temp names"
     elif _CONTROL.search(key):
         why = "it contains a control character"
     elif any(bad in key for bad in _RESERVED):

@@ -268,3 +268,42 @@ def test_a_200_character_key_fans_out_end_to_end(data_root, monkeypatch):
     assert all(f["fanned_out_over"] == 2 for f in facts)
     leftovers = [p for p in (data_root / "warehouse").rglob(".*")]
     assert leftovers == []
+
+
+def test_a_source_swapped_for_a_link_after_its_check_is_read_as_checked(data_root, tmp_path):
+    """The inbox name is swapped (atomically) for a link to a file outside the root right
+    after the worker checked the source and before GDAL reads it (the `swap` fault, at the
+    ingest's "pinned" point): the worker reads the file it opened and checked, never the
+    one the name now points to; a second try, on the name as it now is, is refused."""
+    good = data_root / "inbox" / "swap.geojson"
+    geopandas.GeoDataFrame(
+        {"marker": ["inside", "inside"]}, geometry=[box(0, 0, 1, 1), box(1, 0, 2, 1)], crs=4326
+    ).to_file(good)
+    outside = tmp_path / "outside" / "secret.geojson"
+    outside.parent.mkdir()
+    geopandas.GeoDataFrame({"marker": ["OUTSIDE"]}, geometry=[box(5, 5, 6, 6)], crs=4326).to_file(
+        outside
+    )
+    link = data_root / "inbox" / ".swap-link"
+    link.symlink_to(outside)
+    fault = {
+        "task": "ingest",
+        "at": "pinned",
+        "fault": "swap",
+        "from": str(link),
+        "path": str(good),
+        "state": str(tmp_path / "fault-state"),
+    }
+    settings = PoolSettings(
+        task_module=TASK_MODULE, max_workers=1, env_overrides={"GEOISO_FAULTS": json.dumps([fault])}
+    )
+    first, second = data_root / "warehouse" / "first.parquet", data_root / "warehouse" / "2.parquet"
+    with WorkerPool(settings) as pool:
+        result = pool.run("ingest", source=str(good), output=str(first))
+        assert good.is_symlink() and good.resolve() == outside, "the swap did not happen"
+        assert result.facts["rows"] == 2
+        assert geopandas.read_parquet(first)["marker"].tolist() == ["inside", "inside"]
+        with pytest.raises(BadInputError, match="is a link to .*, outside the data root"):
+            pool.run("ingest", source=str(good), output=str(second))
+    assert not second.exists()
+    assert sorted(p.name for p in (data_root / "warehouse").iterdir()) == ["first.parquet"]

@@ -29,6 +29,8 @@ from geoiso_dagster.paths import check_partition_key, output_path, source_path
         "x" * 201,
         "a...b",
         " lead.gpkg",
+        "countries.gpkg.parquet.tmp-1@host-ab.gpkg",  # shaped like countries.gpkg's temps
+        "x.TMP-1.gpkg",
     ],
 )
 def test_unsafe_partition_keys_are_refused(key, data_root):
@@ -87,6 +89,20 @@ def test_sweep_removes_only_temps_of_dead_writers(tmp_path):
     removed = sweep_stale_temps(target)
     assert sorted(removed) == sorted([orphan, orphan_of_live])
     assert live.exists() and unrelated.exists()
+
+
+def test_a_key_shaped_like_another_keys_temp_cannot_be_swept_for_it(tmp_path, data_root):
+    """The sweep of key K's output takes every '.K.parquet.tmp-...' for a temp of K; a key
+    whose own temps would start so ("K.parquet.tmp-<pid>@<host>-<token>...") would have
+    its live temps removed by K's sweep: such keys are refused, and the sweep of a
+    refused-shape name shows why (its writer chain reads as a dead writer's)."""
+    shaped = f"countries.gpkg.parquet.tmp-{_dead_pid()}@{fsutil.host_tag()}-ab.gpkg"
+    with pytest.raises(UnsafeNameError, match="the mark of this project's temp names"):
+        check_partition_key(shaped)
+    target = tmp_path / "countries.gpkg.parquet"
+    other_keys_live_temp = temp_path_for(tmp_path / f"{shaped}.parquet")
+    other_keys_live_temp.write_bytes(b"x")
+    assert sweep_stale_temps(target) == [other_keys_live_temp]  # what the refusal prevents
 
 
 def test_sweep_judges_other_hosts_by_lease_never_by_pid(tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """The worker functions on real data, called directly (they are plain functions)."""
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import geopandas
@@ -13,7 +15,7 @@ import pytest
 import shapely
 from shapely.geometry import Polygon
 
-from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.errors import BadInputError, TransientIOError
 from geoiso_dagster.spatial import tasks
 from geoiso_dagster.spatial.ingest import ingest_file
 from geoiso_dagster.spatial.io import ROW_GROUP_ROWS, SLICE_ROWS, SOURCE_ROW
@@ -440,6 +442,28 @@ def test_streamed_ingest_equals_the_whole_frame_read(naturalearth_shp, tmp_path)
     assert geo["geometry_types"] == sorted(kinds) == ["MultiPolygon", "MultiPolygon Z"]
     assert geo["bbox"] == pytest.approx(list(whole.total_bounds), rel=1e-15)
     assert pq.read_schema(tmp).field("rank").type == "int64"  # nulls kept, not floats
+
+
+def test_every_part_reads_the_file_its_survey_saw(naturalearth_shp, tmp_path):
+    """The survey pins the source and gives its identity (device, inode, size, mtime);
+    a part given it reads that file, and once the name holds another file (replaced
+    between the survey and the part), the part refuses it as transient: read again."""
+    source, _ = _mixed_countries(naturalearth_shp, tmp_path)
+    survey = tasks.survey(str(source), scratch=str(tmp_path / "out.parquet"))
+    stat = source.stat()
+    assert survey["identity"] == [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns]
+    part = tasks.ingest(
+        str(source), str(tmp_path / "p0"), features=[0, 10], identity=survey["identity"]
+    )
+    assert part["rows"] == 10
+    replacement = tmp_path / "replacement.parquet"
+    shutil.copy(source, replacement)
+    os.replace(replacement, source)
+    with pytest.raises(TransientIOError, match="changed while it was being read"):
+        tasks.ingest(
+            str(source), str(tmp_path / "p1"), features=[10, 10], identity=survey["identity"]
+        )
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_ingest_parts_concatenated_equal_the_whole(naturalearth_shp, tmp_path):

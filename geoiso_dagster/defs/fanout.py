@@ -74,15 +74,16 @@ def ingest(runner: TaskRunner, source: str, staged: Path, layer: str | None = No
     enough to be worth it (the survey is a task too: the input is not trusted here)."""
     plan = None
     if runner.max_workers >= 2 and _size(source) >= FAN_OUT_MIN_BYTES:
-        survey = runner.run("survey", source=source, layer=layer)
+        survey = runner.run("survey", source=source, layer=layer, scratch=str(staged))
         plan = plan_features(survey.facts, runner.max_workers)
     if plan is None:
         return runner.run("ingest", source=source, output=str(staged), layer=layer)
+    identity = survey.facts.get("identity")  # every part reads the file the survey saw
     runner.log(f"fanning the ingest out over {len(plan)} workers: features {plan}")
     results, joined = fan_out(
         runner,
         staged,
-        ("ingest", {"source": source, "layer": layer}),
+        ("ingest", {"source": source, "layer": layer, "identity": identity}),
         [{"features": features} for features in plan],
         concatenate_ingested,
     )

@@ -13,6 +13,8 @@ KIND is one of:
     enospc    the real write runs under RLIMIT_FSIZE=4 KiB and fails (EFBIG)
     enomem    the write fails as Arrow's does when a worker is out of address space
               (OSError ENOMEM, "Memory mapping file failed: Cannot allocate memory")
+    swap      the file "from" is renamed over "path" (atomically), as someone swapping
+              an inbox file for a link between a check and an open would
 POINT is a named point inside a task (faults.at_point), e.g. "part" of "upload".
 With "armed": a path, a fault fires only while that file exists (a test sets a fault
 for a whole deployment and arms it for the one run it is about).
@@ -82,6 +84,9 @@ def _fire(fault: dict, partial: Path | None = None) -> None:
     if kind == "linger":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         time.sleep(float(fault.get("seconds", 1.0)))
+        return
+    if kind == "swap":
+        os.replace(fault["from"], fault["path"])
         return
     if kind == "enomem":
         raise OSError(errno.ENOMEM, "Memory mapping file failed: Cannot allocate memory")

@@ -27,7 +27,7 @@ import shapely
 
 from geoiso_dagster.errors import BadInputError
 from geoiso_dagster.settings import check_crs
-from geoiso_dagster.spatial import declared, integrity, io, sources
+from geoiso_dagster.spatial import declared, faults, integrity, io, sources
 from geoiso_dagster.spatial.io import BBOX_FIELDS, bbox_column
 from geoiso_dagster.spatial.stream import TableSink
 
@@ -44,12 +44,22 @@ class _Source:
         self.first_row = first_row  # the source row of the range's first feature
 
 
-def survey(source: str | Path, layer: str | None = None) -> dict:
+def survey(source: str | Path, layer: str | None = None, scratch: str | None = None) -> dict:
     """How a source can be split: its feature count (-1: unknown without a full read),
     and either the rows of each GeoParquet row group or whether GDAL can start reading at
     any feature without reading those before it (fast SetNextByIndex). An archive is
-    never split: it is unpacked once, by the one task that reads it."""
+    never split: it is unpacked once, by the one task that reads it. With `scratch` (the
+    output), a local source is pinned beside it (sources.pin) and surveyed as pinned;
+    its identity is returned, for every part to read that same file."""
     path = io.ref(source)
+    if scratch is None:
+        return _survey(path, layer)
+    with sources.pinned(path, Path(scratch)) as (pinned, identity):
+        facts = _survey(pinned, layer)
+    return facts if identity is None else {**facts, "identity": list(identity)}
+
+
+def _survey(path: "Path | str", layer: str | None) -> dict:
     sources.check_source_files(path)
     io.check_readable(path)
     suffix = sources.suffix_of(path)
@@ -117,18 +127,25 @@ def ingest_file(
     on_batch: Callable[[int, int | None], None] | None = None,
     part: bool = False,
     layer: str | None = None,
+    identity: list | None = None,
 ) -> dict:
     """Stream `source` into GeoParquet at `tmp` (`part`: a part file for `concatenate`,
     see stream.TableSink); returns the rows written and the `geo` metadata. The source
-    passes the jail first (spatial/sources.py); a `.zip` is unpacked beside `tmp` and its
-    one dataset read, every error still naming the archive."""
-    with sources.opened(source, tmp) as (path, what):
+    passes the jail first and is read as pinned there (spatial/sources.py; `identity`:
+    the survey's, for a part); a `.zip` is unpacked beside `tmp` and its one dataset
+    read, every error still naming the source."""
+    with sources.opened(source, tmp, identity) as (path, what):
+        faults.at_point("ingest", "pinned")  # checked, not yet read (a swap test's moment)
         try:
             return _ingest(path, tmp, features, batch_rows, group_rows, on_batch, part, layer)
         except BadInputError as exc:
             if path == source:
                 raise
-            raise BadInputError(what, f"(member {path.name}) {exc.cause}") from None
+            if sources.suffix_of(what) in sources.ARCHIVE_SUFFIXES:
+                raise BadInputError(what, f"(member {path.name}) {exc.cause}") from None
+            if exc.path != str(path):
+                raise
+            raise BadInputError(what, exc.cause.replace(str(path), what)) from None
 
 
 def _ingest(source, tmp, features, batch_rows, group_rows, on_batch, part, layer) -> dict:
@@ -257,9 +274,10 @@ def _crs(source: Path, declared: str | None) -> pyproj.CRS:
         )
     check_crs(declared, str(source), "the CRS GDAL read")  # as declared, checked before
     try:
-        return pyproj.CRS.from_user_input(declared)
+        crs = pyproj.CRS.from_user_input(declared)
     except pyproj.exceptions.CRSError as exc:
         raise BadInputError(str(source), f"declares a CRS PROJ does not know: {exc}") from exc
+    return io.check_horizontal(crs, str(source), "its declared CRS")
 
 
 def _write(

@@ -359,9 +359,25 @@ def geoparquet_crs(path: Path, geo: dict | None = None) -> pyproj.CRS:
     # Before PROJ reads it: the target_crs rules (no init file, no grid by path).
     check_crs(text, str(path), "the CRS its geo metadata declares")
     try:
-        return parse_crs(text)
+        parsed = parse_crs(text)
     except pyproj.exceptions.CRSError as exc:
         raise BadInputError(str(path), f"declares a CRS PROJ does not know: {exc}") from exc
+    return check_horizontal(parsed, str(path), "its declared CRS")
+
+
+def check_horizontal(crs: pyproj.CRS, what: str, label: str) -> pyproj.CRS:
+    """`crs` (`label`: how the message names it) is horizontal: geographic or projected
+    (a compound CRS with one of those, a bound one over one). A vertical, geocentric or
+    engineering (LOCAL_CS) CRS has no x and y that features can be put in: 2D polygons
+    in geocentric EPSG:4978 were published, and their areas meant nothing."""
+    if not (crs.is_geographic or crs.is_projected) or crs.is_geocentric:
+        article = "an" if crs.type_name[:1] in "AEIOU" else "a"
+        raise BadInputError(
+            what,
+            f"{label} is {article} {crs.type_name} ({crs.name[:60]}), not a horizontal (geographic "
+            "or projected) CRS; features need one with x and y axes",
+        )
+    return crs
 
 
 @functools.lru_cache(maxsize=64)

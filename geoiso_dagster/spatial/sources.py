@@ -8,7 +8,8 @@ A source is untrusted. Four rules, each an allow-list:
    None of the allowed formats can reference another file or a URL.
 2. Files. Every file the format may open (the source, a shapefile's parts, SQLite's
    `-wal`/`-shm`/`-journal`) must be a regular file that resolves inside the data root;
-   a directory, a FIFO or a link out of the root refuses the source.
+   a directory, a FIFO or a link out of the root refuses the source. A local source is
+   judged as opened and read as judged (`pin`): no name is looked up twice.
    With an S3 root, a source may be an object read in place: the same rules hold for
    objects, and GDAL reaches the network for that source's objects only
    (spatial/remote.py).
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from geoiso_dagster import formats, paths
-from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.errors import BadInputError, TransientIOError
 from geoiso_dagster.fsutil import temp_path_for
 from geoiso_dagster.spatial import declared, io, remote
 
@@ -156,38 +157,129 @@ def source_access(source: "Path | str") -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def opened(source: "Path | str", scratch_beside: Path) -> Iterator[tuple["Path | str", str]]:
-    """(the file to read, how to name it in errors): the source itself once checked, or
-    the one dataset inside a `.zip`, unpacked into a private folder beside
-    `scratch_beside` (inside the data root) that is removed afterwards. An object of an
-    S3 root is read in place, GDAL allowed its objects meanwhile; a zip object (which the
-    steps fetch whole) is downloaded into the folder first."""
-    check_source_files(source)
-    if suffix_of(source) not in ARCHIVE_SUFFIXES:
+def opened(
+    source: "Path | str", scratch_beside: Path, identity: list | None = None
+) -> Iterator[tuple["Path | str", str]]:
+    """(the file to read, how to name it in errors). A local source is pinned first
+    (`pin`): each of its files opened once, what was opened checked, and hard-linked
+    into a private folder beside `scratch_beside` (inside the data root) that is removed
+    afterwards; every check and GDAL read the pinned files, so a name swapped for a link
+    after the check reaches nothing. `identity` (the survey's) must be the pinned
+    source's, or the file changed between the parts of one fan-out (transient). A `.zip`
+    is then unpacked into that folder and its one dataset read. An object of an S3 root
+    is read in place, GDAL allowed its objects meanwhile; a zip object (which the steps
+    fetch whole) is downloaded into the folder first."""
+    if io.is_uri(source) and suffix_of(source) not in ARCHIVE_SUFFIXES:
+        check_source_files(source)
         with source_access(source):
             yield source, str(source)
         return
     folder = temp_path_for(scratch_beside)
     folder.mkdir(parents=True)
     try:
-        archive = source
         if io.is_uri(source):
-            archive = folder.with_name(folder.name + ".zip")
+            check_source_files(source)
+            archive = folder / remote.name_of(source)
             with open(archive, "wb") as out:
                 for chunk in remote.read(source):
                     out.write(chunk)
+        else:
+            archive, pinned_as = pin(Path(source), folder)
+            if identity is not None and list(pinned_as) != list(identity):
+                raise TransientIOError(
+                    f"{source}: changed while it was being read (between the survey and this "
+                    "part); read again"
+                )
+            with named_as(archive, str(source)):
+                check_source_files(archive)
+        if suffix_of(source) not in ARCHIVE_SUFFIXES:
+            yield archive, str(source)
+            return
+        (folder / ".unpacked").mkdir()
+        inner = unpack(archive, folder / ".unpacked", str(source))
         try:
-            inner = unpack(archive, folder, str(source))
-            try:
-                declared.check(declared.FileBytes(inner), suffix_of(inner))
-            except BadInputError as exc:
-                raise BadInputError(str(source), f"(member {inner.name}) {exc.cause}") from None
-        finally:
-            if archive is not source:
-                Path(archive).unlink(missing_ok=True)
+            declared.check(declared.FileBytes(inner), suffix_of(inner))
+        except BadInputError as exc:
+            raise BadInputError(str(source), f"(member {inner.name}) {exc.cause}") from None
+        Path(archive).unlink(missing_ok=True)
         yield inner, str(source)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def pinned(
+    source: "Path | str", scratch_beside: Path
+) -> Iterator[tuple["Path | str", tuple | None]]:
+    """(the source as pinned beside `scratch_beside`, its identity) for the time of the
+    block, errors about the pinned file naming the source; an object of an S3 root as it
+    is (its version is checked by the data root), identity None."""
+    if io.is_uri(source):
+        yield source, None
+        return
+    folder = temp_path_for(scratch_beside)
+    folder.mkdir(parents=True)
+    try:
+        path, identity = pin(Path(source), folder)
+        with named_as(path, str(source)):
+            yield path, identity
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def pin(source: Path, folder: Path) -> tuple[Path, tuple[int, int, int, int]]:
+    """Open `source` and each file its format may open beside it once, check what was
+    opened (a regular file whose real path, as the kernel tells it for the descriptor,
+    lies inside the data root), and hard-link exactly that file into `folder` under its
+    own name (a copy when the folder is on another file system, or the kernel refuses
+    the link). Returns the pinned source and its identity (device, inode, size, mtime)."""
+    root, what = jail_root(), str(source)
+    identity = None
+    for part in [source, *companions(source)]:
+        try:
+            fd = os.open(part, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BadInputError(
+                what, f"{part.name} does not exist (or is a dangling link)"
+            ) from None
+        except OSError as exc:
+            raise BadInputError(what, f"{part.name} cannot be opened: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if not real.is_relative_to(root):
+                raise BadInputError(
+                    what, f"{part.name} is a link to {real}, outside the data root {root}"
+                )
+            if not stat.S_ISREG(info.st_mode):
+                kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+                raise BadInputError(what, f"{part.name} is {kind}; a source is one regular file")
+            _link_or_copy(fd, folder / part.name)
+        finally:
+            os.close(fd)
+        if part == source:
+            identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    assert identity is not None
+    return folder / source.name, identity
+
+
+def _link_or_copy(fd: int, target: Path) -> None:
+    try:
+        os.link(f"/proc/self/fd/{fd}", target, follow_symlinks=True)
+    except OSError:  # another file system (EXDEV), or protected_hardlinks (EPERM)
+        with os.fdopen(os.dup(fd), "rb") as src, open(target, "xb") as out:
+            shutil.copyfileobj(src, out, 2**20)
+
+
+@contextlib.contextmanager
+def named_as(pinned: "Path | str", what: str) -> Iterator[None]:
+    """A BadInputError about the pinned file names the source it stands for."""
+    try:
+        yield
+    except BadInputError as exc:
+        if exc.path != str(pinned):
+            raise
+        raise BadInputError(what, exc.cause.replace(str(pinned), what)) from None
 
 
 def unpack(archive: Path, folder: Path, what: str | None = None) -> Path:

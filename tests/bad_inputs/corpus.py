@@ -514,6 +514,18 @@ def _cpg(value: bytes):
     return mutate
 
 
+LOCAL_CS_WKT = (
+    'LOCAL_CS["site grid",LOCAL_DATUM["site",0],UNIT["metre",1],AXIS["X",EAST],AXIS["Y",NORTH]]'
+)
+
+
+def _prj(text: str):
+    def mutate(shp: Path) -> None:
+        shp.with_suffix(".prj").write_text(text)
+
+    return mutate
+
+
 def _geojson_with_crs(crs: dict, geometry_crs: dict | None = None, escape: bool = False) -> str:
     geometry = dict(SQUARE, **({"crs": geometry_crs} if geometry_crs else {}))
     doc = json.loads(_geojson([_feature(geometry, region_id=1)]))
@@ -1154,5 +1166,19 @@ CASES: list[Case] = [
         target_crs="EPSG:6933",
         dissolve_by="continent",
         verify=_rows(8),
+    ),
+    Case(
+        "prj_local_cs",
+        "a shapefile whose .prj is a LOCAL_CS (an engineering CRS: no geographic place)",
+        _shapefile("site", mutate=_prj(LOCAL_CS_WKT)),
+        "ingest",
+        "its declared CRS is an Engineering CRS (site grid), not a horizontal",
+    ),
+    Case(
+        "geoparquet_geocentric",
+        "2D polygons in a GeoParquet declaring geocentric EPSG:4978",
+        _geoparquet_crs("geocentric.parquet", "EPSG:4978"),
+        "ingest",
+        "is a Geocentric CRS (WGS 84), not a horizontal",
     ),
 ]

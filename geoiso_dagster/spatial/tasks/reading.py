@@ -12,11 +12,16 @@ from geoiso_dagster.task_api import progress
 
 
 def ingest(
-    source: str, output: str, features: list[int] | None = None, layer: str | None = None
+    source: str,
+    output: str,
+    features: list[int] | None = None,
+    layer: str | None = None,
+    identity: list | None = None,
 ) -> dict:
     """raw_features: any vector file or GeoParquet -> GeoParquet, unchanged, streamed in
     batches (see spatial/ingest.py). With `features` = [skip, count] (GDAL sources) or
-    [first row group, row groups] (GeoParquet), only that range: one part of a fan-out."""
+    [first row group, row groups] (GeoParquet), only that range: one part of a fan-out,
+    whose source must be the file the survey saw (`identity`)."""
     faults.at_start("ingest")
     started = time.perf_counter()
     last = [time.monotonic()]
@@ -41,6 +46,7 @@ def ingest(
                 on_batch=report,
                 part=features is not None,
                 layer=layer,
+                identity=identity,
             )
     except OSError as exc:
         raise io.os_error(Path(output), exc, "writing") from exc
@@ -63,10 +69,11 @@ def _name(source: str) -> str:
     return source.rpartition("/")[2]
 
 
-def survey(source: str, layer: str | None = None) -> dict:
-    """How many features a source holds and whether ranges of them can be read alone."""
+def survey(source: str, layer: str | None = None, scratch: str | None = None) -> dict:
+    """How many features a source holds and whether ranges of them can be read alone
+    (pinned beside `scratch`, the output, and its identity given: spatial/ingest.py)."""
     faults.at_start("survey")
-    return ingest_survey(source, layer)
+    return ingest_survey(io.ref(source), layer, scratch)
 
 
 def concatenate(

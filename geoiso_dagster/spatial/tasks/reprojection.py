@@ -38,13 +38,7 @@ def target_crs_of(value: str, path: str) -> pyproj.CRS:
         crs = io.parse_crs(value)
     except pyproj.exceptions.CRSError as exc:
         raise BadInputError(path, f"target_crs {value!r} is not a CRS PROJ knows: {exc}") from exc
-    if not (crs.is_geographic or crs.is_projected) or crs.is_geocentric:
-        raise BadInputError(
-            path,
-            f"target_crs {value[:80]!r} is a {crs.type_name}, not a horizontal (geographic "
-            "or projected) CRS; features need one with x and y axes",
-        )
-    return crs
+    return io.check_horizontal(crs, path, f"target_crs {value[:80]!r}")
 
 
 def reproject(
