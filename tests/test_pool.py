@@ -93,6 +93,37 @@ def test_timed_out_worker_process_is_gone():
         assert not _alive(busy)
 
 
+def test_a_task_no_worker_takes_is_not_left_waiting_forever():
+    """Every worker stopped (SIGSTOP) before its next task: pebble's timeout starts only
+    when a worker takes a task, so the task waited forever. Once tasks have waited a
+    whole task_timeout_s with no worker taking one, they fail as timed out (transient:
+    the step retries), the stopped workers are killed, and fresh ones take the next."""
+    settings = PoolSettings(
+        max_workers=2, task_timeout_s=2, task_module="tests.standins.pool_tasks"
+    )
+    with WorkerPool(settings) as pool:
+        assert pool.run("sleep", seconds=0).facts["slept"] == 0
+        deadline = time.monotonic() + 60  # both workers up (one still starting is no stall)
+        while set(pool._workers) != set(pool._pebble_workers()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stopped = list(pool._pebble_workers().values())
+        assert len(stopped) == 2 and set(pool._workers) == {p.pid for p in stopped}
+        for process in stopped:
+            process.suspend()
+        try:
+            started = time.monotonic()
+            with pytest.raises(WorkerTimeoutError, match="no worker took it within task_timeo"):
+                pool.submit("report_pid").result(timeout=30)
+            waited = time.monotonic() - started
+        finally:
+            for process in stopped:
+                if _alive(process.pid):
+                    process.resume()
+        assert 2 <= waited < 10, f"given up after {waited:.1f} s"
+        assert not any(_alive(p.pid) for p in stopped), "the stopped workers are still there"
+        assert pool.run("report_pid").facts["pid"] not in {p.pid for p in stopped}
+
+
 def test_memory_ceiling_stops_the_worker_and_names_the_limit():
     """Its own pool, with a timeout far past the allocation: on a loaded machine touching
     500 MB page by page once took longer than the shared pool's 3 s timeout, which then
@@ -307,6 +338,62 @@ def test_workers_die_when_the_run_process_is_killed(tmp_path):
     while time.monotonic() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.1)
     assert not any(_alive(p) for p in workers), "orphaned worker outlived its run process"
+
+
+def test_a_worker_holding_the_gil_dies_with_its_run_process():
+    """A worker inside a long C call that holds the GIL cannot run its own watchdog: the
+    kernel kills it when its parent (the forkserver, which sees the run process go) dies."""
+    script = textwrap.dedent(
+        """
+        import time
+        from geoiso_dagster.pool import PoolSettings, WorkerPool
+        settings = PoolSettings(max_workers=1, task_module="tests.standins.pool_tasks")
+        pool = WorkerPool(settings).start()
+        pool.run("report_pid")
+        pool.submit("hold_gil", seconds=120)
+        time.sleep(1.5)
+        print(" ".join(str(p) for p in pool._workers), flush=True)
+        time.sleep(120)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    )
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert workers and all(_alive(p) for p in workers)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers), "a worker in a GIL-holding call outlived its run"
+
+
+def test_helpers_a_task_starts_end_with_it(test_pool, tmp_path, monkeypatch):
+    """A task's helper processes (a subprocess, one double-forked away) are killed when
+    the task returns, and said so; those of a task that times out die with its worker."""
+    result = test_pool.run("start_helper", seconds=120)
+    pids = result.facts
+    assert not _alive(pids["helper"]) and not _alive(pids["double_forked"])
+    assert "2 helper processes it left running (killed)" in result.restored
+
+
+def test_helpers_of_a_timed_out_task_die_with_its_worker(tmp_path):
+    record = tmp_path / "helpers.json"
+    settings = PoolSettings(
+        max_workers=1,
+        task_timeout_s=3,
+        task_module="tests.standins.pool_tasks",
+        env_overrides={"GEOISO_TEST_HELPERS": str(record)},
+    )
+    with WorkerPool(settings) as pool:
+        with pytest.raises(WorkerTimeoutError):
+            pool.run("start_helper", seconds=120, hang=True)
+        pids = json.loads(record.read_text())
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in pids.values()), pids
 
 
 def test_workers_do_not_rerun_the_parents_main_module(tmp_path):

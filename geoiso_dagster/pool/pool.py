@@ -39,6 +39,7 @@ from geoiso_dagster.pool.worker import (
     MEMORY_EXIT_CODE,
     WorkerSettings,
     initialize,
+    kill_group,
     run_task,
     start_ticks,
 )
@@ -125,6 +126,11 @@ def _settle_once(
         pass
 
 
+# How long a worker may take to start (import the geo stack, warm up) before the queue's
+# watchdog may take the pool for stalled (WorkerPool._watch).
+WORKER_START_GRACE_S = 60.0
+
+
 class WorkerPool:
     def __init__(self, settings: PoolSettings | None = None) -> None:
         self.settings = settings or PoolSettings()
@@ -147,7 +153,15 @@ class WorkerPool:
         # OOM kills in this cgroup already accounted for (each explains one SIGKILL).
         self._oom_kills_seen = cgroup.oom_kills()
         self._workers: dict[int, psutil.Process] = {}
+        self._worker_ticks: dict[int, int] = {}  # when each started (worker.start_ticks)
         self._cond = threading.Condition()
+        # The queue's watchdog (`_watch`): when each task not yet taken was submitted (and
+        # its pebble future), and when a worker last took or finished a task.
+        self._queued: dict[str, tuple[float, concurrent.futures.Future]] = {}
+        self._last_progress = time.monotonic()
+        self._given_up: dict[str, GeoisoError] = {}  # the watchdog's verdicts, by task
+        self._stop_watching = threading.Event()
+        self._swap = threading.Lock()  # the pebble pool is replaced, or a task scheduled
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> "WorkerPool":
@@ -178,18 +192,25 @@ class WorkerPool:
             import multiprocessing
 
             context = multiprocessing.get_context("spawn")
-        self._pool = pebble.ProcessPool(
+        self._new_pebble = lambda: pebble.ProcessPool(
             max_workers=s.max_workers,
             max_tasks=s.max_tasks_per_worker,
             initializer=initialize,
             initargs=(worker_settings,),
             context=context,
         )
+        self._pool = self._new_pebble()
+        self._last_progress = time.monotonic()
+        self._stop_watching = stop = threading.Event()
+        threading.Thread(
+            target=self._watch, args=(stop,), name="geoiso-pool-watchdog", daemon=True
+        ).start()
         return self
 
     def close(self) -> None:
         """Kill every worker, running or idle, and wait until they are gone."""
         pool, self._pool = self._pool, None
+        self._stop_watching.set()
         if pool is not None:
             pool.stop()
             try:
@@ -251,12 +272,28 @@ class WorkerPool:
         outer: concurrent.futures.Future[TaskResult] = concurrent.futures.Future()
         # Known before a worker can say it started the task (cancel() waits for those).
         self._outstanding[task_id] = (function, outer)
-        inner = self._pool.schedule(
-            run_task, args=(task_id, function, kwargs), timeout=self.settings.task_timeout_s
-        )
+        with self._swap:
+            inner = self._pool.schedule(
+                run_task, args=(task_id, function, kwargs), timeout=self.settings.task_timeout_s
+            )
+        with self._cond:
+            self._queued[task_id] = (time.monotonic(), inner)
 
         def _settle(done: concurrent.futures.Future) -> None:
             self._outstanding.pop(task_id, None)
+            ran_on = self._started.get(task_id, (None, True))[0]
+            if ran_on is not None and not done.cancelled() and done.exception() is not None:
+                # killed by pebble (timeout) or dead (crash): its helpers go with it
+                kill_group(ran_on.pid, self._worker_ticks.get(ran_on.pid))
+            with self._cond:
+                self._queued.pop(task_id, None)
+                self._last_progress = time.monotonic()
+                verdict = self._given_up.pop(task_id, None)
+            if verdict is not None:  # the watchdog gave it up; its pebble pool went with it
+                self._progress.pop(task_id, None)
+                self._delivered.pop(task_id, None)
+                _settle_once(outer, exception=verdict)
+                return
             if not done.cancelled():
                 with self._cond:
                     self._started.pop(task_id, None)
@@ -405,6 +442,9 @@ class WorkerPool:
             except psutil.Error:
                 return
             if start_ticks(pid) == event["start_ticks"]:  # that worker, not a reused pid
+                self._worker_ticks[pid] = event["start_ticks"]
+                with self._cond:
+                    self._last_progress = time.monotonic()
                 self._workers = {pid: p for pid, p in self._workers.items() if p.is_running()} | {
                     process.pid: process
                 }
@@ -421,6 +461,8 @@ class WorkerPool:
             except (psutil.Error, KeyError, ValueError):
                 return
             with self._cond:
+                self._queued.pop(task, None)
+                self._last_progress = time.monotonic()
                 if task in self._outstanding or task in self._cancelling:
                     self._started[task] = (process, False)
         elif event.get("type") == "task_ended":
@@ -429,6 +471,79 @@ class WorkerPool:
                 if task in self._started:
                     self._started[task] = (self._started[task][0], True)
                     self._cond.notify_all()
+
+    def _watch(self, stop: threading.Event) -> None:
+        """pebble's task timeout starts when a worker takes the task: with every worker
+        stopped (SIGSTOP) or hung before taking one, a queued task waited forever. So:
+        when tasks have waited a whole task_timeout_s and no worker took or finished one
+        in that time (a worker that runs a task ends it within the timeout, or pebble
+        kills it: a pool that works cannot go that long without progress), the tasks
+        waiting fail with WorkerTimeoutError (transient: the step retries) and the pool's
+        workers are replaced (pebble takes a killed idle worker for a broken pool, so the
+        whole pebble pool is: stopped, its workers killed, a fresh one started)."""
+        timeout = self.settings.task_timeout_s
+        while not stop.wait(timeout=min(1.0, timeout / 5)):
+            now = time.monotonic()
+            if self._starting():
+                continue
+            with self._cond:
+                stalled = now - self._last_progress >= timeout
+                late = [t for t, (at, _) in self._queued.items() if now - at >= timeout]
+                if not (stalled and late):
+                    continue
+                self._last_progress = now
+                waiting = {t: f for t, (_, f) in self._queued.items()}
+                self._queued.clear()
+                for task in waiting:
+                    function = self._outstanding.get(task, ("task", None))[0]
+                    self._given_up[task] = WorkerTimeoutError(
+                        f"task {function}: no worker took it within task_timeout_s={timeout:g} "
+                        "s of its submission (the pool's workers were stopped or hung before "
+                        "taking work); they were replaced"
+                    )
+            self._replace_workers(f"{len(waiting)} tasks waited {timeout:g} s untaken")
+            for inner in waiting.values():
+                inner.cancel()  # settles it with its verdict, if stopping pebble did not
+
+    def _starting(self) -> bool:
+        """Whether a worker of the pool is still starting (has not said it started, and is
+        younger than WORKER_START_GRACE_S): a loaded machine may take longer than a short
+        task_timeout_s to start one, and that is no stall."""
+        registered = set(self._workers)
+        for pid, process in self._pebble_workers().items():
+            try:
+                young = time.time() - process.create_time() < WORKER_START_GRACE_S
+            except psutil.Error:
+                continue
+            if pid not in registered and young:
+                return True
+        return False
+
+    def _replace_workers(self, why: str) -> None:
+        with self._swap:
+            old, workers = self._pool, self._pebble_workers()
+            if old is None:
+                return
+            self._pool = self._new_pebble()
+        log.warning("%s: replacing the workers (%s)", why, ", ".join(map(str, workers)))
+        _kill_and_reap(list(workers.values()))
+        old.stop()
+        try:
+            old.join(timeout=10)
+        except TimeoutError:
+            log.warning("the replaced pebble pool did not stop in 10 s")
+
+    def _pebble_workers(self) -> dict[int, psutil.Process]:
+        """The pool's worker processes: pebble's own list (it knows workers that never
+        reported), else those that said they started."""
+        workers = dict(self._workers)
+        manager = getattr(getattr(self._pool, "_pool_manager", None), "worker_manager", None)
+        for pid in list(getattr(manager, "workers", {}) or {}):
+            try:
+                workers.setdefault(pid, psutil.Process(pid))
+            except psutil.Error:
+                pass
+        return workers
 
     def _deliver(self, task_id: str, event: dict) -> None:
         """Hand a progress message to its task's callback, once, whichever way it came."""
@@ -461,10 +576,14 @@ def _alive(process: psutil.Process) -> bool:
 
 
 def _kill_and_reap(processes: list[psutil.Process]) -> None:
+    """Kill workers and what they started (their process groups: worker.kill_group)."""
     alive = [p for p in processes if p.is_running()]
+    ticks = {p.pid: start_ticks(p.pid) for p in alive}
     for p in alive:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
+    for pid, started in ticks.items():
+        kill_group(pid, started)

@@ -123,6 +123,7 @@ def initialize(settings: WorkerSettings) -> None:
     # The pool kills a worker only when it must (timeout, teardown): die at once,
     # even inside a C call, instead of pebble's graceful SystemExit.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    hold_descendants()
     cgroup.volunteer_for_oom_killer()
     os.environ.update(settings.env)
     _apply_geo_config(settings.env)
@@ -146,6 +147,99 @@ def initialize(settings: WorkerSettings) -> None:
     # Everything alive now (the preloaded geo stack) lives as long as the worker: keep it
     # out of the collector's scans (a full collection then takes 0.02 ms, not 25 ms).
     gc.freeze()
+
+
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
+
+
+def hold_descendants() -> None:
+    """What a worker starts ends with it, and it ends with its parent:
+    - the kernel SIGKILLs it when its parent (the forkserver, or the run process under
+      spawn) dies, even inside a long C call that holds the GIL, or stopped (SIGSTOP),
+      where its own watchdog thread could not run;
+    - it leads its own process group, so the pool can kill its helpers with it
+      (`kill_group`), and is their subreaper, so a helper that double-forks stays
+      below it rather than going to init."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getppid()
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the kernel was told
+        os._exit(0)
+    _let_go_of_the_forkserver()
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass  # a session leader already (never, forked by the forkserver)
+
+
+def _let_go_of_the_forkserver() -> None:
+    """multiprocessing gives each child of the forkserver the write end of the pipe the
+    forkserver watches for its owner's death, so that the forkserver outlives its
+    children: with it, a run process's death reached neither (the forkserver waited for
+    the workers, which waited for the forkserver). A worker never forks through it, so it
+    closes that end: the forkserver then exits with the run process, and the kernel kills
+    the workers with it (PR_SET_PDEATHSIG)."""
+    try:
+        from multiprocessing import forkserver
+
+        server = forkserver._forkserver
+        fd = getattr(server, "_forkserver_alive_fd", None)
+        if fd is not None:
+            os.close(fd)
+            server._forkserver_alive_fd = None
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
+def kill_helpers() -> int:
+    """Kill every process this worker started that still runs (a task's helpers; the
+    multiprocessing resource tracker excepted, which ends with its own pipe); returns
+    how many."""
+    if not _has_children():
+        return 0
+    helpers = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                helpers.append(child)
+        except psutil.Error:
+            continue
+    for child in helpers:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(helpers, timeout=2)
+    return len(helpers)
+
+
+def _has_children() -> bool:
+    """Cheaply (the kernel's per-thread child lists; psutil scans all of /proc)."""
+    try:
+        return any(p.read_text().strip() for p in Path("/proc/self/task").glob("*/children"))
+    except OSError:
+        return True
+
+
+def kill_group(leader: int, leader_ticks: int | None = None) -> int:
+    """From the pool, once worker `leader` is dead or killed: kill what is left of its
+    process group (its helpers), never a process that started before the worker did (a
+    pid reused as a group id). Returns how many."""
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == leader:
+            continue
+        try:
+            stat = (entry / "stat").read_bytes()
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            if int(fields[2]) != leader or (leader_ticks and int(fields[19]) < leader_ticks):
+                continue
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed += 1
+        except (OSError, ValueError):
+            continue
+    return killed
 
 
 def _warm_up() -> None:
@@ -221,11 +315,13 @@ def _watchdog(state: _WorkerState) -> None:
                     "limit_mb": round(limit / 2**20, 1),
                 }
             )
+            kill_helpers()
             os._exit(MEMORY_EXIT_CODE)
         tick += 1
         owner = (state.settings.owner_pid, state.settings.owner_start_ticks)
         if tick % _OWNER_CHECK_EVERY == 0 and not owner_alive(*owner):
             # The run process is gone (killed, crashed): nobody will read our result.
+            kill_helpers()
             os._exit(0)
         time.sleep(_WATCH_INTERVAL_S)
 
@@ -338,6 +434,8 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
     peak = state.end_task()
     outcome["messages"] = [m for m in state.messages if "message" in m]
     restored = state.baseline.restore()
+    if helpers := kill_helpers():  # what a task starts ends with it
+        restored = [*restored, f"{helpers} helper processes it left running (killed)"]
     if state.settings.reused and peak > state.release_above:
         _release_memory()
     outcome["worker"] = {

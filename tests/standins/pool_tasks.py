@@ -5,9 +5,12 @@ here. The real tasks are re-exported so one pool can run both.
 """
 
 import ctypes
+import json
 import os
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 from geoiso_dagster.spatial.tasks import *  # noqa: F403 - the real tasks, too
 
@@ -151,3 +154,27 @@ def gdal_read_info(path: str) -> dict:
 
     with io.reading(path):
         return {"driver": pyogrio.read_info(path).get("driver")}
+
+
+def hold_gil(seconds: float) -> dict:
+    """Block inside a C call with the GIL held (ctypes.PyDLL does not release it), as a
+    long GEOS or PROJ call does: the worker's own watchdog thread cannot run."""
+    ctypes.PyDLL(None).sleep(int(seconds))
+    return {"pid": os.getpid()}
+
+
+def start_helper(seconds: float, hang: bool = False) -> dict:
+    """Start a helper process (a subprocess, and one it double-forks away) and return
+    their pids, or hang in C after starting them (`hang`)."""
+    helper = subprocess.Popen(["sleep", str(int(seconds))])
+    orphan = subprocess.run(
+        ["sh", "-c", f"sleep {int(seconds)} >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pids = {"helper": helper.pid, "double_forked": int(orphan.stdout), "pid": os.getpid()}
+    if hang:
+        Path(os.environ["GEOISO_TEST_HELPERS"]).write_text(json.dumps(pids))
+        ctypes.CDLL(None).sleep(int(seconds))
+    return pids
