@@ -22,6 +22,7 @@ The worker side has one counterpart: spatial/io.py (with spatial/remote.py for o
 is where a worker opens a source or an upstream output, a file or an object.
 """
 
+import contextlib
 import hashlib
 import os
 import re
@@ -191,6 +192,16 @@ class LocalRoot:
     def publish(self, staged: Path, output: Path) -> float:
         fsutil.publish(staged, output)
         return 0.0
+
+    def stamp(self, output: Path, just_published: bool = False) -> str | None:
+        """What tells this publication of `output` from any other (a rename gives a new
+        inode): the catalog records it, so that it can be told whether it describes the
+        file there now (defs/reconcile.py); None when there is no file."""
+        try:
+            info = output.stat()
+        except FileNotFoundError:
+            return None
+        return f"file:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
 
 
 @dataclass(frozen=True)
@@ -366,6 +377,17 @@ class BucketRoot:
             fsutil.publish(staged, output)
             objectstore.remember(output, etag)
         return time.monotonic() - clock
+
+    def stamp(self, output: Path, just_published: bool = False) -> str | None:
+        """The published object's ETag (the bucket is the truth; the mirror's record of it
+        right after this host published it); None when there is none."""
+        if just_published:
+            with contextlib.suppress(OSError):
+                return "etag:" + objectstore.etag_file(output).read_text()
+        try:
+            return "etag:" + objectstore.head(self.s3, self.s3.key(self._relative(output))).etag
+        except BadInputError:
+            return None
 
 
 Root = LocalRoot | BucketRoot

@@ -279,7 +279,7 @@ def test_a_batch_run_logs_what_each_files_tasks_say(instance, data_root, monkeyp
     said = [e for e in instance.all_logs(result.run_id) if e.step_key and not e.dagster_event]
     by_step = {step: [e.user_message for e in said if e.step_key == step] for step in ASSET_NAMES}
     for step, logged in by_step.items():  # the lines, then the step's own summary
-        assert len(logged) == 2 and logged[1].startswith(f"{step}: 3 of 3 files published"), logged
+        assert len(logged) == 2 and logged[1].startswith(f"{step}: 3 of 3 files made in "), logged
     messages = [line for e in said for line in e.user_message.splitlines()]
     for key in keys[:2]:
         for said in (

@@ -17,8 +17,17 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from dagster import AssetKey, DagsterEventType, DagsterInstance, instance_for_test, materialize
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    DagsterEventType,
+    DagsterInstance,
+    instance_for_test,
+    materialize,
+)
 
+from geoiso_dagster import dataroot
+from geoiso_dagster.defs import reconcile
 from geoiso_dagster.defs.assets import ASSET_NAMES, geo_assets
 from geoiso_dagster.defs.partitions import source_files
 from geoiso_dagster.defs.resources import TASK_MODULE, SpatialWorkerPool
@@ -397,3 +406,68 @@ def test_an_armed_fault_fires_only_while_its_file_exists(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Cannot allocate memory"):
         faults.at_start("ingest")
     faults.at_start("ingest")  # "times" defaults to 1: it fired once
+
+
+def _raw_record(instance) -> dict:
+    result = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey("raw_features"), asset_partitions=[KEY]), limit=1
+    )
+    return dict(result.records[0].asset_materialization.metadata)
+
+
+@pytest.mark.parametrize("recorded_before", [True, False], ids=["stale-record", "no-record"])
+def test_a_file_published_but_never_recorded_is_recorded_by_the_next_run(
+    instance, data_root, recorded_before
+):
+    """A run killed between publishing a file and recording it leaves the catalog
+    describing the previous file (or, a batch, no record at all). The next run that reads
+    or writes the file finds its stamp in no record, records it as found (rows from its
+    footer), marked repaired, and says so; the catalog and the files agree again."""
+    shutil.copy("data/sample/countries.gpkg", data_root / "inbox" / KEY)
+    raw = output_path("raw_features", KEY)
+    if recorded_before:
+        assert _run(instance).success
+        assert _raw_record(instance)[reconcile.PUBLISHED_AS].value == dataroot.root().stamp(raw)
+    else:
+        raw.parent.mkdir(parents=True)
+        shutil.copy("data/sample/countries.gpkg", data_root / "inbox" / "other.gpkg")
+        instance.add_dynamic_partitions(source_files.name, ["other.gpkg"])
+        materialize(
+            geo_assets,
+            instance=instance,
+            partition_key="other.gpkg",
+            selection=["raw_features"],
+            resources={"spatial_pool": SpatialWorkerPool(max_workers=2)},
+        )
+        shutil.copy(output_path("raw_features", "other.gpkg"), raw)  # published, unrecorded
+    # What the killed run left: another file in place (50 rows), published atomically.
+    table = pq.read_table(raw)
+    staged = raw.with_name(".staged")
+    pq.write_table(table.slice(0, 50).replace_schema_metadata(table.schema.metadata), staged)
+    os.replace(staged, raw)
+    result = materialize(
+        geo_assets,
+        instance=instance,
+        partition_key=KEY,
+        selection=["reprojected_features"],
+        resources={"spatial_pool": SpatialWorkerPool(max_workers=2)},
+    )
+    assert result.success
+    record = _raw_record(instance)
+    assert record["dagster/row_count"].value == 50
+    assert record[reconcile.PUBLISHED_AS].value == dataroot.root().stamp(raw)
+    assert "recorded by run " + result.run_id in record[reconcile.REPAIRED].value
+    logged = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert any(
+        "raw_features countries.gpkg: the catalog disagreed with the file" in m for m in logged
+    )
+    assert pq.ParquetFile(output_path("reprojected_features", KEY)).metadata.num_rows == 50
+    again = materialize(
+        geo_assets,
+        instance=instance,
+        partition_key=KEY,
+        selection=["reprojected_features"],
+        resources={"spatial_pool": SpatialWorkerPool(max_workers=2)},
+    )
+    logged = [e.user_message for e in instance.all_logs(again.run_id)]
+    assert not any("disagreed" in m for m in logged), "repaired twice"

@@ -40,6 +40,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 
 from geoiso_dagster import dataroot
+from geoiso_dagster.defs import reconcile
 from geoiso_dagster.defs.envelope import (
     FileWork,
     Judged,
@@ -357,7 +358,40 @@ def _warn_publishing(context: AssetExecutionContext, key: str, line: str) -> Non
 
 
 def _catalog(o: Outcome) -> dict:
-    return {**metadata(o.judged.result, o.work), "attempts": MetadataValue.int(o.attempts)}
+    return {
+        **metadata(o.judged.result, o.work),
+        "attempts": MetadataValue.int(o.attempts),
+        **reconcile.stamp_entry(o.work.output),
+    }
+
+
+def _files_read_or_written(
+    keys: Sequence[str], plan: Callable[[str, Mapping], FileWork], options: Mapping
+) -> list:
+    """Each key's own output and the outputs of other assets it reads, as the catalog
+    knows them (reconcile.files_of)."""
+    outputs = []
+    for key in keys:
+        try:
+            work = plan(key, options)
+        except GeoisoError:
+            continue  # the file's own work names what is wrong
+        outputs += [work.output, *([] if work.from_inbox else [work.source]), *work.inputs.values()]
+    return reconcile.files_of(outputs)
+
+
+def _can_record(context: AssetExecutionContext, line: str) -> None:
+    """Write `line` to the catalog before publishing: an instance that cannot record (its
+    disk full) stops the step here, naming why, with nothing published."""
+    try:
+        context.log.info(line)
+    except Exception as exc:  # noqa: BLE001 - whatever the instance's storage raised
+        first = " ".join(str(exc).split())[:300]
+        raise Failure(
+            description=f"the Dagster instance cannot record events ({type(exc).__name__}: "
+            f"{first}); nothing was published: free its storage and run again",
+            allow_retries=False,
+        ) from None
 
 
 def produce_files(
@@ -371,10 +405,17 @@ def produce_files(
     """The step's files (partition `keys`, one or more) through the envelope; each
     file's work is `plan(key, options)` (StepSpec.work)."""
     started = time.monotonic()
+    reconcile.reconcile(context, _files_read_or_written(keys, plan, options))
     outcomes = _run_files(context, pool, asset_name, keys, plan, options)
     good = [o for o in outcomes if o.passed]
     bad = [o for o in outcomes if not o.passed]
     asset_key = AssetKey(asset_name)
+    if good:  # the step's one summary line, written before anything is published
+        _can_record(
+            context,
+            f"{asset_name}: {len(good)} of {len(keys)} files made in "
+            f"{time.monotonic() - started:.1f} s; publishing them",
+        )
     # In this thread, together, so that the catalog follows at once; a batch's bucket
     # timings in one message, like its other lines.
     if said := [line for o in good if (line := _publish(context, asset_name, o))]:
@@ -406,10 +447,10 @@ def produce_files(
         for check_key in context.selected_asset_check_keys:
             name = context.assets_def.get_output_name_for_asset_check_key(check_key)
             yield Output(None, output_name=name)
-    context.log.info(
-        f"{asset_name}: {len(good)} of {len(keys)} files published in "
-        f"{time.monotonic() - started:.1f} s"
-    )
+    if not good:
+        context.log.info(
+            f"{asset_name}: 0 of {len(keys)} files made in {time.monotonic() - started:.1f} s"
+        )
     if len(keys) == 1 and bad:  # a file alone: its own cause, as it is
         (o,) = bad
         raise Failure(
