@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -447,3 +448,44 @@ def test_what_a_task_changes_in_its_worker_is_undone_before_the_next(tmp_path):
         "GDAL option GDAL_CACHEMAX",
     }
     assert before.restored == after.restored == ()
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ({"max_workers": 4 * len(os.sched_getaffinity(0)) + 1}, "max_workers="),
+        ({"memory_limit_mb": 1_000_000}, "memory_limit_mb=1000000 is out of its bounds [64,"),
+        ({"address_space_headroom_mb": 0}, "address_space_headroom_mb=0 is out of its bounds"),
+        (
+            {"task_timeout_s": 1e12},
+            "task_timeout_s=1000000000000.0 is out of its bounds [0.5,",
+        ),
+        ({"gdal_cachemax_mb": 8192, "memory_limit_mb": 1024}, "gdal_cachemax_mb=8192"),
+    ],
+    ids=["workers", "memory", "no-backstop", "timeout", "gdal-cache"],
+)
+def test_pool_settings_from_run_config_are_bounded(setting, named, tmp_path):
+    """Whoever can launch a run sets the pool's fields: out of bounds, the run fails at
+    once, naming the setting and its bounds, and no worker starts."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        PoolSettings(**setting)
+    from dagster import instance_for_test, materialize
+
+    from geoiso_dagster.defs.assets import geo_assets
+    from geoiso_dagster.defs.partitions import source_files
+    from geoiso_dagster.defs.resources import SpatialWorkerPool
+
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(source_files.name, ["x.gpkg"])
+        result = materialize(
+            geo_assets,
+            instance=instance,
+            selection=["raw_features"],
+            partition_key="x.gpkg",
+            resources={"spatial_pool": SpatialWorkerPool()},
+            run_config={"resources": {"spatial_pool": {"config": setting}}},
+            raise_on_error=False,
+        )
+    assert not result.success
+    text = " ".join(str(e.event_specific_data) for e in result.all_events if e.is_failure)
+    assert named in text, text

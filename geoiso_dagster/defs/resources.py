@@ -43,7 +43,7 @@ class SpatialWorkerPool(ConfigurableResource):
     address_space_headroom_mb: Optional[int] = Field(
         default=None,
         description="RLIMIT_AS headroom over a fresh worker's mappings (backstop to the RSS "
-        "ceiling); unset: 2 x memory_limit_mb; 0: no rlimit.",
+        "ceiling); unset: 2 x memory_limit_mb. Every setting here is bounded (pool.check_bounds).",
     )
     # Fixed in code when the definitions are built (SpatialWorkerPool.fixed), never by run
     # config: a field here would let whoever launches a run (the launchpad, a sensor's

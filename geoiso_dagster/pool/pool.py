@@ -53,6 +53,65 @@ log = logging.getLogger(__name__)
 # isolation.py measures it). Only this process's pools are affected.
 pebble.common.CONSTS.sleep_unit = min(pebble.common.CONSTS.sleep_unit, 0.01)
 START_METHODS = ("forkserver", "spawn")
+# Bounds of the settings whoever launches a run may set (run config): without them the
+# launchpad took max_workers 12 with memory_limit_mb 1,000,000, no address-space backstop
+# and a timeout of 1e12 s, the whole host. The machine's (or its cgroup's) CPUs and
+# memory cap them: WORKERS_PER_CPU workers a CPU this process may use, and a worker's
+# ceiling within the memory it may use (the run's cgroup caps all of them together).
+WORKERS_PER_CPU = 4
+MIN_MEMORY_MB = 64
+MAX_TASK_TIMEOUT_S = 86_400.0  # a day
+MIN_TASK_TIMEOUT_S = 0.5
+MAX_TASKS_PER_WORKER = 1_000_000
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def usable_memory_mb() -> int:
+    """The memory this process may use: its cgroup's limit, else the machine's."""
+    physical = psutil.virtual_memory().total // 2**20
+    limit = cgroup.memory_limit_mb()
+    return min(physical, limit) if limit else physical
+
+
+def check_bounds(s: "PoolSettings") -> None:
+    """ValueError naming the first setting out of its bounds, and the bounds."""
+    cpus, memory = usable_cpus(), usable_memory_mb()
+    workers_max = WORKERS_PER_CPU * cpus
+    checks = [
+        ("max_workers", s.max_workers, 1, workers_max, f"{WORKERS_PER_CPU} x {cpus} CPUs"),
+        (
+            "memory_limit_mb",
+            s.memory_limit_mb,
+            MIN_MEMORY_MB,
+            memory,
+            f"the {memory} MB this process may use",
+        ),
+        ("task_timeout_s", s.task_timeout_s, MIN_TASK_TIMEOUT_S, MAX_TASK_TIMEOUT_S, "a day"),
+        ("gdal_cachemax_mb", s.gdal_cachemax_mb, 0, s.memory_limit_mb, "memory_limit_mb"),
+        ("max_tasks_per_worker", s.max_tasks_per_worker, 0, MAX_TASKS_PER_WORKER, ""),
+    ]
+    if s.address_space_headroom_mb is not None:
+        checks.append(
+            (
+                "address_space_headroom_mb",
+                s.address_space_headroom_mb,
+                MIN_MEMORY_MB,
+                4 * memory,
+                f"4 x the {memory} MB this process may use; unset for 2 x memory_limit_mb",
+            )
+        )
+    for name, value, low, high, why in checks:
+        if not isinstance(value, (int, float)) or not (low <= value <= high):
+            raise ValueError(
+                f"pool setting {name}={value!r} is out of its bounds [{low:g}, {high:g}]"
+                + (f" ({why})" if why else "")
+            )
 
 
 @dataclass(frozen=True)
@@ -67,7 +126,7 @@ class PoolSettings:
     max_tasks_per_worker: int = 0
     gdal_cachemax_mb: int = 256
     # Virtual-memory headroom (RLIMIT_AS) above what a fresh worker maps, as a backstop
-    # to the RSS watchdog; None: twice the memory limit; 0: no rlimit.
+    # to the RSS watchdog; None: twice the memory limit.
     address_space_headroom_mb: int | None = None
     env_overrides: dict[str, str] = field(default_factory=dict)
     # Pay PROJ's and Arrow's first-use costs when a worker starts, not in its first task.
@@ -85,8 +144,7 @@ class PoolSettings:
     def __post_init__(self) -> None:
         if self.start_method not in START_METHODS:
             raise ValueError(f"start_method must be one of {START_METHODS}: {self.start_method!r}")
-        if self.max_workers < 1 or self.memory_limit_mb < 64 or self.task_timeout_s <= 0:
-            raise ValueError(f"pool settings out of range: {self}")
+        check_bounds(self)
 
     @property
     def env(self) -> dict[str, str]:
