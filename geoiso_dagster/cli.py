@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     except GeoisoError as exc:
         sys.stderr.write(f"geoiso: {exc}\n")
         return 2
+    except OSError as exc:  # storage nothing above classified: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"geoiso: {where}{exc.strerror or exc}\n")
+        return 2
     return 0
 
 

@@ -398,9 +398,11 @@ def _mb(size: int) -> str:
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with fsutil.atomic_path(target) as tmp:
-        shutil.copy2(source, tmp)
+    try:
+        with fsutil.atomic_path(target) as tmp:
+            shutil.copy2(source, tmp)
+    except OSError as exc:  # the inbox refusing (unwritable, full): named, one line
+        raise fsutil.storage_error(target, exc, "copying into the inbox") from None
 
 
 def root() -> Root:

@@ -45,8 +45,10 @@ class TransientIOError(GeoisoError):
 
 
 class StorageAccessError(GeoisoError):
-    """The object store refuses the data root (403, no such bucket): a setting to fix,
-    never retried. The message names the bucket, never a credential."""
+    """The data root's storage refuses it: the object store (403, no such bucket), or a
+    folder (read-only, unwritable, removed while a run wrote into it). A setting or an
+    operator's fix, never the input's fault, never retried. The message names the bucket
+    or the folder and the OS error, never a credential."""
 
 
 class WorkerError(GeoisoError):

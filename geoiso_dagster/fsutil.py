@@ -13,6 +13,7 @@ means nothing here.
 """
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from geoiso_dagster.errors import BadInputError
+from geoiso_dagster.errors import BadInputError, StorageAccessError, TransientIOError
 
 TEMP_MARKER = ".tmp-"
 # A temp name is '.' + the target's name + '.tmp-<pid>@<host tag>-<token>', once per
@@ -179,6 +180,61 @@ def remove_attempt(staged: Path, keep_staged: bool = False) -> list[Path]:
     return removed
 
 
+# OS errors that can pass on their own (a full disk, an NFS hiccup): retried.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.ESTALE,
+        errno.ETIMEDOUT,
+        errno.EINTR,
+        errno.ENOMEM,
+        errno.EFBIG,  # a file-size limit (RLIMIT_FSIZE, quota) is the environment's
+    }
+)
+# OS errors of the storage refusing, whatever is read or written: never the input's.
+REFUSING_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def storage_error(path: Path, exc: OSError, doing: str) -> "StorageAccessError | TransientIOError":
+    """An OS error of the data root's storage, named by its folder and the OS error: a
+    transient one (retried), or the folder refusing (read-only, unwritable, removed)."""
+    code = exc.errno
+    name = errno.errorcode.get(code, "?") if code is not None else "?"
+    reason = f"{exc.strerror or ' '.join(str(exc).split())} ({name})"
+    folder = path.parent
+    if code in TRANSIENT_ERRNOS:
+        return TransientIOError(f"{folder}: {doing} {path.name} failed: {reason}")
+    if code == errno.ENOENT and not folder.exists():
+        reason += "; the folder was removed while the run wrote into it"
+    return StorageAccessError(
+        f"{folder}: {doing} {path.name} failed: {reason}; the data root's storage refused it "
+        "(the input is not at fault)"
+    )
+
+
+def make_dirs(folder: Path) -> None:
+    """`folder` and its missing parents, each new one's entry made durable (an fsync of
+    the folder that holds it): a power cut must not lose the folder of a file published
+    and recorded in it."""
+    missing = []
+    at = folder
+    while not at.exists():
+        missing.append(at)
+        if at.parent == at:
+            break
+        at = at.parent
+    for each in reversed(missing):
+        try:
+            each.mkdir(exist_ok=True)
+            _fsync_dir(each.parent)
+        except OSError as exc:
+            raise storage_error(each, exc, "making the folder") from None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -191,7 +247,7 @@ def _fsync_dir(path: Path) -> None:
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temp path to write; on success it replaces `target` durably, on any
     error it is removed and `target` is left exactly as it was."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(target.parent)
     sweep_stale_temps(target)
     tmp = temp_path_for(target)
     try:
@@ -207,8 +263,11 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 def publish(staged: Path, target: Path) -> None:
     """Move a finished, checked file onto its final name, durably."""
-    os.replace(staged, target)
-    _fsync_dir(target.parent)
+    try:
+        os.replace(staged, target)
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        raise storage_error(target, exc, "publishing") from None
 
 
 def read_small_regular_file(path: Path, inside: Path | None, limit: int) -> bytes:

@@ -3,7 +3,8 @@
 #   scripts/setup.sh          the package and its dev tools in .venv
 #   scripts/setup.sh --test   also what only the tests need, from Debian: libgdal-dev (for
 #                             the optional osgeo bindings, built to match it), chromium
-#                             (for the browser test, driven by Playwright), and for the
+#                             (for the browser test, driven by Playwright), strace and
+#                             unshare (storage and durability tests), and for the
 #                             deployment's tests postgresql, docker.io and debootstrap
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,8 @@ if [ "${1:-}" = "--test" ]; then
     ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
     command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
     command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+    command -v strace >/dev/null 2>&1 || missing+=(strace)
+    command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
             echo "setup: installing Debian's ${missing[*]}"

@@ -155,3 +155,72 @@ def test_add_brings_a_shapefile_with_its_parts(cli_env, data_root, naturalearth_
     assert result.stdout.strip() == "naturalearth_lowres.shp"
     names = sorted(p.name for p in (data_root / "inbox").iterdir())
     assert names == sorted(p.name for p in naturalearth_shp.parent.glob("naturalearth_lowres.*"))
+
+
+def _in_own_mounts(script: str, env: dict, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run `script` (sh) in a user and mount namespace of its own: it may mount a
+    read-only view or a tiny file system over a folder, seen by it alone, without root."""
+    return subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("storage", ["read-only", "full"])
+def test_add_into_an_inbox_that_refuses_says_so_in_one_line(cli_env, data_root, tmp_path, storage):
+    """`geoiso add` into a read-only inbox, or a full one: one `geoiso:` line naming the
+    inbox folder and the OS error (it was a raw PermissionError / OSError traceback), and
+    nothing partial left in the inbox."""
+    inbox = data_root / "inbox"
+    big = tmp_path / "big.gpkg"
+    shutil.copy("data/sample/countries.gpkg", big)
+    with open(big, "ab") as grow:  # larger than the tiny file system below
+        grow.write(b"\0" * 2_000_000)
+    if storage == "read-only":
+        mount = f"mount --bind {inbox} {inbox} && mount -o remount,bind,ro {inbox}"
+        expected = "Read-only file system (EROFS)"
+    else:
+        mount = f"mount -t tmpfs -o size=256k tmpfs {inbox}"
+        expected = "No space left on device (ENOSPC)"
+    result = _in_own_mounts(
+        f"{mount} && {BIN / 'geoiso'} add {big}; echo rc=$?; ls -A {inbox}", cli_env
+    )
+    assert "rc=2" in result.stdout, (result.stdout, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("geoiso: "), result.stderr
+    assert str(inbox) in errors[0] and expected in errors[0], errors
+    assert "Traceback" not in result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "rc=2", "something was left in the inbox"
+
+
+def test_a_read_only_warehouse_is_a_storage_fault_not_bad_input(cli_env, data_root, tmp_path):
+    """A worker writing its output into a read-only data root: the failure names the
+    folder and the OS error as the storage's ("Bad input" of a temp file, before)."""
+    (data_root / "warehouse").mkdir()
+    source = data_root / "inbox" / "countries.gpkg"
+    shutil.copy("data/sample/countries.gpkg", source)
+    script = (
+        "from geoiso_dagster.defs.resources import TASK_MODULE\n"
+        "from geoiso_dagster.errors import StorageAccessError\n"
+        "from geoiso_dagster.pool import PoolSettings, WorkerPool\n"
+        "with WorkerPool(PoolSettings(task_module=TASK_MODULE, max_workers=1)) as pool:\n"
+        "    try:\n"
+        f"        pool.run('ingest', source={str(source)!r},"
+        f" output={str(data_root / 'warehouse' / 'raw.parquet')!r})\n"
+        "    except StorageAccessError as exc:\n"
+        "        print('storage:', exc)\n"
+    )
+    (tmp_path / "ro.py").write_text(script)
+    warehouse = data_root / "warehouse"
+    result = _in_own_mounts(
+        f"mount --bind {warehouse} {warehouse} && mount -o remount,bind,ro {warehouse} && "
+        f"{sys.executable} {tmp_path / 'ro.py'}",
+        {**cli_env, "PYTHONPATH": os.getcwd()},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [s for s in result.stdout.splitlines() if s.startswith("storage:")]
+    assert str(warehouse) in line and "Read-only file system (EROFS)" in line, line
+    assert "Bad input" not in line and "input is not at fault" in line

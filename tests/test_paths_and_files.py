@@ -1,5 +1,6 @@
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -8,7 +9,7 @@ import pytest
 
 from geoiso_dagster import fsutil
 from geoiso_dagster.defs.retries import MAX_ATTEMPTS, MAX_WAIT_S, MIN_WAIT_S, backoff_seconds
-from geoiso_dagster.errors import UnsafeNameError
+from geoiso_dagster.errors import StorageAccessError, UnsafeNameError
 from geoiso_dagster.fsutil import TEMP_MARKER, atomic_path, sweep_stale_temps, temp_path_for
 from geoiso_dagster.paths import check_partition_key, output_path, source_path
 
@@ -149,3 +150,41 @@ def test_backoff_stays_within_5_and_60_seconds_and_grows():
     second = [backoff_seconds(1, rng) for _ in range(200)]
     assert sum(second) / 200 > 1.5 * sum(first) / 200
     assert len({round(w, 6) for w in second}) > 100  # jittered, not a constant
+
+
+def test_a_folder_removed_before_its_file_is_published_is_a_storage_fault(tmp_path):
+    """The warehouse folder deleted mid-run: publishing names the folder and the OS error
+    as the storage's fault (it read "Internal error ... FileNotFoundError")."""
+    folder = tmp_path / "warehouse" / "raw_features"
+    fsutil.make_dirs(folder)
+    staged = folder / ".k.parquet.tmp-1"
+    staged.write_bytes(b"x")
+    shutil.rmtree(folder)
+    with pytest.raises(StorageAccessError) as caught:
+        fsutil.publish(staged, folder / "k.parquet")
+    message = str(caught.value)
+    assert str(folder) in message and "ENOENT" in message
+    assert "the folder was removed while the run wrote into it" in message
+
+
+def test_new_folders_are_made_durable_one_by_one(tmp_path):
+    """make_dirs makes each missing folder and fsyncs the folder holding it (strace shows
+    one fsync per new level: the entries of warehouse/ and warehouse/<asset>/)."""
+    script = (
+        "import sys; from pathlib import Path; from geoiso_dagster import fsutil; "
+        "fsutil.make_dirs(Path(sys.argv[1]))"
+    )
+    target = tmp_path / "root" / "warehouse" / "raw_features"
+    (tmp_path / "root").mkdir()
+    traced = subprocess.run(
+        ["strace", "-f", "-e", "trace=fsync,mkdir,mkdirat", sys.executable, "-c", script]
+        + [str(target)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert traced.returncode == 0, traced.stderr[-2000:]
+    calls = [line for line in traced.stderr.splitlines() if "fsync(" in line or "mkdir" in line]
+    made = [line for line in calls if str(tmp_path) in line and "mkdir" in line]
+    assert len(made) == 2 and target.is_dir(), calls
+    assert sum("fsync(" in line for line in calls) >= 2, calls

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dagster import AssetCheckResult, MetadataValue
 
-from geoiso_dagster import dataroot, paths
+from geoiso_dagster import dataroot, fsutil, paths
 from geoiso_dagster.defs.checks import check_results
 from geoiso_dagster.defs.own_steps import OWN_FACTS_KEY, Step
 from geoiso_dagster.defs.runner import TaskRunner
@@ -69,7 +69,7 @@ def stage_and_judge(runner: TaskRunner, asset_name: str, work: FileWork, staged:
 
     The staged file's folder is made here, for every task: a function of the user's own
     may write `output` with any library, which need not make its folder."""
-    staged.parent.mkdir(parents=True, exist_ok=True)
+    fsutil.make_dirs(staged.parent)
     root = dataroot.root()
     times, clock = {"upload_s": 0.0}, time.monotonic()
     reading = root.reading(runner, work.source, work.inputs, work.from_inbox)

@@ -21,7 +21,7 @@ import pyogrio
 import pyproj
 import shapely
 
-from geoiso_dagster import formats, objectstore
+from geoiso_dagster import formats, fsutil, objectstore
 from geoiso_dagster.errors import BadInputError, StorageAccessError, TransientIOError
 from geoiso_dagster.formats import PARQUET_SUFFIXES  # noqa: F401 - one definition
 from geoiso_dagster.fsutil import atomic_path
@@ -49,19 +49,6 @@ GEOMETRY_TYPE_NAMES = {
     5: "MultiLineString",
     6: "MultiPolygon",
     7: "GeometryCollection",
-}
-# OS errors that can pass on their own; everything else about an input is the input's.
-TRANSIENT_ERRNOS = {
-    errno.EIO,
-    errno.EAGAIN,
-    errno.EBUSY,
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.ESTALE,
-    errno.ETIMEDOUT,
-    errno.EINTR,
-    errno.ENOMEM,
-    errno.EFBIG,  # a file-size limit (RLIMIT_FSIZE, quota) is the environment's, not the data's
 }
 # Chunks a source's bytes are scanned in.
 _CHUNK = 2**20
@@ -195,8 +182,10 @@ def os_error(path: Path, exc: OSError, doing: str) -> Exception:
         # The worker ran out of memory or address space (its RLIMIT_AS backstop): not the
         # file's fault. A MemoryError reaches the pool as a memory stop naming the limit.
         return MemoryError(f"{path}: {doing} failed: {reason}")
-    if code in TRANSIENT_ERRNOS:
+    if code in fsutil.TRANSIENT_ERRNOS:
         return TransientIOError(f"{path}: {doing} failed: {reason} (errno {code})")
+    if doing.startswith("writing") or code in fsutil.REFUSING_ERRNOS:
+        return fsutil.storage_error(Path(path), exc, doing)
     return BadInputError(str(path), f"{doing} failed: {reason}")
 
 
