@@ -11,6 +11,8 @@ there are.
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -82,11 +84,25 @@ def add(files: list[str], module: str = DEFAULT_MODULE) -> list[str]:
         inbox.check_delivered_parts(source, parts)
         root.add(source, parts, key)
         keys.append(key)
-    with DagsterInstance.get() as instance:
+    # One `geoiso add` at a time opens the instance: on a fresh one, each would create its
+    # SQLite tables and migration head at once ("table ... already exists", "more than one
+    # head"); the lock file lives in DAGSTER_HOME, beside the instance it guards.
+    with _instance_lock(Path(os.environ["DAGSTER_HOME"])), DagsterInstance.get() as instance:
         new = [k for k in keys if not instance.has_dynamic_partition(source_files.name, k)]
         if new:
             instance.add_dynamic_partitions(source_files.name, new)
     return keys
+
+
+@contextlib.contextmanager
+def _instance_lock(home: Path):
+    try:
+        handle = open(home / ".geoiso-add.lock", "a")
+    except OSError as exc:
+        raise GeoisoError(f"{home}: cannot open the instance's lock file: {exc.strerror}") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _crs_label(geo: dict) -> str:

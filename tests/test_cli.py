@@ -224,3 +224,34 @@ def test_a_read_only_warehouse_is_a_storage_fault_not_bad_input(cli_env, data_ro
     (line,) = [s for s in result.stdout.splitlines() if s.startswith("storage:")]
     assert str(warehouse) in line and "Read-only file system (EROFS)" in line, line
     assert "Bad input" not in line and "input is not at fault" in line
+
+
+def test_concurrent_adds_on_a_fresh_instance_all_register(
+    cli_env, data_root, tmp_path, monkeypatch
+):
+    """Five `geoiso add` at once on an instance no one has opened yet: each created its
+    tables at once, and most failed with a raw SQLite traceback ("table ... already
+    exists", "more than one head"). They now take turns opening the instance."""
+    names = [f"parcel_{i}.gpkg" for i in range(5)]
+    for name in names:
+        shutil.copy("data/sample/countries.gpkg", tmp_path / name)
+    adds = [
+        subprocess.Popen(
+            [BIN / "geoiso", "add", str(tmp_path / name)],
+            env=cli_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
+    ]
+    outcomes = [(p.wait(timeout=180), *p.communicate()) for p in adds]
+    assert [rc for rc, _, _ in outcomes] == [0] * 5, [err[-800:] for _, _, err in outcomes]
+    assert sorted(out.strip() for _, out, _ in outcomes) == names
+    from dagster import DagsterInstance
+
+    from geoiso_dagster.defs.partitions import source_files
+
+    monkeypatch.setenv("DAGSTER_HOME", cli_env["DAGSTER_HOME"])
+    with DagsterInstance.get() as instance:
+        assert sorted(instance.get_dynamic_partitions(source_files.name)) == names

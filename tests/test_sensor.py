@@ -232,3 +232,23 @@ def test_a_cursor_of_an_earlier_version_starts_afresh(data_root, instance):
     again = tick(instance, old)
     assert [r.run_key for r in again.run_requests] == [fresh.run_requests[0].run_key]
     assert json.loads(again.cursor)["version"] == sensors._CURSOR_VERSION
+
+
+def test_a_file_dropped_after_the_clock_went_back_is_taken(data_root, instance):
+    """The clock stepped back an hour after a tick: a file dropped since carries a time
+    before the cursor's mark, and was never taken. The cursor says when it was written;
+    one from the future is read as none, so the tick looks at every file once (the file
+    run before keeps its run key: Dagster does not run it again)."""
+    inbox = data_root / "inbox"
+    (inbox / "before.gpkg").write_bytes(b"x")
+    first = tick(instance)
+    (before,) = first.run_requests
+    stepped = json.loads(first.cursor)
+    stepped["mark"] += 3600  # as the ticks before the step wrote it, an hour ahead
+    stepped["at"] += 3600
+    (inbox / "after.gpkg").write_bytes(b"x")
+    taken = tick(instance, json.dumps(stepped))
+    by_key = {r.partition_key: r.run_key for r in taken.run_requests}
+    assert "after.gpkg" in by_key, taken.run_requests
+    assert by_key.get("before.gpkg", before.run_key) == before.run_key
+    assert json.loads(taken.cursor)["at"] <= time.time()

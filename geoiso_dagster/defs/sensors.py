@@ -65,9 +65,12 @@ _CURSOR_VERSION = 2
 CLOCK_MARGIN_S = 2.0
 
 
-def _read_cursor(cursor: str | None) -> tuple[float | None, dict[str, str]]:
+def _read_cursor(cursor: str | None, now: float) -> tuple[float | None, dict[str, str]]:
     """(mark, recent): files unchanged since `mark` were handled by an earlier tick;
     `recent` holds the fingerprints of files that were ready in the window after it.
+    A cursor written at a time later than `now` (the clock was stepped back since) is
+    read as none: the mark came from a clock that no longer holds, and a file dropped
+    after the step carries a time before it (it was never taken).
 
     The cursor's size follows the files of the last few seconds, never every file ever
     seen. Any other cursor (none, or one of an earlier version) starts afresh: the tick
@@ -75,13 +78,16 @@ def _read_cursor(cursor: str | None) -> tuple[float | None, dict[str, str]]:
     was already run from running again."""
     value = json.loads(cursor) if cursor else None
     if isinstance(value, dict) and value.get("version") == _CURSOR_VERSION:
+        if float(value.get("at", 0.0)) > now:
+            return None, {}
         return float(value["mark"]), dict(value["recent"])
     return None, {}
 
 
-def _write_cursor(mark: float, recent: dict[str, str]) -> str:
+def _write_cursor(mark: float, recent: dict[str, str], at: float) -> str:
     return json.dumps(
-        {"version": _CURSOR_VERSION, "mark": round(mark, 6), "recent": recent}, sort_keys=True
+        {"version": _CURSOR_VERSION, "mark": round(mark, 6), "recent": recent, "at": round(at, 3)},
+        sort_keys=True,
     )
 
 
@@ -186,8 +192,13 @@ def build_inbox_sensor(
     )
     def inbox_sensor(context: SensorEvaluationContext):
         settle_s = float(os.environ.get(SETTLE_ENV, DEFAULT_SETTLE_S))
-        since, recent = _read_cursor(context.cursor)
         now = time.time()
+        since, recent = _read_cursor(context.cursor, now)
+        if context.cursor and since is None and '"at"' in context.cursor:
+            context.log.warning(
+                "inbox: the clock went back since the last tick; looking at every file once "
+                "(run keys keep a file already run from running again)"
+            )
         found = inbox.scan(settle_s=settle_s, now=now, since=since, seen=recent, rules=rules)
         for name, why in found.refused.items():
             context.log.warning(f"inbox: {name} refused: {why}")
@@ -196,7 +207,7 @@ def build_inbox_sensor(
         mark = max(since or 0.0, now - settle_s - CLOCK_MARGIN_S)
         window = {key: fp for key, (fp, changed) in found.seen_again.items() if changed > mark}
         window.update({item.key: item.fingerprint for item in found.ready if item.changed > mark})
-        cursor = _write_cursor(mark, window)
+        cursor = _write_cursor(mark, window, now)
         if not found.ready:  # (a file whose fingerprint is in `recent` was not looked at)
             notes = [f"{k}: {why}" for k, why in found.waiting.items()]
             notes += [f"{k}: {why} (refused)" for k, why in found.refused.items()]

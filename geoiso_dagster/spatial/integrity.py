@@ -33,6 +33,7 @@ def check_shapefile(shp: "Path | str") -> None:
     if len(index) < _SHP_HEADER or (len(index) - _SHP_HEADER) % 8:
         raise BadInputError(str(shp), "its index (.shx) is truncated or corrupt")
     records = (len(index) - _SHP_HEADER) // 8
+    _check_one_delivery(shp, io.read_head(shp, _SHP_HEADER), index[:_SHP_HEADER])
     entries = np.frombuffer(index, dtype=">i4", offset=_SHP_HEADER).reshape(-1, 2)
     starts = 2 * entries[:, 0].astype(np.int64)  # in 16-bit words, as the format counts
     ends = starts + 2 * entries[:, 1].astype(np.int64) + 8  # its 8-byte record header
@@ -55,6 +56,19 @@ def check_shapefile(shp: "Path | str") -> None:
     if count != records:
         raise BadInputError(
             str(shp), f"its .shx indexes {records} shapes but its .dbf has {count} records"
+        )
+
+
+def _check_one_delivery(shp: "Path | str", head: bytes, index_head: bytes) -> None:
+    """The .shx is the .shp's own: its header repeats the .shp's shape type and bounding
+    box (bytes 32-100; only the file length differs). A delivery replaced part by part
+    (A's .shp beside B's .shx and .dbf) published A's shapes with B's attributes, every
+    check green."""
+    if len(head) < _SHP_HEADER or head[32:_SHP_HEADER] != index_head[32:_SHP_HEADER]:
+        raise BadInputError(
+            str(shp),
+            "its .shp and .shx are not one shapefile (their headers' shape type or bounding "
+            "box differ): a delivery replaced part by part? Deliver its parts together",
         )
 
 

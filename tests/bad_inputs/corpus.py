@@ -526,6 +526,16 @@ def _prj(text: str):
     return mutate
 
 
+def _parts_of_another(shp: Path) -> None:
+    """The .shx and .dbf of another delivery (the first 50 countries, written apart)."""
+    other = shp.parent / "other" / "other.shp"
+    other.parent.mkdir()
+    geopandas.read_file(NATURAL_EARTH).head(50).to_file(other)
+    for part in (".shx", ".dbf"):
+        shutil.copy(other.with_suffix(part), shp.with_suffix(part))
+    shutil.rmtree(other.parent)
+
+
 def _geojson_with_crs(crs: dict, geometry_crs: dict | None = None, escape: bool = False) -> str:
     geometry = dict(SQUARE, **({"crs": geometry_crs} if geometry_crs else {}))
     doc = json.loads(_geojson([_feature(geometry, region_id=1)]))
@@ -1180,5 +1190,12 @@ CASES: list[Case] = [
         _geoparquet_crs("geocentric.parquet", "EPSG:4978"),
         "ingest",
         "is a Geocentric CRS (WGS 84), not a horizontal",
+    ),
+    Case(
+        "shapefile_parts_mixed",
+        "a .shp beside another delivery's .shx and .dbf (replaced part by part)",
+        _shapefile("mixed", mutate=_parts_of_another),
+        "ingest",
+        "its .shp and .shx are not one shapefile",
     ),
 ]
