@@ -370,6 +370,42 @@ def test_a_worker_holding_the_gil_dies_with_its_run_process():
     assert not any(_alive(p) for p in workers), "a worker in a GIL-holding call outlived its run"
 
 
+def test_stopped_workers_and_forkserver_die_with_their_run_process():
+    """Every worker and the forkserver stopped (SIGSTOP), then the run process killed:
+    nothing of them can run to notice, and they stayed until someone continued them. The
+    kernel kills each when its parent goes (PR_SET_PDEATHSIG; the forkserver's parent is
+    the run process's keeper thread), stopped or not."""
+    script = textwrap.dedent(
+        """
+        import multiprocessing.forkserver, time
+        from geoiso_dagster.pool import PoolSettings, WorkerPool
+        settings = PoolSettings(max_workers=2, task_module="tests.standins.pool_tasks")
+        pool = WorkerPool(settings).start()
+        pool.run("report_pid")
+        time.sleep(1.5)
+        server = multiprocessing.forkserver._forkserver._forkserver_pid
+        print(server, " ".join(str(p) for p in pool._workers), flush=True)
+        time.sleep(120)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    )
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) >= 2 and all(_alive(p) for p in pids), pids
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    left = [p for p in pids if _alive(p)]
+    for pid in left:  # (so that a failure here leaves nothing stopped behind)
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"still there, stopped: {left}"
+
+
 def test_helpers_a_task_starts_end_with_it(test_pool, tmp_path, monkeypatch):
     """A task's helper processes (a subprocess, one double-forked away) are killed when
     the task returns, and said so; those of a task that times out die with its worker."""

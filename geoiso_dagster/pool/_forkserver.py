@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import queue
 import sys
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ MAIN_SPEC_ENV = "GEOISO_PARENT_MAIN_SPEC"
 _lock = threading.Lock()
 _users = 0
 _env_started_with: dict[str, str] | None = None
+_keeper: "queue.SimpleQueue | None" = None
 log = logging.getLogger(__name__)
 
 
@@ -57,10 +59,39 @@ def acquire(
         if _users == 0 or _env_started_with is None:
             ctx.set_forkserver_preload([*_PRELOAD, *modules])
             with _environ(env | _parent_main()):
-                multiprocessing.forkserver.ensure_running()
+                _in_keeper(multiprocessing.forkserver.ensure_running)
             _env_started_with = dict(env)
         _users += 1
     return ctx
+
+
+def _in_keeper(fn) -> None:
+    """Run `fn` in this process's keeper thread, which lives as long as the process. The
+    forkserver asks the kernel to kill it when its parent dies (_preload.py), and the
+    kernel means the thread that started it: started from a thread of the moment (an
+    `async with` pool starts from one of asyncio's), it would die with that thread."""
+    global _keeper
+    if _keeper is None:
+        _keeper = queue.SimpleQueue()
+        threading.Thread(
+            target=_keep, args=(_keeper,), name="geoiso-forkserver", daemon=True
+        ).start()
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    _keeper.put((fn, done))
+    error = done.get()
+    if error is not None:
+        raise error
+
+
+def _keep(requests: "queue.SimpleQueue") -> None:
+    while True:
+        fn, done = requests.get()
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            done.put(exc)
+        else:
+            done.put(None)
 
 
 def _parent_main() -> dict[str, str]:

@@ -24,6 +24,22 @@ def adopt_parent_main() -> None:
 
 adopt_parent_main()
 
+
+def die_with_the_run_process() -> None:
+    """The kernel kills the forkserver when the thread that started it (the run
+    process's keeper thread, _forkserver._in_keeper) ends, even if it is stopped: a
+    stopped forkserver (and so its workers) outlived a killed run until continued."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+die_with_the_run_process()
+
 # The forkserver holds no data, files or locks: when its pool closes it, let it exit at
 # once instead of tearing down pandas & co. (measured: the pool's close waited 0.26 s
 # for that, a quarter of a small file's whole run). Forked workers never run atexit.
