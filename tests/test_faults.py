@@ -408,6 +408,16 @@ def test_an_armed_fault_fires_only_while_its_file_exists(tmp_path, monkeypatch):
     faults.at_start("ingest")  # "times" defaults to 1: it fired once
 
 
+def _reproject_only(instance):
+    return materialize(
+        geo_assets,
+        instance=instance,
+        partition_key=KEY,
+        selection=["reprojected_features"],
+        resources={"spatial_pool": SpatialWorkerPool(max_workers=2)},
+    )
+
+
 def _raw_record(instance) -> dict:
     result = instance.fetch_materializations(
         AssetRecordsFilter(asset_key=AssetKey("raw_features"), asset_partitions=[KEY]), limit=1
@@ -445,13 +455,7 @@ def test_a_file_published_but_never_recorded_is_recorded_by_the_next_run(
     staged = raw.with_name(".staged")
     pq.write_table(table.slice(0, 50).replace_schema_metadata(table.schema.metadata), staged)
     os.replace(staged, raw)
-    result = materialize(
-        geo_assets,
-        instance=instance,
-        partition_key=KEY,
-        selection=["reprojected_features"],
-        resources={"spatial_pool": SpatialWorkerPool(max_workers=2)},
-    )
+    result = _reproject_only(instance)
     assert result.success
     record = _raw_record(instance)
     assert record["dagster/row_count"].value == 50
@@ -462,12 +466,6 @@ def test_a_file_published_but_never_recorded_is_recorded_by_the_next_run(
         "raw_features countries.gpkg: the catalog disagreed with the file" in m for m in logged
     )
     assert pq.ParquetFile(output_path("reprojected_features", KEY)).metadata.num_rows == 50
-    again = materialize(
-        geo_assets,
-        instance=instance,
-        partition_key=KEY,
-        selection=["reprojected_features"],
-        resources={"spatial_pool": SpatialWorkerPool(max_workers=2)},
-    )
+    again = _reproject_only(instance)
     logged = [e.user_message for e in instance.all_logs(again.run_id)]
     assert not any("disagreed" in m for m in logged), "repaired twice"

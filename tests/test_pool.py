@@ -311,6 +311,28 @@ def test_teardown_during_a_running_task_leaves_no_process():
     assert report["errors"] == ["WorkerCrashedError"] * 2
 
 
+def _left_after_killing_the_run(script: str, stop: bool = False, wait_s: float = 10) -> list:
+    """Run `script` (a run process that prints the pids to watch on one line), SIGSTOP
+    those pids if `stop`, SIGKILL the run process, and return the pids still there after
+    `wait_s` (killed then, so that a failure leaves nothing behind)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    )
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert pids and all(_alive(p) for p in pids), pids
+    for pid in pids if stop else ():
+        os.kill(pid, signal.SIGSTOP)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    left = [p for p in pids if _alive(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
 def test_workers_die_when_the_run_process_is_killed(tmp_path):
     """SIGKILL gives the run process no chance to tear down: workers must notice."""
     script = textwrap.dedent(
@@ -326,19 +348,7 @@ def test_workers_die_when_the_run_process_is_killed(tmp_path):
         time.sleep(120)
         """
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
-    )
-    line = proc.stdout.readline()
-    workers = [int(p) for p in line.split()]
-    assert workers, "the child pool reported no workers"
-    assert any(_alive(p) for p in workers)
-    proc.kill()
-    proc.wait()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_alive(p) for p in workers):
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in workers), "orphaned worker outlived its run process"
+    assert not _left_after_killing_the_run(script, wait_s=5), "a worker outlived its run"
 
 
 def test_a_worker_holding_the_gil_dies_with_its_run_process():
@@ -357,17 +367,9 @@ def test_a_worker_holding_the_gil_dies_with_its_run_process():
         time.sleep(120)
         """
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    assert not _left_after_killing_the_run(script), (
+        "a worker in a GIL-holding call outlived its run"
     )
-    workers = [int(p) for p in proc.stdout.readline().split()]
-    assert workers and all(_alive(p) for p in workers)
-    proc.kill()
-    proc.wait()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in workers):
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in workers), "a worker in a GIL-holding call outlived its run"
 
 
 def test_stopped_workers_and_forkserver_die_with_their_run_process():
@@ -388,21 +390,7 @@ def test_stopped_workers_and_forkserver_die_with_their_run_process():
         time.sleep(120)
         """
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
-    )
-    pids = [int(p) for p in proc.stdout.readline().split()]
-    assert len(pids) >= 2 and all(_alive(p) for p in pids), pids
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    proc.kill()
-    proc.wait()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    left = [p for p in pids if _alive(p)]
-    for pid in left:  # (so that a failure here leaves nothing stopped behind)
-        os.kill(pid, signal.SIGKILL)
+    left = _left_after_killing_the_run(script, stop=True)
     assert not left, f"still there, stopped: {left}"
 
 

@@ -39,6 +39,7 @@ from geoiso_dagster.pool.worker import (
     MEMORY_EXIT_CODE,
     WorkerSettings,
     initialize,
+    kill_all,
     kill_group,
     run_task,
     start_ticks,
@@ -637,11 +638,6 @@ def _kill_and_reap(processes: list[psutil.Process]) -> None:
     """Kill workers and what they started (their process groups: worker.kill_group)."""
     alive = [p for p in processes if p.is_running()]
     ticks = {p.pid: start_ticks(p.pid) for p in alive}
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    kill_all(alive, wait_s=5)
     for pid, started in ticks.items():
         kill_group(pid, started)

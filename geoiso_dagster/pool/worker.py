@@ -205,13 +205,18 @@ def kill_helpers() -> int:
                 helpers.append(child)
         except psutil.Error:
             continue
-    for child in helpers:
+    kill_all(helpers, wait_s=2)
+    return len(helpers)
+
+
+def kill_all(processes: list[psutil.Process], wait_s: float) -> None:
+    """SIGKILL each of `processes` (gone already: fine) and wait up to `wait_s` for them."""
+    for process in processes:
         try:
-            child.kill()
+            process.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(helpers, timeout=2)
-    return len(helpers)
+    psutil.wait_procs(processes, timeout=wait_s)
 
 
 def _has_children() -> bool:

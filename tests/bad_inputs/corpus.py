@@ -129,16 +129,6 @@ def _gpkg_declaring_more(folder: Path) -> Path:
     return path
 
 
-def _garbage_projjson(folder: Path) -> Path:
-    path = folder / "garbage_projjson.parquet"
-    _frame([box(0, 0, 1, 1)]).to_parquet(path)
-    table = pq.read_table(path)
-    geo = json.loads(table.schema.metadata[b"geo"])
-    geo["columns"]["geometry"]["crs"] = {"type": "GeographicCRS", "name": "not a real datum"}
-    pq.write_table(table.replace_schema_metadata({b"geo": json.dumps(geo).encode()}), path)
-    return path
-
-
 def _truncated_parquet(folder: Path) -> Path:
     path = folder / "truncated.parquet"
     geopandas.read_file(NATURAL_EARTH).to_parquet(path)
@@ -379,17 +369,24 @@ def _gpkg_srs_grid(folder: Path) -> Path:
     return path
 
 
-def _geoparquet_crs(name: str, crs: object):
+def _geo_column(name: str, **fields):
+    """A one-square GeoParquet whose `geo` geometry column carries `fields` (a CRS, edges)
+    as a hostile or careless writer put them."""
+
     def build(folder: Path) -> Path:
         path = folder / name
         _frame([box(0, 0, 1, 1)]).to_parquet(path)
         table = pq.read_table(path)
         geo = json.loads(table.schema.metadata[b"geo"])
-        geo["columns"]["geometry"]["crs"] = crs
+        geo["columns"]["geometry"].update(fields)
         pq.write_table(table.replace_schema_metadata({b"geo": json.dumps(geo)}), path)
         return path
 
     return build
+
+
+def _geoparquet_crs(name: str, crs: object):
+    return _geo_column(name, crs=crs)
 
 
 def _fgb_same_column_twice(folder: Path) -> Path:
@@ -497,16 +494,6 @@ def _parquet_row_bomb(folder: Path) -> Path:
     return path
 
 
-def _spherical_edges(folder: Path) -> Path:
-    path = folder / "spherical.parquet"
-    _frame([box(0, 0, 1, 1)]).to_parquet(path)
-    table = pq.read_table(path)
-    geo = json.loads(table.schema.metadata[b"geo"])
-    geo["columns"]["geometry"]["edges"] = "spherical"
-    pq.write_table(table.replace_schema_metadata({b"geo": json.dumps(geo).encode()}), path)
-    return path
-
-
 def _cpg(value: bytes):
     def mutate(shp: Path) -> None:
         shp.with_suffix(".cpg").write_bytes(value)
@@ -590,7 +577,10 @@ CASES: list[Case] = [
     Case(
         "garbage_projjson",
         "GeoParquet whose PROJJSON names no real CRS",
-        _garbage_projjson,
+        _geo_column(
+            "garbage_projjson.parquet",
+            crs={"type": "GeographicCRS", "name": "not a real datum"},
+        ),
         "ingest",
         "Invalid projection",
     ),
@@ -1158,7 +1148,7 @@ CASES: list[Case] = [
     Case(
         "parquet_spherical_edges",
         "a GeoParquet whose geometry column declares edges: spherical",
-        _spherical_edges,
+        _geo_column("spherical.parquet", edges="spherical"),
         "ingest",
         "declares edges 'spherical'; geoiso's steps are planar",
     ),
