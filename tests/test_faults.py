@@ -469,3 +469,49 @@ def test_a_file_published_but_never_recorded_is_recorded_by_the_next_run(
     again = _reproject_only(instance)
     logged = [e.user_message for e in instance.all_logs(again.run_id)]
     assert not any("disagreed" in m for m in logged), "repaired twice"
+
+
+@pytest.mark.timeout(300)
+def test_an_instance_whose_disk_fills_mid_run_publishes_nothing(data_root, tmp_path):
+    """The instance's disk fills while the run works (a worker fills it: the `fill`
+    fault, in a mount namespace of the test's own where DAGSTER_HOME is a small tmpfs):
+    the run fails before anything is published (files were published and never
+    recorded); once there is room again, the next run publishes and records them."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy("data/sample/countries.gpkg", tmp_path / KEY)
+    fault = {
+        "task": "ingest",
+        "fault": "fill",
+        "path": str(home / "filler"),
+        "state": str(tmp_path / "fault-state"),
+    }
+    command = " ".join(f"'{part}'" for part in materialize_command(KEY, CONFIG))
+    geoiso = Path(sys.executable).parent / "geoiso"
+    script = f"""
+        mount -t tmpfs -o size=48m tmpfs {home} && cp deploy/local/dagster.yaml {home}/ &&
+        {geoiso} add {tmp_path / KEY} >/dev/null &&
+        GEOISO_FAULTS='{json.dumps([fault])}' {command} >{tmp_path}/first.log 2>&1
+        echo first=$?
+        test -e {output_path("raw_features", KEY, data_root)} && echo published-while-full
+        rm -f {home}/filler
+        {command} >{tmp_path}/second.log 2>&1
+        echo second=$?
+    """
+    env = {**os.environ, "DAGSTER_HOME": str(home), "GEOISO_DATA_ROOT": str(data_root)}
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    first = (tmp_path / "first.log").read_text()
+    assert "first=0" not in result.stdout and "first=" in result.stdout, result.stdout
+    assert any(s in first for s in ("disk is full", "No space left", "disk I/O error")), first[
+        -3000:
+    ]
+    assert "published-while-full" not in result.stdout
+    assert "second=0" in result.stdout, (tmp_path / "second.log").read_text()[-3000:]
+    _assert_outputs_good(data_root)
+    assert _temps(data_root) == []

@@ -15,6 +15,8 @@ KIND is one of:
               (OSError ENOMEM, "Memory mapping file failed: Cannot allocate memory")
     swap      the file "from" is renamed over "path" (atomically), as someone swapping
               an inbox file for a link between a check and an open would
+    fill      the file "path" grows until its file system is full (ENOSPC), then the
+              task goes on: the disk of whatever else lives there (an instance) is full
 POINT is a named point inside a task (faults.at_point), e.g. "part" of "upload".
 With "armed": a path, a fault fires only while that file exists (a test sets a fault
 for a whole deployment and arms it for the one run it is about).
@@ -84,6 +86,12 @@ def _fire(fault: dict, partial: Path | None = None) -> None:
     if kind == "linger":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         time.sleep(float(fault.get("seconds", 1.0)))
+        return
+    if kind == "fill":
+        with open(fault["path"], "ab") as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 2**20)
+                filler.flush()
         return
     if kind == "swap":
         os.replace(fault["from"], fault["path"])
