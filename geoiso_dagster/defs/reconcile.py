@@ -56,15 +56,19 @@ def files_of(outputs: Iterable[Path]) -> list[tuple[str, str, Path]]:
 def reconcile(context: AssetExecutionContext, files: list[tuple[str, str, Path]]) -> int:
     """Record each of `files` whose stamp no latest record of it has; how many."""
     instance, root = context.instance, dataroot.root()
-    repaired = 0
+    stamps = {}
     for asset, key, path in files:
         try:
-            stamp = root.stamp(path)
+            stamps[asset, key] = root.stamp(path)
         except GeoisoError:
             continue  # storage that does not answer: the file's own work says so, retried
+    records = _latest_records(instance, [k for k, s in stamps.items() if s is not None])
+    repaired = 0
+    for asset, key, path in files:
+        stamp = stamps.get((asset, key))
         if stamp is None:
             continue
-        latest = _latest(instance, asset, key)
+        latest = records.get((asset, key))
         if latest is not None:
             recorded = latest.get(PUBLISHED_AS)
             if recorded is None or getattr(recorded, "value", recorded) == stamp:
@@ -93,14 +97,31 @@ def reconcile(context: AssetExecutionContext, files: list[tuple[str, str, Path]]
     return repaired
 
 
-def _latest(instance, asset: str, key: str) -> dict | None:
-    result = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[key]), limit=1
-    )
-    if not result.records:
-        return None
-    materialization = result.records[0].asset_materialization
-    return dict(materialization.metadata) if materialization else {}
+def _latest_records(instance, wanted: list[tuple[str, str]]) -> dict:
+    """The metadata of the latest record of each (asset, partition) of `wanted` that has
+    one: one query an asset for a batch's partitions (newest first, the first of each
+    partition kept), one more a partition only for those a page did not reach."""
+    found: dict = {}
+    by_asset: dict[str, list[str]] = {}
+    for asset, key in wanted:
+        by_asset.setdefault(asset, []).append(key)
+    for asset, keys in by_asset.items():
+        result = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=keys),
+            limit=4 * len(keys),
+        )
+        for record in result.records:
+            materialization = record.asset_materialization
+            if materialization is not None:
+                found.setdefault((asset, materialization.partition), dict(materialization.metadata))
+        for key in keys if result.has_more else ():
+            if (asset, key) not in found:
+                single = instance.fetch_materializations(
+                    AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[key]), limit=1
+                )
+                for record in single.records[:1]:
+                    found[asset, key] = dict(record.asset_materialization.metadata)
+    return found
 
 
 def _footer(root, path: Path) -> dict:
