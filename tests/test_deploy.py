@@ -267,9 +267,11 @@ def test_a_run_over_its_container_memory_limit_fails_naming_the_limit(stack):
 
     The worker's need is made certain, not left to the file: it allocates until stopped
     (GEOISO_FAULTS' `memory`, set for the stack, armed for this run only: run config
-    cannot give workers an environment), under a per-worker ceiling
-    far above the container's, so the container's limit is what stops it. A real step on
-    the 26,550-row file peaks close to 400 MB, and one run in a full suite stayed under."""
+    cannot give workers an environment), under a per-worker ceiling of 380 MB (the pool's
+    bounds keep it within the container's 400 MB) far above what the container has left
+    beside the run process and the forkserver, so the container's limit is what stops it.
+    A real step on the 26,550-row file peaks close to 400 MB, and one run in a full suite
+    stayed under."""
     instance = _instance(stack)
     stack.oom_armed.touch()  # the stack's GEOISO_FAULTS fault fires while this file exists
     try:
@@ -277,7 +279,7 @@ def test_a_run_over_its_container_memory_limit_fails_naming_the_limit(stack):
             stack,
             "deployed.gpkg",
             {"geoiso-dagster/container_memory_mb": "400"},
-            {"resources": {"spatial_pool": {"config": {"memory_limit_mb": 4096}}}},
+            {"resources": {"spatial_pool": {"config": {"memory_limit_mb": 380}}}},
         )
         assert _wait(lambda: _finished(instance, run_id), 300, "the run") == Status.FAILURE
     finally:
