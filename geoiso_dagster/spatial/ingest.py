@@ -138,14 +138,10 @@ def ingest_file(
         faults.at_point("ingest", "pinned")  # checked, not yet read (a swap test's moment)
         try:
             return _ingest(path, tmp, features, batch_rows, group_rows, on_batch, part, layer)
-        except BadInputError as exc:
-            if path == source:
+        except BadInputError as exc:  # (about a pinned file: named by `opened`)
+            if path == source or sources.suffix_of(what) not in sources.ARCHIVE_SUFFIXES:
                 raise
-            if sources.suffix_of(what) in sources.ARCHIVE_SUFFIXES:
-                raise BadInputError(what, f"(member {path.name}) {exc.cause}") from None
-            if exc.path != str(path):
-                raise
-            raise BadInputError(what, exc.cause.replace(str(path), what)) from None
+            raise BadInputError(what, f"(member {path.name}) {exc.cause}") from None
 
 
 def _ingest(source, tmp, features, batch_rows, group_rows, on_batch, part, layer) -> dict:

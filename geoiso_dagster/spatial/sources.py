@@ -160,49 +160,61 @@ def source_access(source: "Path | str") -> contextlib.AbstractContextManager:
 def opened(
     source: "Path | str", scratch_beside: Path, identity: list | None = None
 ) -> Iterator[tuple["Path | str", str]]:
-    """(the file to read, how to name it in errors). A local source is pinned first
-    (`pin`): each of its files opened once, what was opened checked, and hard-linked
-    into a private folder beside `scratch_beside` (inside the data root) that is removed
-    afterwards; every check and GDAL read the pinned files, so a name swapped for a link
-    after the check reaches nothing. `identity` (the survey's) must be the pinned
-    source's, or the file changed between the parts of one fan-out (transient). A `.zip`
-    is then unpacked into that folder and its one dataset read. An object of an S3 root
-    is read in place, GDAL allowed its objects meanwhile; a zip object (which the steps
-    fetch whole) is downloaded into the folder first."""
-    if io.is_uri(source) and suffix_of(source) not in ARCHIVE_SUFFIXES:
+    """(the file to read, how to name it in errors). A local source is read as pinned
+    (`pinned`): its files opened once, what was opened checked, and hard-linked into a
+    private folder beside `scratch_beside` (inside the data root) removed afterwards;
+    every check and GDAL read the pinned files, so a name swapped for a link after the
+    check reaches nothing, and an error about the pinned file names the source.
+    `identity` (the survey's) must be the pinned source's, or the file changed between
+    the parts of one fan-out (transient). A `.zip` is unpacked into that folder and its
+    one dataset read. An object of an S3 root is read in place, GDAL allowed its objects
+    meanwhile; a zip object (which the steps fetch whole) is downloaded first."""
+    if io.is_uri(source):
         check_source_files(source)
-        with source_access(source):
-            yield source, str(source)
-        return
-    folder = temp_path_for(scratch_beside)
-    folder.mkdir(parents=True)
-    try:
-        if io.is_uri(source):
-            check_source_files(source)
+        if suffix_of(source) not in ARCHIVE_SUFFIXES:
+            with source_access(source):
+                yield source, str(source)
+            return
+        with _private_folder(scratch_beside) as folder:
             archive = folder / remote.name_of(source)
             with open(archive, "wb") as out:
                 for chunk in remote.read(source):
                     out.write(chunk)
-        else:
-            archive, pinned_as = pin(Path(source), folder)
-            if identity is not None and list(pinned_as) != list(identity):
-                raise TransientIOError(
-                    f"{source}: changed while it was being read (between the survey and this "
-                    "part); read again"
-                )
-            with named_as(archive, str(source)):
-                check_source_files(archive)
+            yield _unpacked(archive, str(source)), str(source)
+        return
+    with pinned(source, scratch_beside) as (path, pinned_as):
+        if identity is not None and list(pinned_as) != list(identity):
+            raise TransientIOError(
+                f"{source}: changed while it was being read (between the survey and this "
+                "part); read again"
+            )
+        check_source_files(path)
         if suffix_of(source) not in ARCHIVE_SUFFIXES:
-            yield archive, str(source)
-            return
-        (folder / ".unpacked").mkdir()
-        inner = unpack(archive, folder / ".unpacked", str(source))
-        try:
-            declared.check(declared.FileBytes(inner), suffix_of(inner))
-        except BadInputError as exc:
-            raise BadInputError(str(source), f"(member {inner.name}) {exc.cause}") from None
-        Path(archive).unlink(missing_ok=True)
-        yield inner, str(source)
+            yield path, str(source)
+        else:
+            yield _unpacked(Path(path), str(source)), str(source)
+
+
+def _unpacked(archive: Path, what: str) -> Path:
+    """The one dataset of `archive`, unpacked beside it and checked (rule 4); the archive
+    itself removed."""
+    folder = archive.parent / ".unpacked"
+    folder.mkdir()
+    inner = unpack(archive, folder, what)
+    try:
+        declared.check(declared.FileBytes(inner), suffix_of(inner))
+    except BadInputError as exc:
+        raise BadInputError(what, f"(member {inner.name}) {exc.cause}") from None
+    archive.unlink(missing_ok=True)
+    return inner
+
+
+@contextlib.contextmanager
+def _private_folder(scratch_beside: Path) -> Iterator[Path]:
+    folder = temp_path_for(scratch_beside)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -217,14 +229,10 @@ def pinned(
     if io.is_uri(source):
         yield source, None
         return
-    folder = temp_path_for(scratch_beside)
-    folder.mkdir(parents=True)
-    try:
+    with _private_folder(scratch_beside) as folder:
         path, identity = pin(Path(source), folder)
         with named_as(path, str(source)):
             yield path, identity
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pin(source: Path, folder: Path) -> tuple[Path, tuple[int, int, int, int]]:
