@@ -203,6 +203,10 @@ class LocalRoot:
             return None
         return f"file:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
 
+    def published_at(self, output: Path) -> float:
+        """When `output` was last written (seconds since the epoch)."""
+        return output.stat().st_mtime
+
 
 @dataclass(frozen=True)
 class BucketRoot:
@@ -388,6 +392,10 @@ class BucketRoot:
             return "etag:" + objectstore.head(self.s3, self.s3.key(self._relative(output))).etag
         except BadInputError:
             return None
+
+    def published_at(self, output: Path) -> float:
+        """When the published object was last written (seconds since the epoch)."""
+        return objectstore.head(self.s3, self.s3.key(self._relative(output))).modified
 
 
 Root = LocalRoot | BucketRoot

@@ -455,6 +455,8 @@ def test_a_file_published_but_never_recorded_is_recorded_by_the_next_run(
     staged = raw.with_name(".staged")
     pq.write_table(table.slice(0, 50).replace_schema_metadata(table.schema.metadata), staged)
     os.replace(staged, raw)
+    an_hour_ago = time.time() - 3600  # published by a run that died then (no live run
+    os.utime(raw, (an_hour_ago, an_hour_ago))  # records so late: reconcile.RECORD_GRACE_S)
     result = _reproject_only(instance)
     assert result.success
     record = _raw_record(instance)

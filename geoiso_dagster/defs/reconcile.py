@@ -6,7 +6,8 @@ the catalog describing the previous file, or (a batch) published files with no r
 So every materialization carries its file's stamp (`PUBLISHED_AS`: the inode, size and
 mtime of a local file, the ETag of an object, as the data root tells them), and before a
 step works on its files, it compares each file it reads or writes (its upstream outputs,
-its own previous output) with the latest record of it: a file there whose stamp no record
+its own previous output) with the latest record of it: a file there (published at least
+RECORD_GRACE_S ago, so that no live run is about to record it) whose stamp no record
 has is recorded now, as found on disk (rows and size from its own footer), marked
 `geoiso/repaired` with why, and the run log says so. Records made before stamps existed
 are taken as they are. Before publishing, the step also writes to the catalog (a log
@@ -16,6 +17,7 @@ cause, and nothing is published.
 Orchestration layer: no geo import (pyarrow reads a footer, through the data root).
 """
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,6 +33,10 @@ from geoiso_dagster import dataroot, paths
 from geoiso_dagster.errors import GeoisoError
 
 PUBLISHED_AS = "geoiso/published_as"
+# A file is repaired only once it is this old: a run that is alive records what it
+# published at once, but another run of the same partition (two at once are allowed)
+# may be between its publish and its record right now.
+RECORD_GRACE_S = 300.0
 REPAIRED = "geoiso/repaired"
 
 
@@ -59,8 +65,10 @@ def reconcile(context: AssetExecutionContext, files: list[tuple[str, str, Path]]
     stamps = {}
     for asset, key, path in files:
         try:
-            stamps[asset, key] = root.stamp(path)
-        except GeoisoError:
+            stamp = root.stamp(path)
+            if stamp is not None and time.time() - root.published_at(path) >= RECORD_GRACE_S:
+                stamps[asset, key] = stamp
+        except (GeoisoError, OSError):
             continue  # storage that does not answer: the file's own work says so, retried
     records = _latest_records(instance, [k for k, s in stamps.items() if s is not None])
     repaired = 0
