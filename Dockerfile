@@ -7,7 +7,7 @@ FROM ${BASE}
 
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3 python3-venv ca-certificates \
+        python3 python3-venv ca-certificates libseccomp2 \
     && rm -rf /var/lib/apt/lists/*
 
 # The dependencies first (a layer that changes only with them), then the project.

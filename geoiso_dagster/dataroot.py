@@ -183,6 +183,14 @@ class LocalRoot:
     ) -> str | None:
         return None
 
+    def endpoint(self) -> str | None:
+        """The network endpoint the workers read this root over: none for a folder."""
+        return None
+
+    def transfer_folder(self, relative: str) -> Path | None:
+        """The folder a transfer task keeps `relative`'s copy in: none for a folder."""
+        return None
+
     def sweep(self, output: Path) -> None:
         fsutil.sweep_stale_temps(output)
 
@@ -352,6 +360,23 @@ class BucketRoot:
             f"work {times['work']:.1f} s, upload {_mb(times['upload_bytes'])} in "
             f"{times['upload_s']:.1f} s, read back and checked in {times['read_back']:.1f} s"
         )
+
+    def endpoint(self) -> str | None:
+        """The S3 endpoint's URL (AWS's own when none is set): the one place a confined
+        task may connect to (pool/sandbox.py)."""
+        how = objectstore.connection()
+        if not how.netloc:
+            return "https://s3.amazonaws.com"
+        return f"{'https' if how.https else 'http'}://{how.netloc}"
+
+    def transfer_folder(self, relative: str) -> Path | None:
+        """The mirror's folder of `relative` (fetch, upload, read back keep copies there),
+        made; None for a name out of the mirror."""
+        folder = (self.local / relative).parent
+        if not folder.resolve().is_relative_to(self.local.resolve()):
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     def sweep(self, output: Path) -> None:
         """Local temps, and the staged objects and open multipart uploads of dead writers."""

@@ -79,13 +79,22 @@ def short_name(name: str) -> str:
     return f"{head}~{digest}"
 
 
+# Set in a confined task's process (pool/worker.py): the one folder it may write, where
+# its temps go whatever they are the temps of.
+TASK_FOLDER_ENV = "GEOISO_TASK_FOLDER"
+
+
 def temp_path_for(target: Path) -> Path:
-    """A temp name beside `target`, for one writer (this process). The temp of a temp
-    appends this writer to the chain rather than shortening again, so the sweep still
-    knows every writer of it."""
+    """A temp name beside `target`, for one writer (this process); in a confined task,
+    in its folder. The temp of a temp appends this writer to the chain rather than
+    shortening again, so the sweep still knows every writer of it."""
     base = target.name if TEMP_MARKER in target.name else short_name(target.name)
     writer = f"{os.getpid()}@{host_tag()}"
-    return target.with_name(f".{base}{TEMP_MARKER}{writer}-{secrets.token_hex(4)}")
+    temp = target.with_name(f".{base}{TEMP_MARKER}{writer}-{secrets.token_hex(4)}")
+    folder = os.environ.get(TASK_FOLDER_ENV)
+    if folder and not target.parent == Path(folder):
+        return Path(folder) / temp.name
+    return temp
 
 
 def _writers(name: str) -> list[tuple[int, str | None]]:

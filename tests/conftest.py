@@ -57,6 +57,21 @@ def test_pool():
         yield pool
 
 
+@pytest.fixture(scope="module")
+def unconfined_pool():
+    """test_pool with the sandbox off, for the tests of what the pool does when it is off
+    (a confined task writes only its private folder and starts no program)."""
+    settings = PoolSettings(
+        max_workers=2,
+        task_timeout_s=3,
+        memory_limit_mb=500,
+        task_module="tests.standins.pool_tasks",
+        sandbox="off",
+    )
+    with WorkerPool(settings) as pool:
+        yield pool
+
+
 def require_osgeo() -> bool:
     """CI installs the osgeo bindings and sets GEOISO_REQUIRE_OSGEO=1: there a missing
     install fails the test instead of skipping it."""

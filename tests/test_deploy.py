@@ -186,6 +186,8 @@ def test_a_dropped_file_runs_in_its_own_container(stack, naturalearth_shp, tmp_p
         metadata = record.asset_materialization.metadata
         assert metadata["worker_host"].value == host, asset
         assert metadata["worker_host"].value != os.uname().nodename
+        # confined in the run container too (docs/security.md)
+        assert metadata["worker_sandbox"].value.startswith("on: Landlock ABI"), asset
     dissolved_frame = geopandas.read_parquet(dissolved)
     source_frame = geopandas.read_file(source)
     assert sorted(dissolved_frame["region_id"]) == sorted(source_frame["continent"].unique())
@@ -410,3 +412,41 @@ def test_a_stack_on_a_bucket_reads_and_writes_it(engine, s3_server, naturalearth
         still = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         shutil.rmtree(folder, ignore_errors=True)
     assert still == []
+
+
+def test_a_worker_taken_over_in_a_run_container_reaches_nothing(engine):
+    """The hostile task of tests/test_sandbox.py, in the image every run container runs
+    (host network and the host user, as the launcher starts them): the kernel refuses
+    every attempt there too."""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            "--user",
+            f"{os.getuid()}:{os.getgid()}",
+            "-v",
+            f"{repo / 'tests'}:/geoiso-tests/tests:ro",
+            "-w",
+            "/geoiso-tests",
+            "-e",
+            "PYTHONPATH=/geoiso-tests",
+            "geoiso-dagster:latest",
+            "python",
+            "-m",
+            "tests.harness.hostile",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["sandbox"].startswith("on: Landlock ABI"), report["sandbox"]
+    for what, outcome in report["attempts"].items():
+        expected = "ALLOWED" if what in ("its own input", "its own output") else "refused ("
+        assert outcome.startswith(expected), (what, outcome)
+    assert report["changed"] == [] and report["connections"] == 0

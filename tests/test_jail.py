@@ -1,6 +1,7 @@
 """The data-root jail beyond single files: drivers and network in real workers, the sensor
 and `geoiso add` facing hostile sidecars, and names at the file system's limits."""
 
+import contextlib
 import http.server
 import json
 import os
@@ -102,15 +103,17 @@ def test_a_vrt_to_a_url_sends_no_request_and_the_test_can_tell(data_root, http_s
             with pytest.raises(BadInputError, match=cause):
                 pool.run(probe, path=str(source))
         assert http_server.hits == [], settings
-    # With both lifted (the URL explicitly allowed), GDAL fetches it: this test would see
-    # a request.
+    # With both lifted (the URL explicitly allowed), the kernel's sandbox still holds: the
+    # task's process may connect nowhere (docs/security.md).
+    lifted = {"allowed_gdal_drivers": None, "env_overrides": allow_url}
+    with WorkerPool(PoolSettings(task_module=TASK_MODULE, max_workers=1, **lifted)) as pool:
+        # GDAL opens the VRT and finds its source unreachable (no layer, or no feature)
+        with contextlib.suppress(BadInputError):
+            pool.run(probe, path=str(source))
+    assert http_server.hits == [], "the sandbox let the request out"
+    # And with the sandbox off too, GDAL fetches it: this test would see a request.
     with WorkerPool(
-        PoolSettings(
-            task_module=TASK_MODULE,
-            max_workers=1,
-            allowed_gdal_drivers=None,
-            env_overrides=allow_url,
-        )
+        PoolSettings(task_module=TASK_MODULE, max_workers=1, sandbox="off", **lifted)
     ) as pool:
         with pytest.raises(BadInputError):  # the server's answer is no layer
             pool.run(probe, path=str(source))

@@ -248,11 +248,14 @@ def test_every_message_a_task_sends_is_delivered_before_its_result(test_pool):
     assert sorted(got, key=lambda m: int(m.split()[1])) == [f"message {i}" for i in range(300)]
 
 
-def test_cancel_returns_once_nothing_of_the_cancelled_tasks_runs(test_pool, tmp_path):
+def test_cancel_returns_once_nothing_of_the_cancelled_tasks_runs(unconfined_pool, tmp_path):
     """Two tasks running, two waiting for a worker: once cancel() returns, the workers of
     the running ones are gone (not only told to stop), and the waiting ones never run,
     also when a worker picks them up after the cancel. What a step removes after a
-    cancel (a fan-out's part files) can then never be written again."""
+    cancel (a fan-out's part files) can then never be written again. (Unconfined: the
+    tasks write marker files where the test reads them; a confined task's output is moved
+    by its worker after it, which a killed worker never does.)"""
+    test_pool = unconfined_pool
     paths = [tmp_path / f"task{i}" for i in range(4)]
     futures = [test_pool.submit("sleep_then_write", seconds=1.5, path=str(p)) for p in paths]
     deadline = time.monotonic() + 20
@@ -394,10 +397,11 @@ def test_stopped_workers_and_forkserver_die_with_their_run_process():
     assert not left, f"still there, stopped: {left}"
 
 
-def test_helpers_a_task_starts_end_with_it(test_pool, tmp_path, monkeypatch):
+def test_helpers_a_task_starts_end_with_it(unconfined_pool, tmp_path, monkeypatch):
     """A task's helper processes (a subprocess, one double-forked away) are killed when
-    the task returns, and said so; those of a task that times out die with its worker."""
-    result = test_pool.run("start_helper", seconds=120)
+    the task returns, and said so; those of a task that times out die with its worker.
+    (With the sandbox off: a confined task can start no program, test_sandbox.py.)"""
+    result = unconfined_pool.run("start_helper", seconds=120)
     pids = result.facts
     assert not _alive(pids["helper"]) and not _alive(pids["double_forked"])
     assert "2 helper processes it left running (killed)" in result.restored
@@ -410,6 +414,7 @@ def test_helpers_of_a_timed_out_task_die_with_its_worker(tmp_path):
         task_timeout_s=3,
         task_module="tests.standins.pool_tasks",
         env_overrides={"GEOISO_TEST_HELPERS": str(record)},
+        sandbox="off",  # it starts programs
     )
     with WorkerPool(settings) as pool:
         with pytest.raises(WorkerTimeoutError):
@@ -452,9 +457,10 @@ def test_workers_do_not_rerun_the_parents_main_module(tmp_path):
 
 def test_what_a_task_changes_in_its_worker_is_undone_before_the_next(tmp_path):
     """Workers are reused across the files of a run: what one file's task left changed
-    in the process (environment, GDAL options, folder, umask) never reaches the next."""
+    in the process (environment, GDAL options, folder, umask) never reaches the next.
+    (With the sandbox off: a confined task runs in a process of its own, gone after it.)"""
     settings = PoolSettings(
-        max_workers=1, task_module="tests.standins.pool_tasks", gdal_cachemax_mb=64
+        max_workers=1, task_module="tests.standins.pool_tasks", gdal_cachemax_mb=64, sandbox="off"
     )
     with WorkerPool(settings) as pool:
         before = pool.run("look_at_state")

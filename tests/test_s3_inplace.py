@@ -278,7 +278,9 @@ def test_a_source_replaced_while_it_was_read_is_read_again(
     geopandas.read_file(countries["fgb"]).head(100).to_file(smaller)
     monkeypatch.setenv("GEOISO_TEST_REPLACEMENT", str(smaller))
     with instance_for_test() as instance:
-        result = _run(instance, name, task_module="tests.standins.s3_sources")
+        # Unconfined: the stand-in plays another writer replacing the object, reading the
+        # replacement from the test's folder and leaving a marker there.
+        result = _run(instance, name, task_module="tests.standins.s3_sources", sandbox="off")
         assert result.success and len(retries(instance, result)) == 1
         logged = "\n".join(e.user_message or "" for e in instance.all_logs(result.run_id))
     assert f"s3://geo/{INBOX}/countries.fgb: changed while it was being read" in logged

@@ -101,6 +101,7 @@ def metadata(result: TaskResult, work: FileWork) -> dict:
         "worker_peak_rss_mb": MetadataValue.float(result.peak_rss_mb),
         "worker_pid": MetadataValue.int(result.pid),
         "worker_host": MetadataValue.text(result.host),
+        "worker_sandbox": MetadataValue.text(result.sandbox),
     }
     for extra in work.step.facts:
         if extra in facts:

@@ -180,6 +180,11 @@ def combined(joined: TaskResult, results: list[TaskResult], **facts) -> TaskResu
         duration_s=max(r.duration_s for r in results) + joined.duration_s,
         tasks_run=joined.tasks_run,
         host=joined.host,
+        # The weakest confinement among them: a part that ran unconfined says so.
+        sandbox=next(
+            (r.sandbox for r in [*results, joined] if not r.sandbox.startswith("on")),
+            joined.sandbox,
+        ),
     )
 
 

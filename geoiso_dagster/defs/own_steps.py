@@ -101,6 +101,7 @@ class TaskStep(Step):
             duration_s=combined.duration_s,
             tasks_run=combined.tasks_run,
             host=combined.host,
+            sandbox=combined.sandbox,
         )
 
     def inspect_kwargs(self, source: str, options: dict) -> dict:

@@ -40,6 +40,11 @@ class SpatialWorkerPool(ConfigurableResource):
         "crash, timeout or memory stop; 1: a fresh process per task; N: recycle after N.",
     )
     gdal_cachemax_mb: int = Field(default=256, description="GDAL_CACHEMAX of each worker.")
+    sandbox: str = Field(
+        default="auto",
+        description="The kernel's sandbox around every task (docs/security.md): auto (on "
+        "where the kernel has Landlock ABI 6), on (refuse to run without it), off.",
+    )
     address_space_headroom_mb: Optional[int] = Field(
         default=None,
         description="RLIMIT_AS headroom over a fresh worker's mappings (backstop to the RSS "
@@ -88,6 +93,7 @@ class SpatialWorkerPool(ConfigurableResource):
             ("start_method", str),
             ("max_tasks_per_worker", int),
             ("gdal_cachemax_mb", int),
+            ("sandbox", str),
         ):
             value = env.get(f"GEOISO_POOL_{field.upper()}")
             if value:
@@ -106,6 +112,7 @@ class SpatialWorkerPool(ConfigurableResource):
             env_overrides=dict(self.worker_env),
             task_module=self.task_module,
             allowed_gdal_drivers=self.allowed_gdal_drivers,
+            sandbox=self.sandbox,
         )
 
     def setup_for_execution(self, context: InitResourceContext) -> None:

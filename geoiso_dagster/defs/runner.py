@@ -64,12 +64,20 @@ class TaskRunner:
                 if future.done() and future.exception() is not None:
                     raise future.exception()
             results = [f.result() for f in futures]
+            self._say_if_unconfined(results)
         finally:
             unfinished = [f for f in futures if not f.done()]
             if unfinished:
                 self.pool.cancel(unfinished)
             self._drain(messages, status)
         return results
+
+    def _say_if_unconfined(self, results: list[TaskResult]) -> None:
+        """The run log says, for every step, when its tasks ran outside the sandbox."""
+        for result in results:
+            if result.sandbox.startswith("off"):
+                self._log(f"worker sandbox {result.sandbox}: this task ran unconfined")
+                return
 
     def _drain(self, messages: "queue.Queue[dict]", status: "Progress") -> None:
         while True:

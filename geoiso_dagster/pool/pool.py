@@ -21,6 +21,7 @@ from typing import Any
 import pebble
 import psutil
 
+from geoiso_dagster import dataroot
 from geoiso_dagster.errors import (
     BadInputError,
     GeoisoError,
@@ -32,7 +33,7 @@ from geoiso_dagster.errors import (
     WorkerTimeoutError,
 )
 from geoiso_dagster.formats import ALLOWED_GDAL_DRIVERS
-from geoiso_dagster.pool import _forkserver, cgroup
+from geoiso_dagster.pool import _forkserver, cgroup, sandbox
 from geoiso_dagster.pool._events import EventListener
 from geoiso_dagster.pool.env import worker_env
 from geoiso_dagster.pool.worker import (
@@ -141,6 +142,9 @@ class PoolSettings:
     # GDAL drivers left registered in the workers (see gdal_jail.py). The default is the
     # project's allow-list, so that a pool nobody configured is jailed; None: all drivers.
     allowed_gdal_drivers: frozenset[str] | None = ALLOWED_GDAL_DRIVERS
+    # The kernel's sandbox around every task (pool/sandbox.py): "auto" (on where the
+    # kernel has it), "on" (refuse to start without it), "off".
+    sandbox: str = "auto"
 
     def __post_init__(self) -> None:
         if self.start_method not in START_METHODS:
@@ -150,6 +154,15 @@ class PoolSettings:
     @property
     def env(self) -> dict[str, str]:
         return worker_env(self.gdal_cachemax_mb, self.env_overrides, self.data_root)
+
+
+def _sandbox_policy(s: PoolSettings) -> sandbox.Policy:
+    """What every task of a pool with settings `s` is confined to (SandboxError: "on"
+    where the kernel cannot)."""
+    root = dataroot.parse_root(s.data_root) if s.data_root else dataroot.root()
+    env = {**os.environ, **s.env}
+    protected = sandbox.protected_paths(env, str(root.local))
+    return sandbox.decide(s.sandbox, root.endpoint(), protected)
 
 
 @dataclass(frozen=True)
@@ -166,6 +179,8 @@ class TaskResult:
     # What the task left changed in its worker (environment, working folder, umask, GDAL
     # options) and the worker put back before its next task.
     restored: tuple[str, ...] = ()
+    # What the task was confined to ("on: ..."), or why it was not ("off: ...").
+    sandbox: str = ""
 
 
 ProgressCallback = Callable[[dict], None]
@@ -243,6 +258,7 @@ class WorkerPool:
             allowed_gdal_drivers=s.allowed_gdal_drivers,
             warm_up=s.warm_up,
             reused=s.max_tasks_per_worker != 1,
+            sandbox=_sandbox_policy(s),
         )
         if s.start_method == "forkserver":
             context = _forkserver.acquire(s.env, (s.task_module,) if s.task_module else ())
@@ -449,6 +465,7 @@ class WorkerPool:
                 tasks_run=worker["tasks_run"],
                 host=worker["host"],
                 restored=tuple(worker.get("restored", ())),
+                sandbox=worker.get("sandbox", ""),
             )
         kind, message = outcome["kind"], outcome["message"]
         if kind == "cancelled":

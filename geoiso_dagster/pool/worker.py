@@ -7,9 +7,14 @@ name the functions it sends, and the orchestration layer must stay geo-free.
 import contextlib
 import ctypes
 import gc
+import json
 import os
 import resource
+import shutil
 import signal
+import stat
+import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -18,10 +23,17 @@ from pathlib import Path
 
 import psutil
 
-from geoiso_dagster import gdal_jail, task_api
+from geoiso_dagster import dataroot, gdal_jail, task_api
 from geoiso_dagster.errors import BadInputError, StorageAccessError, TransientIOError
-from geoiso_dagster.fsutil import host_name
-from geoiso_dagster.pool import cgroup
+from geoiso_dagster.fsutil import (
+    TASK_FOLDER_ENV,
+    TEMP_MARKER,
+    host_name,
+    host_tag,
+    storage_error,
+    temp_path_for,
+)
+from geoiso_dagster.pool import cgroup, sandbox
 from geoiso_dagster.pool._events import EventSender, cancel_address
 from geoiso_dagster.pool.env import gdal_config_options
 from geoiso_dagster.task_api import resolve_task
@@ -48,6 +60,8 @@ class WorkerSettings:
     allowed_gdal_drivers: frozenset[str] | None = None
     warm_up: bool = True
     reused: bool = False  # the worker runs more than one task: hand memory back between
+    # What each task is confined to (pool/sandbox.py); None: the sandbox is off.
+    sandbox: "sandbox.Policy | None" = None
 
 
 class _Baseline:
@@ -100,6 +114,10 @@ class _WorkerState:
         # datagram may lose the race with the result, or find the pool's queue full.
         self.messages: list[dict] = []
         self.lock = threading.Lock()
+        # The process a confined task runs in, while it runs: what the watchdog measures.
+        self.child: psutil.Process | None = None
+        self.memory_stop = False  # the watchdog stopped the task for its memory
+        self.protected = sandbox.protected_paths(dict(os.environ), str(dataroot.root().local))
 
     def begin_task(self, task_id: str) -> None:
         with self.lock:
@@ -131,6 +149,9 @@ def initialize(settings: WorkerSettings) -> None:
         gdal_jail.restrict_drivers(settings.allowed_gdal_drivers)
     if settings.warm_up:
         _warm_up()
+    if settings.sandbox is not None and settings.sandbox.on:
+        sandbox.prepare()
+        host_tag()  # cached now: a confined task cannot read what it is made of
     if settings.address_space_limit_bytes:
         # Backstop for a spike faster than the watchdog's poll: allocation fails with
         # MemoryError instead of the machine swapping or the OOM killer choosing. Set
@@ -306,11 +327,15 @@ def _watchdog(state: _WorkerState) -> None:
     limit = state.settings.memory_limit_bytes
     tick = 0
     while True:
-        rss = state.process.memory_info().rss
+        try:
+            rss = (state.child or state.process).memory_info().rss
+        except psutil.Error:  # the task's process just ended
+            rss = state.process.memory_info().rss
         with state.lock:
             state.task_peak_rss = max(state.task_peak_rss, rss)
             task = state.current_task
         if rss > limit:
+            state.memory_stop = True
             state.events.send(
                 {
                     "type": "memory_exceeded",
@@ -390,7 +415,8 @@ class _Cancelled(Exception):
 
 
 def run_task(task_id: str, function: str, kwargs: dict) -> dict:
-    """Run `function` (see resolve_task) and wrap what happened in an outcome dict.
+    """Run `function` (see resolve_task) and wrap what happened in an outcome dict: in a
+    confined child of this worker when the sandbox is on (`_run_confined`), else here.
 
     Exceptions become data here, not pickled objects: the parent rebuilds the right
     error type from `kind`, whatever the worker's exception classes look like.
@@ -407,37 +433,16 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
     state.events.send(
         {"type": "task_started", "task": task_id, "pid": os.getpid()}, wait_s=_TELL_POOL_S
     )
-    try:
-        if state.events.bound(cancel_address(state.settings.events_address, task_id)):
-            raise _Cancelled
-        fn = resolve_task(function, state.settings.task_module)
-        facts = fn(**kwargs)
-        if not isinstance(facts, dict):
-            raise TypeError(f"{function} returned {type(facts).__name__}, not a dict of facts")
-        outcome = {"ok": True, "facts": facts}
-    except _Cancelled:
+    policy = state.settings.sandbox
+    if state.events.bound(cancel_address(state.settings.events_address, task_id)):
         outcome = {"ok": False, "kind": "cancelled", "message": "cancelled before it started"}
-    except BadInputError as exc:
-        outcome = {"ok": False, "kind": "bad_input", "path": exc.path, "message": exc.cause}
-    except TransientIOError as exc:
-        outcome = {"ok": False, "kind": "transient_io", "message": str(exc)}
-    except StorageAccessError as exc:
-        outcome = {"ok": False, "kind": "storage_access", "message": str(exc)}
-    except OSError as exc:
-        outcome = _os_error_outcome(exc)
-    except MemoryError as exc:
-        detail = f": {exc}" if str(exc) else ""
-        outcome = {"ok": False, "kind": "memory", "message": f"allocation failed{detail}"}
-    except Exception as exc:
-        outcome = {
-            "ok": False,
-            "kind": "error",
-            "message": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(),
-        }
+    elif policy is not None and policy.on:
+        outcome = _run_confined(state, policy, function, kwargs)
+    else:
+        outcome = _outcome(state, function, kwargs)
+        outcome["messages"] = [m for m in state.messages if "message" in m]
     state.events.send({"type": "task_ended", "task": task_id}, wait_s=_TELL_POOL_S)
     peak = state.end_task()
-    outcome["messages"] = [m for m in state.messages if "message" in m]
     restored = state.baseline.restore()
     if helpers := kill_helpers():  # what a task starts ends with it
         restored = [*restored, f"{helpers} helper processes it left running (killed)"]
@@ -450,5 +455,313 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
         "peak_rss_mb": round(peak / 2**20, 1),
         "duration_s": round(time.perf_counter() - started, 4),
         "tasks_run": state.tasks_run,
+        "sandbox": policy.summary if policy is not None else "off: not configured",
     }
     return outcome
+
+
+def _outcome(state: _WorkerState, function: str, kwargs: dict) -> dict:
+    """Run the task here: its facts, or what went wrong, as data."""
+    try:
+        fn = resolve_task(function, state.settings.task_module)
+        facts = fn(**kwargs)
+        if not isinstance(facts, dict):
+            raise TypeError(f"{function} returned {type(facts).__name__}, not a dict of facts")
+        return {"ok": True, "facts": facts}
+    except BadInputError as exc:
+        return {"ok": False, "kind": "bad_input", "path": exc.path, "message": exc.cause}
+    except TransientIOError as exc:
+        return {"ok": False, "kind": "transient_io", "message": str(exc)}
+    except StorageAccessError as exc:
+        return {"ok": False, "kind": "storage_access", "message": str(exc)}
+    except OSError as exc:
+        return _os_error_outcome(exc)
+    except MemoryError as exc:
+        detail = f": {exc}" if str(exc) else ""
+        return {"ok": False, "kind": "memory", "message": f"allocation failed{detail}"}
+    except Exception as exc:
+        return {
+            "ok": False,
+            "kind": "error",
+            "message": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
+
+
+# The longest line a confined task may send its worker (a progress message, its outcome).
+MAX_CHILD_LINE = 64 * 2**20
+_STORAGE_KINDS = {StorageAccessError: "storage_access", TransientIOError: "transient_io"}
+_KINDS = {"bad_input", "transient_io", "storage_access", "memory", "error", "cancelled"}
+# Arguments that name what a task writes: it writes them in its private folder instead.
+_OUTPUT_ARGUMENTS = ("output", "scratch")
+
+
+def _run_confined(state: _WorkerState, policy: "sandbox.Policy", function: str, kwargs: dict):
+    """Run the task in a child of this worker that confines itself first (pool/sandbox.py)
+    to what this task needs, and tells its progress and outcome as JSON lines on a pipe.
+    Its output is written in a private folder and moved to its name here when it
+    succeeded. A child killed by a signal kills this worker by the same signal, so the
+    pool judges a crash, a memory stop or an OOM kill as it always has."""
+    with contextlib.suppress(Exception):  # import the task's module before the fork
+        resolve_task(function, state.settings.task_module)
+    try:
+        folder, call, moves, returns = _private_folder(kwargs)
+    except OSError as exc:
+        doing = "making the task's private folder"
+        error = storage_error(Path(str(kwargs.get("output") or kwargs.get("path"))), exc, doing)
+        return {"ok": False, "kind": _STORAGE_KINDS[type(error)], "message": str(error)}
+    reads = [*sandbox.task_reads(kwargs), *_module_folder(function, state, policy)]
+    writes = _mirror_folder(kwargs)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(reader)
+        _child(state, policy, function, call, reads, writes, str(folder), writer)
+    os.close(writer)
+    try:
+        state.child = psutil.Process(pid)
+    except psutil.Error:
+        state.child = None
+    try:
+        outcome = _listen(state, reader)
+        status = os.waitpid(pid, 0)[1]
+    finally:
+        state.child = None
+    try:
+        if os.WIFSIGNALED(status):
+            _die_like(os.WTERMSIG(status), state)
+        if outcome is None:
+            code = os.waitstatus_to_exitcode(status)
+            outcome = {
+                "ok": False,
+                "kind": "error",
+                "message": f"the task's confined process ended (code {code}) with no outcome",
+            }
+        if outcome.get("ok"):
+            for private, final in moves:
+                if private.exists() or private.is_symlink():
+                    os.replace(private, final)
+            names = {str(private): str(final) for private, final in [*moves, *returns]}
+            outcome["facts"] = _renamed(outcome["facts"], names)
+        return outcome
+    finally:
+        for private, staged in returns:  # whatever happened: the orchestrator's file
+            if _regular(private):
+                os.replace(private, staged)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _renamed(value, names: dict[str, str]):
+    """`value` (a task's facts) with each private path it names put as the caller named it."""
+    if isinstance(value, str):
+        return names.get(value, value)
+    if isinstance(value, dict):
+        return {k: _renamed(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed(v, names) for v in value]
+    return value
+
+
+def _private_folder(kwargs: dict) -> tuple[Path, dict, list[tuple[Path, Path]], list]:
+    """(the task's private folder, its arguments naming files there instead of where the
+    orchestrator wants them, (private, wanted) outputs to move when it succeeded, (private,
+    staged) files moved in to be moved back whatever happened). The folder is a temp of
+    this worker (swept if the worker dies) beside the first output, else beside the
+    staged file it is given as `path` (a read-back or a `describe`, which may rewrite it:
+    the file is moved into the folder for the task), else beside the first file of the
+    data root it reads (a private copy or link of it stays on its file system), else in
+    the temp folder."""
+    outputs = [
+        (name, Path(kwargs[name]))
+        for name in _OUTPUT_ARGUMENTS
+        if isinstance(kwargs.get(name), str) and os.path.isabs(kwargs[name])
+    ]
+    staged = kwargs.get("path")
+    staged = Path(staged) if isinstance(staged, str) and os.path.isabs(staged) else None
+    if staged is not None and not (TEMP_MARKER in staged.name and _regular(staged)):
+        staged = None
+    local = dataroot.root().local
+    inside = [
+        Path(value)
+        for value in kwargs.values()
+        if isinstance(value, str) and os.path.isabs(value) and Path(value).is_relative_to(local)
+    ]
+    beside = outputs[0][1] if outputs else staged or (inside[0] if inside else None)
+    if beside is not None:
+        folder = temp_path_for(beside)
+        folder.mkdir(mode=0o700, parents=True)
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="geoiso-task-"))
+    call = dict(kwargs)
+    moves = []
+    for name, wanted in outputs:
+        call[name] = str(folder / wanted.name)
+        if name == "output":
+            moves.append((folder / wanted.name, wanted))
+    returns = []
+    if staged is not None and staged.parent == folder.parent:
+        os.replace(staged, folder / staged.name)
+        call["path"] = str(folder / staged.name)
+        returns.append((folder / staged.name, staged))
+    return folder, call, moves, returns
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _mirror_folder(kwargs: dict) -> list[str]:
+    """The mirror's folder a transfer task of a bucket root (`relative`: fetch, upload,
+    read back) keeps its copy in (docs/security.md: the folder, not the file)."""
+    relative = kwargs.get("relative")
+    folder = dataroot.root().transfer_folder(relative) if isinstance(relative, str) else None
+    return [str(folder)] if folder is not None else []
+
+
+def _module_folder(function: str, state: _WorkerState, policy: "sandbox.Policy") -> list[str]:
+    """The folder of a task's module, when it is not in the environment already (a team's
+    own steps): its lazy imports read there."""
+    module = function.rpartition(":")[0] or state.settings.task_module
+    loaded = getattr(sys.modules.get(module or ""), "__file__", None)
+    if not loaded:
+        return []
+    return list(sandbox.readable([str(Path(loaded).parent)], state.protected))
+
+
+def _child(state, policy, function, call, reads, writes, folder: str, out: int) -> None:
+    """The task's process: confine, check, run, tell, exit (it never returns)."""
+    code = 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        sandbox.close_inherited(keep={out})
+        state.events = _PipeSender(out)
+        state.lock = threading.Lock()
+        os.environ["TMPDIR"] = os.environ["CPL_TMPDIR"] = os.environ[TASK_FOLDER_ENV] = folder
+        tempfile.tempdir = folder
+        with contextlib.suppress(Exception):
+            import pyogrio
+
+            pyogrio.set_gdal_config_options({"CPL_TMPDIR": folder})
+        fault_reads, fault_writes = sandbox.fault_grants(dict(os.environ))
+        sandbox.confine(policy, [*reads, *fault_reads], folder, (*writes, *fault_writes))
+        weak = sandbox.weaknesses(policy, os.getppid())
+        if weak:
+            raise sandbox.SandboxError(
+                "this worker's sandbox is weaker than configured (" + "; ".join(weak) + ")"
+            )
+        outcome = _outcome(state, function, call)
+    except sandbox.SandboxError as exc:
+        outcome = {"ok": False, "kind": "error", "message": f"sandbox: {exc}"}
+    except BaseException as exc:  # noqa: BLE001 - told, whatever it is
+        outcome = {"ok": False, "kind": "error", "message": f"{type(exc).__name__}: {exc}"}
+    outcome["messages"] = [m for m in state.messages if "message" in m]
+    try:
+        _write_line(out, {"outcome": outcome})
+    except Exception as exc:  # facts that are not data
+        code = 3
+        with contextlib.suppress(Exception):
+            _write_line(
+                out,
+                {
+                    "outcome": {
+                        "ok": False,
+                        "kind": "error",
+                        "message": f"{function} returned facts that are not plain data: {exc}",
+                    }
+                },
+            )
+    os._exit(code)
+
+
+def _plain(value):
+    """JSON for the numbers and paths a task's facts may hold (numpy's, pathlib's)."""
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if hasattr(value, "tolist") and callable(value.tolist):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not data")
+
+
+def _write_line(fd: int, item: dict) -> None:
+    data = json.dumps(item, default=_plain).encode() + b"\n"
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _PipeSender:
+    """The child's end of the event channel: each event a JSON line to its worker."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def send(self, event: dict, wait_s: float = 0.0) -> bool:
+        try:
+            _write_line(self._fd, {"event": event})
+            return True
+        except (OSError, TypeError, ValueError):
+            return False
+
+    def bound(self, address: str) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def _listen(state: _WorkerState, fd: int) -> dict | None:
+    """Forward the child's progress to the pool (as this worker's) until it closes its
+    end; its outcome, if it told one that has the shape of one."""
+    outcome = None
+    with os.fdopen(fd, "rb") as stream:
+        for line in iter(lambda: stream.readline(MAX_CHILD_LINE), b""):
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(item, dict):
+                continue
+            event = item.get("event")
+            if isinstance(event, dict) and event.get("type") == "progress":
+                event.update(pid=os.getpid(), task=state.current_task)
+                state.messages.append(event)
+                state.events.send(event)
+            elif "outcome" in item:
+                outcome = _checked(item["outcome"])
+    return outcome
+
+
+def _checked(outcome) -> dict | None:
+    """`outcome` if it has the shape the pool reads (a confined task's word is data)."""
+    if not isinstance(outcome, dict) or not isinstance(outcome.get("ok"), bool):
+        return None
+    if not isinstance(outcome.get("messages", []), list):
+        return None
+    if outcome["ok"]:
+        return outcome if isinstance(outcome.get("facts"), dict) else None
+    if outcome.get("kind") not in _KINDS or not isinstance(outcome.get("message"), str):
+        return None
+    if outcome["kind"] == "bad_input" and not isinstance(outcome.get("path"), str):
+        return None
+    return outcome
+
+
+def _die_like(signum: int, state: _WorkerState) -> None:
+    """The task's process was killed by `signum`: end this worker the same way (after the
+    watchdog, when it was the one that stopped it for its memory)."""
+    if state.memory_stop:
+        time.sleep(5)  # the watchdog exits with MEMORY_EXIT_CODE meanwhile
+    kill_helpers()
+    if signum not in (signal.SIGKILL, signal.SIGSTOP):  # which have no handler to reset
+        signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    time.sleep(1)
+    os._exit(128 + signum)

@@ -178,3 +178,8 @@ def start_helper(seconds: float, hang: bool = False) -> dict:
         Path(os.environ["GEOISO_TEST_HELPERS"]).write_text(json.dumps(pids))
         ctypes.CDLL(None).sleep(int(seconds))
     return pids
+
+
+def return_an_object() -> dict:
+    """Facts that are not data: a confined task's outcome crosses as JSON, never pickled."""
+    return {"thing": object()}
