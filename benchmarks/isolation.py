@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.data import dataset
+from benchmarks.data import CACHE, dataset
 from benchmarks.results import recorded
 from geoiso_dagster.defs import fanout
 from geoiso_dagster.defs.resources import TASK_MODULE
@@ -33,16 +33,16 @@ from geoiso_dagster.pool import PoolSettings, WorkerPool
 
 CONFIGS = {
     "workers reused within the pool (the default)": PoolSettings(
-        task_module=TASK_MODULE, max_tasks_per_worker=0
+        task_module=TASK_MODULE, data_root=str(CACHE), max_tasks_per_worker=0
     ),
     "fresh worker per task (forkserver, warm-up)": PoolSettings(
-        task_module=TASK_MODULE, max_tasks_per_worker=1
+        task_module=TASK_MODULE, data_root=str(CACHE), max_tasks_per_worker=1
     ),
     "fresh worker per task (forkserver, no warm-up)": PoolSettings(
-        task_module=TASK_MODULE, max_tasks_per_worker=1, warm_up=False
+        task_module=TASK_MODULE, data_root=str(CACHE), max_tasks_per_worker=1, warm_up=False
     ),
     "fresh worker per task (spawn)": PoolSettings(
-        task_module=TASK_MODULE, max_tasks_per_worker=1, start_method="spawn"
+        task_module=TASK_MODULE, data_root=str(CACHE), max_tasks_per_worker=1, start_method="spawn"
     ),
 }
 
@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     source, _ = dataset(10_000)
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         for label, settings in CONFIGS.items():
             results[label] = measure(settings, args.repeats, source, Path(tmp))
     base = results["workers reused within the pool (the default)"]

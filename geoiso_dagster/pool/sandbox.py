@@ -317,7 +317,7 @@ def confine(policy: Policy, reads: list[str], folder: str, writes: tuple[str, ..
             ruleset.allow_port(port, AccessNet.CONNECT_TCP)
         ruleset.restrict()  # sets no_new_privs first
     _drop_capabilities()
-    _load_seccomp(policy)
+    _load_seccomp(_compiled.get(policy) or compile_seccomp(policy))
 
 
 _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
@@ -354,12 +354,18 @@ def _drop_capabilities() -> None:
 _cap_last: int | None = None
 
 
-def prepare() -> None:
-    """What confining needs read before it may not (in the worker, before any fork)."""
+_compiled: dict[Policy, bytes] = {}
+
+
+def prepare(policy: Policy) -> None:
+    """What confining needs done before it may not (in the worker, before any fork): the
+    last capability's number read, the seccomp filter compiled (pyseccomp finds
+    libseccomp with ldconfig, a program to run)."""
     global _cap_last
     _cap_last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     import landlockpy  # noqa: F401
-    import pyseccomp  # noqa: F401  (finds libseccomp with ldconfig: a program to run)
+
+    _compiled[policy] = compile_seccomp(policy)
 
 
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET, NEWTIME.
@@ -375,7 +381,11 @@ _NEW_NAMESPACE_FLAGS = (
 )
 
 
-def _load_seccomp(policy: Policy) -> None:
+def compile_seccomp(policy: Policy) -> bytes:
+    """The seccomp filter of `policy` as a BPF program, compiled once per worker by
+    libseccomp (its rules below) and loaded by each task's process in microseconds."""
+    import tempfile
+
     import pyseccomp as seccomp
 
     deny = seccomp.ERRNO(errno.EPERM)
@@ -403,7 +413,28 @@ def _load_seccomp(policy: Policy) -> None:
             rules.add_rule(
                 deny, "socket", seccomp.Arg(1, seccomp.MASKED_EQ, 0xF, socket.SOCK_DGRAM)
             )
-    rules.load()
+    with tempfile.TemporaryFile() as program:
+        rules.export_bpf(program)
+        program.seek(0)
+        return program.read()
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+
+
+def _load_seccomp(program: bytes) -> None:
+    """Load a compiled filter (no_new_privs is set: Landlock's restrict set it)."""
+    if not program or len(program) % 8:
+        raise SandboxError("no seccomp program was compiled for this worker")
+    buffer = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise SandboxError(f"seccomp filter refused: {os.strerror(ctypes.get_errno())}")
 
 
 def weaknesses(policy: Policy, parent: int) -> list[str]:

@@ -7,8 +7,10 @@ name the functions it sends, and the orchestration layer must stay geo-free.
 import contextlib
 import ctypes
 import gc
+import importlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -117,6 +119,7 @@ class _WorkerState:
         # The process a confined task runs in, while it runs: what the watchdog measures.
         self.child: psutil.Process | None = None
         self.memory_stop = False  # the watchdog stopped the task for its memory
+        self.exiting: set[int] = set()  # task processes that told their outcome, ending
         self.protected = sandbox.protected_paths(dict(os.environ), str(dataroot.root().local))
 
     def begin_task(self, task_id: str) -> None:
@@ -150,7 +153,7 @@ def initialize(settings: WorkerSettings) -> None:
     if settings.warm_up:
         _warm_up()
     if settings.sandbox is not None and settings.sandbox.on:
-        sandbox.prepare()
+        sandbox.prepare(settings.sandbox)
         host_tag()  # cached now: a confined task cannot read what it is made of
     if settings.address_space_limit_bytes:
         # Backstop for a spike faster than the watchdog's poll: allocation fails with
@@ -213,15 +216,17 @@ def _let_go_of_the_forkserver() -> None:
         pass
 
 
-def kill_helpers() -> int:
+def kill_helpers(spare: set[int] | frozenset[int] = frozenset()) -> int:
     """Kill every process this worker started that still runs (a task's helpers; the
-    multiprocessing resource tracker excepted, which ends with its own pipe); returns
-    how many."""
+    multiprocessing resource tracker excepted, which ends with its own pipe, and `spare`:
+    task processes that told their outcome and are ending); returns how many."""
     if not _has_children():
         return 0
     helpers = []
     for child in psutil.Process().children(recursive=True):
         try:
+            if child.pid in spare:
+                continue
             if "resource_tracker" not in " ".join(child.cmdline()):
                 helpers.append(child)
         except psutil.Error:
@@ -444,7 +449,7 @@ def run_task(task_id: str, function: str, kwargs: dict) -> dict:
     state.events.send({"type": "task_ended", "task": task_id}, wait_s=_TELL_POOL_S)
     peak = state.end_task()
     restored = state.baseline.restore()
-    if helpers := kill_helpers():  # what a task starts ends with it
+    if helpers := kill_helpers(spare=state.exiting):  # what a task starts ends with it
         restored = [*restored, f"{helpers} helper processes it left running (killed)"]
     if state.settings.reused and peak > state.release_above:
         _release_memory()
@@ -502,6 +507,7 @@ def _run_confined(state: _WorkerState, policy: "sandbox.Policy", function: str, 
     Its output is written in a private folder and moved to its name here when it
     succeeded. A child killed by a signal kills this worker by the same signal, so the
     pool judges a crash, a memory stop or an OOM kill as it always has."""
+    _reap(state)
     with contextlib.suppress(Exception):  # import the task's module before the fork
         resolve_task(function, state.settings.task_module)
     try:
@@ -524,14 +530,20 @@ def _run_confined(state: _WorkerState, policy: "sandbox.Policy", function: str, 
         state.child = None
     try:
         outcome = _listen(state, reader)
-        status = os.waitpid(pid, 0)[1]
+        # A process that told its outcome is ending (its memory being unmapped, ms at a
+        # warm worker's size): reaped before the next task, not waited for now.
+        done, status = os.waitpid(pid, os.WNOHANG if outcome is not None else 0)
+        if not done:
+            state.exiting.add(pid)
     finally:
         state.child = None
     try:
-        if os.WIFSIGNALED(status):
+        if done and os.WIFSIGNALED(status):
             _die_like(os.WTERMSIG(status), state)
+        if outcome is not None:
+            _learn_imports(outcome.pop("imported", None), state)
         if outcome is None:
-            code = os.waitstatus_to_exitcode(status)
+            code = os.waitstatus_to_exitcode(status) if done else "?"
             outcome = {
                 "ok": False,
                 "kind": "error",
@@ -541,14 +553,62 @@ def _run_confined(state: _WorkerState, policy: "sandbox.Policy", function: str, 
             for private, final in moves:
                 if private.exists() or private.is_symlink():
                     os.replace(private, final)
+            for private, staged in returns:  # a staged file the task rewrote (describe)
+                if _regular(private) and not os.path.samefile(private, staged):
+                    os.replace(private, staged)
             names = {str(private): str(final) for private, final in [*moves, *returns]}
             outcome["facts"] = _renamed(outcome["facts"], names)
         return outcome
     finally:
-        for private, staged in returns:  # whatever happened: the orchestrator's file
-            if _regular(private):
-                os.replace(private, staged)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# Modules a confined task imported that its worker imports before the next fork, so that
+# the next task's process has them loaded: by top-level package, the geo stack's and the
+# standard library's (never one whose import does something: a browser, a window).
+MAX_LEARNED_IMPORTS = 2000
+_LEARNABLE = frozenset(
+    {
+        "geoiso_dagster",
+        "pyarrow",
+        "pandas",
+        "geopandas",
+        "shapely",
+        "pyproj",
+        "pyogrio",
+        "numpy",
+        "osgeo",
+        "ijson",
+        "flatbuffers",
+        "boto3",
+        "botocore",
+        "s3transfer",
+        "urllib3",
+        "dateutil",
+        "jmespath",
+        "pytz",
+        "tzdata",
+    }
+)
+_NEVER_LEARNED = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"})
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _learn_imports(names, state: _WorkerState) -> None:
+    """Import here what the last task's process imported (a confined task's process ends
+    with its task, and with it what it loaded: measured, a 10k chain's tasks paid 50 ms
+    each for it). Its word is only a list of names, checked against _LEARNABLE."""
+    if not isinstance(names, list):
+        return
+    own = (state.settings.task_module or "").partition(".")[0]
+    for name in names:
+        if not isinstance(name, str) or name in sys.modules or not _MODULE_NAME.match(name):
+            continue
+        top = name.partition(".")[0]
+        learnable = top in _LEARNABLE or top == own or top in sys.stdlib_module_names
+        if learnable and top not in _NEVER_LEARNED and not top.startswith("_"):
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
 
 
 def _renamed(value, names: dict[str, str]):
@@ -562,13 +622,23 @@ def _renamed(value, names: dict[str, str]):
     return value
 
 
+def _reap(state: _WorkerState) -> None:
+    """Reap the task processes that have ended since (one still ending is waited for:
+    they end in milliseconds, and none may be left over a task)."""
+    for pid in sorted(state.exiting):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        state.exiting.discard(pid)
+
+
 def _private_folder(kwargs: dict) -> tuple[Path, dict, list[tuple[Path, Path]], list]:
     """(the task's private folder, its arguments naming files there instead of where the
     orchestrator wants them, (private, wanted) outputs to move when it succeeded, (private,
-    staged) files moved in to be moved back whatever happened). The folder is a temp of
-    this worker (swept if the worker dies) beside the first output, else beside the
-    staged file it is given as `path` (a read-back or a `describe`, which may rewrite it:
-    the file is moved into the folder for the task), else beside the first file of the
+    staged) links to the staged file it reads, moved over it when the task rewrote it).
+    The folder is a temp of this worker (swept if the worker dies) beside the first
+    output, else beside the staged file it is given as `path` (a read-back or a
+    `describe`, which may rewrite it: the task gets a hard link to it in the folder),
+    else beside the first file of the
     data root it reads (a private copy or link of it stays on its file system), else in
     the temp folder."""
     outputs = [
@@ -600,7 +670,7 @@ def _private_folder(kwargs: dict) -> tuple[Path, dict, list[tuple[Path, Path]], 
             moves.append((folder / wanted.name, wanted))
     returns = []
     if staged is not None and staged.parent == folder.parent:
-        os.replace(staged, folder / staged.name)
+        os.link(staged, folder / staged.name)  # the staged file stays where it is meanwhile
         call["path"] = str(folder / staged.name)
         returns.append((folder / staged.name, staged))
     return folder, call, moves, returns
@@ -634,6 +704,7 @@ def _module_folder(function: str, state: _WorkerState, policy: "sandbox.Policy")
 def _child(state, policy, function, call, reads, writes, folder: str, out: int) -> None:
     """The task's process: confine, check, run, tell, exit (it never returns)."""
     code = 0
+    before = set(sys.modules)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -659,6 +730,7 @@ def _child(state, policy, function, call, reads, writes, folder: str, out: int) 
     except BaseException as exc:  # noqa: BLE001 - told, whatever it is
         outcome = {"ok": False, "kind": "error", "message": f"{type(exc).__name__}: {exc}"}
     outcome["messages"] = [m for m in state.messages if "message" in m]
+    outcome["imported"] = sorted(set(sys.modules) - before)[:MAX_LEARNED_IMPORTS]
     try:
         _write_line(out, {"outcome": outcome})
     except Exception as exc:  # facts that are not data
@@ -674,6 +746,8 @@ def _child(state, policy, function, call, reads, writes, folder: str, out: int) 
                     }
                 },
             )
+    with contextlib.suppress(OSError):
+        os.close(out)  # the worker reads the end now, not once this process is gone
     os._exit(code)
 
 
