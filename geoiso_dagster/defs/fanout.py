@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from geoiso_dagster import dataroot
+from geoiso_dagster import dataroot, fsutil
 from geoiso_dagster.defs.runner import TaskRunner
 from geoiso_dagster.errors import GeoisoError
 from geoiso_dagster.fsutil import temp_path_for
@@ -165,8 +165,8 @@ def fan_out(
         function, kwargs = join(parts, results)
         joined = runner.run(function, output=str(staged), **kwargs)
     finally:
-        for part in parts:
-            part.unlink(missing_ok=True)
+        for part in parts:  # with every temp of it (a killed part's worker leaves its folder)
+            fsutil.remove_attempt(part)
     return results, joined
 
 

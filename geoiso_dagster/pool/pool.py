@@ -143,8 +143,9 @@ class PoolSettings:
     # project's allow-list, so that a pool nobody configured is jailed; None: all drivers.
     allowed_gdal_drivers: frozenset[str] | None = ALLOWED_GDAL_DRIVERS
     # The kernel's sandbox around every task (pool/sandbox.py): "auto" (on where the
-    # kernel has it), "on" (refuse to start without it), "off".
-    sandbox: str = "auto"
+    # kernel has it), "on" (refuse to start without it), "off"; by default what
+    # GEOISO_POOL_SANDBOX says (a pool from plain asyncio, the benchmarks), else "auto".
+    sandbox: str = field(default_factory=lambda: os.environ.get("GEOISO_POOL_SANDBOX") or "auto")
 
     def __post_init__(self) -> None:
         if self.start_method not in START_METHODS:
@@ -162,7 +163,7 @@ def _sandbox_policy(s: PoolSettings) -> sandbox.Policy:
     root = dataroot.parse_root(s.data_root) if s.data_root else dataroot.root()
     env = {**os.environ, **s.env}
     protected = sandbox.protected_paths(env, str(root.local))
-    return sandbox.decide(s.sandbox, root.endpoint(), protected)
+    return sandbox.decide(s.sandbox, root.endpoint(), protected, env)
 
 
 @dataclass(frozen=True)

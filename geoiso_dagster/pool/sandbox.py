@@ -142,10 +142,17 @@ class Policy:
     udp: bool = False  # name lookups of a bucket endpoint given by host name
 
 
-def decide(mode: str, endpoint: str | None = None, protected: tuple[str, ...] = ()) -> Policy:
+def decide(
+    mode: str,
+    endpoint: str | None = None,
+    protected: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Policy:
     """The policy of a worker whose setting is `mode`, for a root read over `endpoint`
-    (a bucket's URL; None: a local root). No system grant may hold one of `protected`
-    (DAGSTER_HOME, the data root, the home folder): such a grant is left out."""
+    (a bucket's URL; None: a local root), in environment `env`. No system grant may hold
+    one of `protected` (DAGSTER_HOME, the data root, the home folder): such a grant is
+    left out. A bucket root's tasks read the AWS files the standard chain reads (the
+    shared credentials and config files, a web identity token, a CA bundle)."""
     if mode not in MODES:
         raise ValueError(f"GEOISO_POOL_SANDBOX must be one of {MODES}: {mode!r}")
     if mode == "off":
@@ -170,13 +177,26 @@ def decide(mode: str, endpoint: str | None = None, protected: tuple[str, ...] = 
         except ValueError:
             udp = True  # its name must be looked up
     net = f"TCP to port {ports[0]} only" if ports else "no network"
+    reads = system_reads(protected)
+    if endpoint:
+        reads += readable(aws_files(env if env is not None else dict(os.environ)), protected)
     return Policy(
         True,
         f"on: Landlock ABI {landlockpy.abi_version()}, seccomp, no capabilities, {net}",
-        reads=system_reads(protected),
+        reads=reads,
         tcp_ports=ports,
         udp=udp,
     )
+
+
+def aws_files(env: dict[str, str]) -> list[str]:
+    """The files the AWS credential chain reads, as `env` names them (or their defaults)."""
+    aws = Path(env.get("HOME") or Path.home()) / ".aws"
+    return [
+        env.get("AWS_SHARED_CREDENTIALS_FILE") or str(aws / "credentials"),
+        env.get("AWS_CONFIG_FILE") or str(aws / "config"),
+        *(env[k] for k in ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CA_BUNDLE") if env.get(k)),
+    ]
 
 
 def system_reads(protected: tuple[str, ...]) -> tuple[str, ...]:

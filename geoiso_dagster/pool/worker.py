@@ -518,6 +518,7 @@ def _run_confined(state: _WorkerState, policy: "sandbox.Policy", function: str, 
         return {"ok": False, "kind": _STORAGE_KINDS[type(error)], "message": str(error)}
     reads = [*sandbox.task_reads(kwargs), *_module_folder(function, state, policy)]
     writes = _mirror_folder(kwargs)
+    seen = {path: _identity(path) for path in reads}
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -549,6 +550,15 @@ def _run_confined(state: _WorkerState, policy: "sandbox.Policy", function: str, 
                 "kind": "error",
                 "message": f"the task's confined process ended (code {code}) with no outcome",
             }
+        if not outcome.get("ok") and outcome.get("kind") != "cancelled":
+            replaced = sorted(p for p in seen if _identity(p) != seen[p])
+            if replaced:  # its grant is the file it was given, not what the name is now
+                outcome = {
+                    "ok": False,
+                    "kind": "transient_io",
+                    "message": f"{replaced[0]} was replaced while the task read it "
+                    f"({outcome.get('message', '')}); read again",
+                }
         if outcome.get("ok"):
             for private, final in moves:
                 if private.exists() or private.is_symlink():
@@ -674,6 +684,14 @@ def _private_folder(kwargs: dict) -> tuple[Path, dict, list[tuple[Path, Path]], 
         call["path"] = str(folder / staged.name)
         returns.append((folder / staged.name, staged))
     return folder, call, moves, returns
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _regular(path: Path) -> bool:
@@ -806,7 +824,6 @@ def _listen(state: _WorkerState, fd: int) -> dict | None:
             event = item.get("event")
             if isinstance(event, dict) and event.get("type") == "progress":
                 event.update(pid=os.getpid(), task=state.current_task)
-                state.messages.append(event)
                 state.events.send(event)
             elif "outcome" in item:
                 outcome = _checked(item["outcome"])
