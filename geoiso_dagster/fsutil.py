@@ -127,12 +127,21 @@ def abandoned_name(name: str, idle_seconds) -> bool:
     long nothing wrote it (a number, or a function giving it, asked only when needed)."""
     here = host_tag()
     writers = _writers(name)
-    if any(tag in (None, here) and not psutil.pid_exists(pid) for pid, tag in writers):
+    if any(tag in (None, here) and not _pid_alive(pid) for pid, tag in writers):
         return True
     if any(tag not in (None, here) for _, tag in writers):
         idle = idle_seconds() if callable(idle_seconds) else idle_seconds
         return idle > lease_seconds()
     return False
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host lives; True when this process may not tell (a
+    confined task sees no other process: psutil then lists /proc, which it may not read)."""
+    try:
+        return psutil.pid_exists(pid)
+    except OSError:
+        return True
 
 
 def _abandoned(candidate: Path) -> bool:

@@ -649,8 +649,8 @@ def _private_folder(kwargs: dict) -> tuple[Path, dict, list[tuple[Path, Path]], 
     output, else beside the staged file it is given as `path` (a read-back or a
     `describe`, which may rewrite it: the task gets a hard link to it in the folder),
     else beside the first file of the
-    data root it reads (a private copy or link of it stays on its file system), else in
-    the temp folder."""
+    data root it reads (a private copy or link of it stays on its file system), else
+    beside a transfer's copy in a bucket root's mirror, else in the temp folder."""
     outputs = [
         (name, Path(kwargs[name]))
         for name in _OUTPUT_ARGUMENTS
@@ -666,7 +666,11 @@ def _private_folder(kwargs: dict) -> tuple[Path, dict, list[tuple[Path, Path]], 
         for value in kwargs.values()
         if isinstance(value, str) and os.path.isabs(value) and Path(value).is_relative_to(local)
     ]
+    relative = kwargs.get("relative")
+    mirror = dataroot.root().transfer_folder(relative) if isinstance(relative, str) else None
     beside = outputs[0][1] if outputs else staged or (inside[0] if inside else None)
+    if beside is None and mirror is not None:  # a transfer's temps: on the mirror's disk
+        beside = mirror / Path(relative).name
     if beside is not None:
         folder = temp_path_for(beside)
         folder.mkdir(mode=0o700, parents=True)
